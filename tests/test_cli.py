@@ -1,0 +1,46 @@
+"""The `llmstable` command as users run it: real subprocesses."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmstable.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_unknown_key_on_the_command_line_exits_2_listing_valid_keys(tmp_path):
+    result = run("train", "train.batch_size=4", f"run_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "global_batch_size" in result.stderr
+
+
+def test_bad_value_exits_2_naming_the_key(tmp_path):
+    result = run("train", "model.n_heads=3", f"run_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "model.dim=128 is not divisible by model.n_heads=3" in result.stderr
+
+
+def test_missing_data_path_names_the_file(tmp_path):
+    result = run("train", "data=local_files", f"data.path={tmp_path}/none/*.txt", f"run_dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert "none/*.txt" in result.stderr and "matches no file" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_then_generate_then_export_from_the_command_line(tmp_path):
+    from conftest import TINY
+
+    result = run("train", *TINY, "train.max_steps=4", "train.sample_tokens=10", f"run_dir={tmp_path}/run",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--- sample after 4 steps ---" in result.stdout
+    assert (tmp_path / "run" / "summary.json").exists()
+    gen = run("generate", str(tmp_path / "run"), "--prompt", "Fellow citizens", "--max-new-tokens", "5")
+    assert gen.returncode == 0 and gen.stdout.startswith("Fellow citizens")
+    exp = run("export", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert exp.returncode == 0 and (tmp_path / "hf" / "config.json").exists()
+    again = run("export", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert again.returncode == 2 and "already exists" in again.stderr

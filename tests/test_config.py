@@ -1,0 +1,115 @@
+"""Every config file composes and builds; every bad input gets an error naming the key."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmstable.cli import CONFIG_DIR, compose_config
+from llmstable.config import ConfigError, load_config
+from llmstable.model import Llama, llama_config
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_every_model_file_composes_and_builds(name, tmp_path):
+    cfg = compose_config([f"model={name}"], run_dir=tmp_path)
+    with torch.device("meta"):
+        model = Llama(llama_config(cfg.model, 4096))
+    assert model.num_params() > 0
+
+
+@pytest.mark.parametrize("group", ["data", "optimizer", "schedule"])
+def test_every_group_option_composes_and_validates(group, tmp_path):
+    for name in options(group):
+        overrides = [f"{group}={name}"] + (["data.path=corpus/*.txt"] if name == "local_files" else [])
+        cfg = compose_config(overrides, run_dir=tmp_path)
+        assert getattr(cfg, group).name == name
+
+
+def test_the_schema_lists_every_key_of_the_main_config(tmp_path):
+    from llmstable.config import TrainConfig, schema_keys
+
+    keys = schema_keys(TrainConfig)
+    assert "model.dim" in keys and "data.tokenizer.kind" in keys and "train.budget_tokens" in keys
+
+
+def check_error(overrides, *patterns, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides, run_dir=tmp_path)
+    for pattern in patterns:
+        assert pattern in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_unknown_key_lists_valid_keys_and_suggests_one(tmp_path):
+    check_error(["train.max_step=5"], "train.max_step", "did you mean train.max_steps", "train.micro_batch_size",
+                tmp_path=tmp_path)
+
+
+def test_unknown_key_added_with_plus_is_caught_by_validation(tmp_path):
+    check_error(["+model.hidden=5"], "unknown key model.hidden", "valid keys:", "dim", tmp_path=tmp_path)
+
+
+def test_unknown_group_option_lists_the_valid_ones(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_config(["model=llama_7b"], run_dir=tmp_path)
+    assert "llama_60m" in str(err.value) and "tiny_1m" in str(err.value)
+
+
+def test_heads_must_divide_hidden(tmp_path):
+    check_error(["model.dim=130", "model.n_heads=4"], "model.dim=130 is not divisible by model.n_heads=4",
+                tmp_path=tmp_path)
+
+
+def test_batch_sizes_must_divide(tmp_path):
+    check_error(["train.global_batch_size=10", "train.micro_batch_size=4"],
+                "train.global_batch_size=10 is not divisible by train.micro_batch_size=4", "[1, 2, 5, 10]",
+                tmp_path=tmp_path)
+
+
+def test_seq_len_longer_than_the_model(tmp_path):
+    check_error(["data.seq_len=512", "model.max_seq_len=256"], "data.seq_len=512 is longer than model.max_seq_len=256",
+                tmp_path=tmp_path)
+
+
+def test_validation_collects_every_problem_and_raises_once(tmp_path):
+    msg = check_error(["model.dim=130", "train.micro_batch_size=3", "optimizer.lr=-1", "schedule.name=step"],
+                      "model.dim", "train.global_batch_size", "optimizer.lr=-1", "schedule.name='step'",
+                      tmp_path=tmp_path)
+    assert msg.count("\n  - ") == 4
+
+
+def test_wrong_types_name_the_key(tmp_path):
+    check_error(["train.seed=abc"], "train.seed='abc' must be of type int", tmp_path=tmp_path)
+
+
+def test_budget_needs_exactly_one_of_tokens_or_steps(tmp_path):
+    check_error(["train.max_steps=10"], "set exactly one of train.budget_tokens and train.max_steps",
+                tmp_path=tmp_path)
+
+
+def test_required_path_for_local_files(tmp_path):
+    check_error(["data=local_files"], "data.path is required", tmp_path=tmp_path)
+
+
+def test_load_config_accepts_a_plain_dict_with_defaults():
+    cfg = load_config({"run_dir": "x", "train": {"max_steps": 3}})
+    assert cfg.total_steps == 3 and cfg.grad_accum_steps == 2
+
+
+def test_total_steps_rounds_the_token_budget_up(tmp_path):
+    cfg = compose_config(["train.budget_tokens=1000", "data.seq_len=64", "train.global_batch_size=4",
+                          "train.micro_batch_size=4"], run_dir=tmp_path)
+    assert cfg.tokens_per_step == 256 and cfg.total_steps == 4
+
+
+def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
+    msg = check_error(["train.max_step=5", "model.n_heads=3"], "train.max_step", "model.n_heads=3",
+                      tmp_path=tmp_path)
+    assert msg.count("\n  - ") == 2
