@@ -35,8 +35,9 @@ test-all: $(STAMP) ## Every CPU test, including the long suites
 test-gpu: $(STAMP) ## The GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu $(ARGS)
 
-bench: $(STAMP) ## Training throughput: llmstable vs a bare PyTorch loop vs HF LlamaForCausalLM
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; SPAM/Stable-SPAM step vs torch AdamW
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_optim.py
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -18,7 +18,7 @@ import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Fa
 from llmstable.config import ConfigError, TrainConfig, load_config, schema_keys
 
 CONFIG_DIR = Path(os.environ.get("LLMSTABLE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "optimizer", "schedule")
+GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,27 +116,163 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """The optimizer and its hyperparameters (`configs/optimizer/*.yaml`)."""
+    """The optimizer and its hyperparameters (`configs/optimizer/*.yaml`). `name` picks the subclass below,
+    whose extra fields are the optimizer's own (named as in the official code, for drop-in use)."""
 
     name: str = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
-    impl: str = "auto"  # auto | fused | foreach | for_loop (torch.optim.AdamW's implementations)
+
+    @classmethod
+    def variant(cls, name: Any) -> type | None:
+        return OPTIMIZERS.get(name)
 
     def validate(self, problems: list[str]) -> None:
-        _choice(problems, "optimizer.name", self.name, ("adamw",))
-        _choice(problems, "optimizer.impl", self.impl, ("auto", "fused", "foreach", "for_loop"))
         if not self.lr > 0:
             problems.append(f"optimizer.lr={self.lr} must be > 0, e.g. 1e-3")
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
                 problems.append(f"optimizer.betas[{i}]={beta} must be in [0, 1), e.g. 0.9 and 0.95")
-        if self.eps <= 0:
-            problems.append(f"optimizer.eps={self.eps} must be > 0, e.g. 1e-8")
+        if self.eps < 0:
+            problems.append(f"optimizer.eps={self.eps} must be >= 0, e.g. 1e-8")
         if self.weight_decay < 0:
             problems.append(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    """torch.optim.AdamW, the baseline."""
+
+    impl: str = "auto"  # auto (= fused) | fused | foreach | for_loop
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        _choice(problems, "optimizer.impl", self.impl, ("auto", "fused", "foreach", "for_loop"))
+
+
+@dataclass
+class SPAMConfig(OptimizerConfig):
+    """SPAM (arXiv 2501.06842); defaults as the official code, warmup_steps as the paper (150)."""
+
+    name: str = "spam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    correct_bias: bool = True
+    warmup_steps: int = 150  # steps of cosine damping after each momentum reset (not the LR warmup)
+    threshold: float = 5000.0  # spike threshold on g^2 / v; 0 disables clipping
+    DeltaT: int = 500  # steps between momentum resets; 0 never resets
+    grad_accu_steps: int = 20  # steps after a reset before clipping applies again
+    density: float | None = None  # sparse momentum on attention/MLP matrices, in (0, 1]; null: dense
+    compiled: Any = "auto"  # torch.compile the per-tensor update: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        for key in ("warmup_steps", "threshold", "DeltaT", "grad_accu_steps"):
+            if getattr(self, key) < 0:
+                problems.append(f"optimizer.{key}={getattr(self, key)} must be >= 0")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            problems.append(f"optimizer.density={self.density} must be in (0, 1], or null for dense moments")
+        _choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+
+
+@dataclass
+class StableSPAMConfig(OptimizerConfig):
+    """Stable-SPAM (arXiv 2502.17055); defaults as the official code, except total_T: auto = the run's steps,
+    as the paper's training scripts set it (null turns the cosine damping off, the official default)."""
+
+    name: str = "stable_spam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = False
+    gamma1: float = 0.7  # AdaGN first-moment decay of the gradient norm (-1: use beta1)
+    gamma2: float = 0.9  # AdaGN second-moment decay of the gradient norm
+    gamma3: float = 0.999  # AdaClip decay of the max |g|
+    total_T: Any = "auto"  # steps of the cosine damping of beta1 and gamma1: auto | null | a number
+    eta_min: float = 0.5  # the floor of that cosine
+    update_proj_gap: int = 1000  # steps between momentum resets; 0 never resets
+    compiled: Any = "auto"  # torch.compile the per-tensor update: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        for key in ("gamma2", "gamma3"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                problems.append(f"optimizer.{key}={getattr(self, key)} must be in [0, 1)")
+        if not (0.0 <= self.gamma1 < 1.0 or self.gamma1 == -1):
+            problems.append(f"optimizer.gamma1={self.gamma1} must be in [0, 1), or -1 for beta1")
+        if not (self.total_T in ("auto", None) or (isinstance(self.total_T, int) and self.total_T > 0)):
+            problems.append(f"optimizer.total_T={self.total_T!r} must be auto, null or a positive number of steps")
+        if self.update_proj_gap < 0:
+            problems.append(f"optimizer.update_proj_gap={self.update_proj_gap} must be >= 0")
+        _choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+
+
+@dataclass
+class AdamW8bitConfig(OptimizerConfig):
+    """8-bit AdamW, the low-memory baseline: bitsandbytes in one process; torchao's also under FSDP2."""
+
+    name: str = "adamw8bit"
+    backend: str = "bitsandbytes"  # bitsandbytes | torchao
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        _choice(problems, "optimizer.backend", self.backend, ("bitsandbytes", "torchao"))
+
+
+OPTIMIZERS = {"adamw": AdamWConfig, "spam": SPAMConfig, "stable_spam": StableSPAMConfig, "adamw8bit": AdamW8bitConfig}
+
+
+@dataclass
+class ZLossConfig:
+    """z-loss (PaLM, arXiv 2204.02311; Wortsman et al. 2023, arXiv 2309.14322): coef * mean(logsumexp^2)."""
+
+    coef: float = 1e-4
+
+    def validate(self, problems: list[str]) -> None:
+        if self.coef <= 0:
+            problems.append(f"stabilizer.zloss.coef={self.coef} must be > 0, e.g. 1e-4")
+
+
+@dataclass
+class QKNormConfig:
+    """QK-norm (Dehghani et al. 2023, arXiv 2302.05442): RMSNorm over the head dim of q and k, before RoPE."""
+
+    enabled: bool = True
+
+    def validate(self, problems: list[str]) -> None:
+        pass
+
+
+@dataclass
+class Quant4Config:
+    """4-bit weights (the Stable-SPAM INT4 recipe): fake-quantized attention and MLP weights in the forward pass,
+    straight-through gradients, full-precision master weights, embeddings, head and norms."""
+
+    group_size: int = 256  # consecutive weights (row-major) per quantization group
+    act_bits: int | None = None  # 4: also fake-quantize the activations entering those layers (per token)
+
+    def validate(self, problems: list[str]) -> None:
+        if self.group_size <= 0:
+            problems.append(f"stabilizer.quant4.group_size={self.group_size} must be > 0, e.g. 256")
+        if self.act_bits not in (None, 4, 8):
+            problems.append(f"stabilizer.quant4.act_bits={self.act_bits} must be null, 4 or 8")
+
+
+@dataclass
+class StabilizerConfig:
+    """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4]. Absent means off."""
+
+    zloss: ZLossConfig | None = None
+    qk_norm: QKNormConfig | None = None
+    quant4: Quant4Config | None = None
+
+    def validate(self, problems: list[str]) -> None:
+        for name in ("zloss", "qk_norm", "quant4"):
+            if getattr(self, name) is not None:
+                getattr(self, name).validate(problems)
+
+    def active(self) -> list[str]:
+        return [name for name in ("zloss", "qk_norm", "quant4") if getattr(self, name) is not None]
 
 
 @dataclass
@@ -224,7 +361,8 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=AdamWConfig)
+    stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -232,8 +370,20 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
 
     def validate(self, problems: list[str]) -> None:
-        for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging):
+        for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging,
+                      self.stabilizer):
             group.validate(problems)
+        quant, m = self.stabilizer.quant4, self.model
+        if quant is not None and m.n_heads > 0:
+            kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+            sizes = {"model.dim * model.dim": m.dim * m.dim, "model.dim * kv heads * head dim": m.dim * kv_dim,
+                     "model.dim * model.intermediate_size": m.dim * m.intermediate_size}
+            for key, size in sizes.items():
+                if size % quant.group_size:
+                    problems.append(
+                        f"stabilizer.quant4.group_size={quant.group_size} does not divide the {size} weights of a "
+                        f"layer ({key}): choose a group size that divides {math.gcd(*sizes.values())}"
+                    )
         if self.data.seq_len > self.model.max_seq_len:
             problems.append(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}: "
@@ -283,6 +433,12 @@ def to_dict(cfg: Any) -> dict:
 
 def schema_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key the schema accepts, e.g. ['model.dim', ..., 'data.tokenizer.kind', ...]."""
+    if hasattr(cls, "variant"):  # the union of every variant's keys
+        return sorted({k for variant in OPTIMIZERS.values() for k in _fields_keys(variant, prefix)})
+    return _fields_keys(cls, prefix)
+
+
+def _fields_keys(cls: type, prefix: str) -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -295,6 +451,13 @@ def _convert(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(data, dict):
         problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
         return cls()
+    if hasattr(cls, "variant"):  # e.g. the optimizer: its name picks the schema
+        name = data.get("name", cls.name)
+        chosen = cls.variant(name)
+        if chosen is None:
+            problems.append(f"{prefix}name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
+            return cls()
+        cls = chosen
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -310,8 +473,10 @@ def _convert(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if data[name] == "???":  # OmegaConf's marker for a mandatory value left unset
             problems.append(f"{prefix}{name} is required but not set: pass {prefix}{name}=VALUE")
             values[name] = None
-        elif sub:
+        elif sub and data[name] is not None:
             values[name] = _convert(sub, data[name], f"{prefix}{name}.", problems)
+        elif sub:
+            values[name] = None
         else:
             values[name] = _coerce(hints[name], data[name], f"{prefix}{name}", problems)
     return cls(**values)
@@ -345,6 +510,10 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 
 def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass an annotation holds: X or X | None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else None
     return tp if dataclasses.is_dataclass(tp) else None
 
 

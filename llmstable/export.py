@@ -1,6 +1,8 @@
 """Artifacts out of a run: load a trained model from a run directory or checkpoint, and export it to the
 Hugging Face `LlamaForCausalLM` format (config, safetensors weights, tokenizer) that `transformers` loads
-offline with the same logits.
+offline with the same logits. A model trained with QK-norm is written as `Qwen3ForCausalLM`, the transformers
+architecture that is LLaMA plus RMSNorm on q and k over the head dim, before RoPE. A model trained with 4-bit
+weights is exported with its full-precision master weights.
 
 Our parameter names map one to one onto Hugging Face's, and the rotary layout is the same ("rotate half"), so
 export is a rename: no weight is permuted or changed.
@@ -16,7 +18,8 @@ from omegaconf import OmegaConf
 
 from llmstable import checkpoint as ckpt
 from llmstable.config import TrainConfig, load_config
-from llmstable.model import Llama, build_model, llama_config
+from llmstable.model import Llama
+from llmstable.stabilizers import build_model_and_stabilizers
 
 
 class ExportError(RuntimeError):
@@ -36,6 +39,8 @@ HF_LAYER_NAMES = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -64,18 +69,19 @@ def load_trained(path: str | Path) -> tuple[Llama, object, TrainConfig]:
     if not tokenizer_dir.is_dir():
         raise ExportError(f"{tokenizer_dir} is missing: the run directory must keep the tokenizer it trained with")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = build_model(llama_config(cfg.model, len(tokenizer)))
+    cfg.stabilizer.quant4 = None  # export the full-precision master weights, as plain linears
+    model, _ = build_model_and_stabilizers(cfg, len(tokenizer))
     ckpt.load_checkpoint(checkpoint, model, optimizer=None)
     return model.eval(), tokenizer, cfg
 
 
 def hf_config(model: Llama, tokenizer):
+    """LlamaConfig, or Qwen3Config when the model has QK-norm."""
     from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import Qwen3Config
 
     c = model.cfg
-    if c.qk_norm:
-        raise ExportError("this model uses QK-norm, which LlamaForCausalLM has no place for")
-    return HFLlamaConfig(
+    shared = dict(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
         head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
@@ -84,6 +90,10 @@ def hf_config(model: Llama, tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if c.qk_norm:
+        shared.pop("mlp_bias")
+        return Qwen3Config(**shared, use_sliding_window=False)
+    return HFLlamaConfig(**shared)
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
@@ -101,7 +111,7 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a LlamaForCausalLM folder for the run or checkpoint at `path`."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -110,11 +120,11 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False) ->
                               "delete it, or pass --overwrite")
         shutil.rmtree(out_dir)
     model, tokenizer, _ = load_trained(path)
-    hf = LlamaForCausalLM(hf_config(model, tokenizer))
+    hf = AutoModelForCausalLM.from_config(hf_config(model, tokenizer))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [m for m in missing if not (model.cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise ExportError(f"weight names do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise ExportError(f"weight names do not map onto {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir

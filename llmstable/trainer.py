@@ -25,9 +25,10 @@ from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.metrics import RunLog
-from llmstable.model import Llama, build_model, llama_config
-from llmstable.optim import build_optimizer
+from llmstable.model import Llama
+from llmstable.optimizers import build_optimizer
 from llmstable.schedule import lr_factor
+from llmstable.stabilizers import Stabilizer, build_model_and_stabilizers
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -48,17 +49,16 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     data = build_data(cfg.data, cfg.train.seed, min_train_blocks=cfg.train.global_batch_size)
-    model_cfg = llama_config(cfg.model, data.vocab_size)
-    if model_cfg.vocab_size < data.vocab_size:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < data.vocab_size:
         raise ConfigError([
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {data.vocab_size} ids: "
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} ids: "
             f"set model.vocab_size={data.vocab_size} or null (take the tokenizer's size)"
         ])
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone, not on data loading
-    model = build_model(model_cfg, device)
-    optimizer = build_optimizer(cfg.optimizer, model, device)
+    model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device)
+    optimizer = build_optimizer(cfg.optimizer, model, device, cfg.total_steps)
     log = RunLog(run_dir, cfg.logging, to_dict(cfg))
-    return Trainer(cfg, model, optimizer, data, log, device, run_dir)
+    return Trainer(cfg, model, optimizer, stabilizers, data, log, device, run_dir)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,9 +87,9 @@ def autocast_for(device: torch.device, precision: str):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, data: DataBundle,
-                 log: RunLog, device: torch.device, run_dir: Path):
-        self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
+    def __init__(self, cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer,
+                 stabilizers: list[Stabilizer], data: DataBundle, log: RunLog, device: torch.device, run_dir: Path):
+        self.cfg, self.model, self.optimizer, self.stabilizers, self.data = cfg, model, optimizer, stabilizers, data
         self.log, self.device, self.run_dir = log, device, run_dir
         self.forward = torch.compile(model) if cfg.train.compile else model
         self.step = 0
@@ -112,6 +112,8 @@ class Trainer:
             lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule)
             loss, grad_norm = self.train_step(lr)
             self.step += 1
+            for event in getattr(self.optimizer, "pop_events", list)():
+                self.log.event(event.pop("event"), self.step, **event)
             self.tokens += cfg.tokens_per_step
             self.loss_sum += loss.item()  # host sync: one scalar per step, for the logged mean
             self.loss_steps += 1
@@ -127,6 +129,7 @@ class Trainer:
                     "optim/grad_norm": grad_norm.item(),  # host sync, once per logged step
                     "perf/tokens_per_sec": tokens_per_sec,
                     "perf/flops_per_sec": tokens_per_sec * flops_per_token,
+                    **self.plugin_metrics(),
                 }
                 self.log.metrics(row)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
@@ -161,10 +164,22 @@ class Trainer:
             batch, _ = self.data.train.next_batch(self.cfg.train.micro_batch_size)
             batch = batch.to(self.device, non_blocking=True)
             with autocast_for(self.device, self.cfg.train.precision):
-                loss = cross_entropy(self.forward(batch[:, :-1]), batch[:, 1:])
+                logits = self.forward(batch[:, :-1])
+                ce = cross_entropy(logits, batch[:, 1:])
+                loss = ce
+                for stabilizer in self.stabilizers:
+                    loss = stabilizer.on_loss(logits, loss)
             (loss / accum).backward()
-            total += loss.detach() / accum
+            total += ce.detach() / accum  # train/loss is the cross-entropy alone; auxiliary terms log apart
         return total
+
+    def plugin_metrics(self) -> dict[str, float]:
+        """Metrics of the stabilizers and of the optimizer, if it reports any (`stab/<name>/...`)."""
+        out: dict[str, float] = {}
+        for stabilizer in self.stabilizers:
+            out.update(stabilizer.metrics())
+        out.update(getattr(self.optimizer, "metrics", dict)())
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -218,6 +233,7 @@ class Trainer:
             "loss_sum": self.loss_sum, "loss_steps": self.loss_steps,
             "val_history": self.val_history,
             "data": self.data.train.state_dict(),
+            "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
             "rng_python": _jsonable(random.getstate()),
             "rng_numpy": _jsonable(np.random.get_state()),
         }
@@ -236,6 +252,8 @@ class Trainer:
         self.loss_sum, self.loss_steps = state["loss_sum"], state["loss_steps"]
         self.val_history = [tuple(v) for v in state["val_history"]]
         self.data.train.load_state_dict(state["data"])
+        for stabilizer in self.stabilizers:
+            stabilizer.load_state_dict(state["stabilizers"].get(stabilizer.name, {}))
         random.setstate(_python_rng(state["rng_python"]))
         np.random.set_state(_numpy_rng(state["rng_numpy"]))
 

@@ -1,0 +1,69 @@
+"""Optimizers: AdamW (the baseline), SPAM, Stable-SPAM and 8-bit AdamW, built from the `optimizer` group."""
+
+from __future__ import annotations
+
+import torch
+
+from llmstable.config import (
+    AdamW8bitConfig, AdamWConfig, ConfigError, OptimizerConfig, SPAMConfig, StableSPAMConfig,
+)
+from llmstable.optimizers.spam import SPAM
+from llmstable.optimizers.stable_spam import StableSPAM
+
+__all__ = ["SPAM", "StableSPAM", "build_optimizer", "param_groups"]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2), none on norm weights (dim 1)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def spam_param_groups(model: torch.nn.Module, weight_decay: float, density: float | None) -> list[dict]:
+    """As param_groups, with the attention and MLP matrices in a group of their own carrying `density` (the
+    matrices the official SPAM script makes sparse), when density is set."""
+    if density is None:
+        return param_groups(model, weight_decay)
+    blocks = [p for n, p in model.named_parameters() if p.dim() == 2 and (".attention." in n or ".feed_forward." in n)]
+    ids = {id(p) for p in blocks}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"params": blocks, "weight_decay": weight_decay, "density": density},
+    ]
+
+
+def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.device,
+                    total_steps: int) -> torch.optim.Optimizer:
+    common = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    compiled = getattr(cfg, "compiled", False)
+    compiled = device.type == "cuda" if compiled == "auto" else bool(compiled)
+    if isinstance(cfg, AdamWConfig):
+        impl = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
+                "for_loop": {"foreach": False}}[cfg.impl]
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **common, **impl)
+    if isinstance(cfg, SPAMConfig):
+        return SPAM(spam_param_groups(model, cfg.weight_decay, cfg.density), **common, correct_bias=cfg.correct_bias,
+                    warmup_steps=cfg.warmup_steps, threshold=cfg.threshold, DeltaT=cfg.DeltaT,
+                    grad_accu_steps=cfg.grad_accu_steps, compiled=compiled)
+    if isinstance(cfg, StableSPAMConfig):
+        total_T = total_steps if cfg.total_T == "auto" else cfg.total_T
+        return StableSPAM(param_groups(model, cfg.weight_decay), **common, amsgrad=cfg.amsgrad, gamma1=cfg.gamma1,
+                          gamma2=cfg.gamma2, gamma3=cfg.gamma3, total_T=total_T, eta_min=cfg.eta_min,
+                          update_proj_gap=cfg.update_proj_gap, compiled=compiled)
+    if isinstance(cfg, AdamW8bitConfig):
+        return _adamw8bit(cfg, model, device, common)
+    raise ConfigError([f"optimizer.name={cfg.name!r} has no builder"])
+
+
+def _adamw8bit(cfg: AdamW8bitConfig, model, device, common) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.backend == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **common)
+    from torchao.optim import AdamW8bit  # DTensor-aware: the one that works under FSDP2
+
+    return AdamW8bit(groups, **common)

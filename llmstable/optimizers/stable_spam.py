@@ -1,0 +1,191 @@
+"""Stable-SPAM (Huang et al. 2025, arXiv 2502.17055): Adam with adaptive spike clipping (AdaClip), adaptive
+gradient-norm scaling (AdaGN), a cosine-damped beta1 and periodic momentum resets.
+
+Step for step the arithmetic of the official `galore_torch/stablespam.py` (TianjinYellow/StableSPAM), with t the
+global step from 1 and k each parameter's own count (incremented before AdaClip):
+
+1. cosine factor s = eta_min + (1 - eta_min)(1 + cos(pi t / (total_T + 1))) / 2 if total_T is set, else 1;
+2. weight decay first: w <- w (1 - lr wd);
+3. AdaClip: M = max|g| over the tensor; mu <- gamma3 mu + (1 - gamma3) M (unclipped M);
+   tau = mu / (1 - gamma3^k); entries with |g| > tau are scaled by tau / M;
+4. AdaGN: n = ||g|| of the clipped tensor, a = gamma1 s; p <- a p + (1 - a) n; q <- gamma2 q + (1 - gamma2) n^2;
+   c = (p / (1 - a^k)) / (sqrt(q / (1 - gamma2^k)) + eps); if n > 0, g <- g c / n;
+5. momentum reset when update_proj_gap != 0 and t mod update_proj_gap == 0: this step's update still uses the old
+   m and v but is bias-corrected with k = 1; zeros are stored afterwards and the stored k becomes 1 (AdaClip and
+   AdaGN above already used the incremented k; mu, p and q are never reset);
+6. Adam with damped beta1' = beta1 s: m <- beta1' m + (1 - beta1') g, v <- beta2 v + (1 - beta2) g^2,
+   w <- w - lr / (1 - beta1'^k) * m / (sqrt(v) / sqrt(1 - beta2^k) + eps)   (amsgrad: max of v instead of v).
+
+The official code keeps its global step t out of `state_dict()`, so a reloaded optimizer restarts the cosine and
+reset schedules; llmstable saves it. The per-tensor statistics (M, n) are reductions over the whole tensor.
+
+The update of one tensor is `stable_spam_update_`, a pure function of tensors; `compiled=True` runs it through
+`torch.compile`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from llmstable.optimizers.compile import compile_per_shape
+
+
+def stable_spam_scale(t: int, total_T: int | None, eta_min: float) -> float:
+    """The cosine factor s at global step t (official: CosineDecay(1.0, total_T, eta_min).get_dr(t))."""
+    if total_T is None:
+        return 1.0
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * t / (total_T + 1))) / 2.0
+
+
+def stable_spam_update_(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, vmax: torch.Tensor | None,
+    stats: torch.Tensor, coef: torch.Tensor, gamma2: float, gamma3: float, beta2: float, eps: float,
+) -> torch.Tensor:
+    """One Stable-SPAM update of a flat tensor, in place on p, m, v, vmax and stats = [mu, p_norm, q_norm].
+
+    coef holds the step's scalars, each computed in double on the host as the official code does: [1 - lr wd,
+    1 - gamma3^k, a, 1 - a, 1 - a^k, 1 - gamma2^k, beta1', 1 - beta1', sqrt(1 - beta2^k'), lr / (1 - beta1'^k')],
+    where k' is the bias-correction count of the Adam part. Returns the number of entries AdaClip scaled."""
+    decay, clip_bc, a, one_minus_a, norm_bc, q_bc, beta1, one_minus_beta1, sqrt_bc2, step_size = coef.unbind()
+    p.mul_(decay)
+    # AdaClip
+    absg = g.abs()
+    peak = absg.max()
+    mu = gamma3 * stats[0] + (1 - gamma3) * peak
+    tau = mu / clip_bc
+    spiky = absg > tau
+    g = torch.where(spiky, g / peak * tau, g)
+    # AdaGN
+    n = torch.linalg.vector_norm(g)
+    p_norm = a * stats[1] + one_minus_a * n
+    q_norm = gamma2 * stats[2] + (1 - gamma2) * n * n
+    c = (p_norm / norm_bc) / (torch.sqrt(q_norm / q_bc) + eps)
+    g = torch.where(n > 0, g / n * c, g)
+    stats.copy_(torch.stack([mu, p_norm, q_norm]))
+    # Adam with the damped beta1
+    m.mul_(beta1).add_(one_minus_beta1 * g)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if vmax is not None:
+        torch.maximum(vmax, v, out=vmax)
+        v = vmax
+    p.sub_(step_size * (m / (v.sqrt() / sqrt_bc2 + eps)))
+    return spiky.sum()
+
+
+_compiled_update = None
+
+
+def _compiled():
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = compile_per_shape(stable_spam_update_)
+    return _compiled_update
+
+
+class StableSPAM(Optimizer):
+    """Stable-SPAM with the official constructor names and defaults (drop-in for `galore_torch.StableSPAM`).
+
+    `metrics()` reports `stab/stable_spam/clipped` (entries AdaClip scaled since the last call) and
+    `stab/stable_spam/resets`; `pop_events()` yields one `momentum_reset` per reset.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, gamma1: float = 0.7, gamma2: float = 0.9,
+                 gamma3: float = 0.999, total_T: int | None = None, eta_min: float = 0.5,
+                 update_proj_gap: int = 1000, compiled: bool = False):
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must lie in [0, 1)")
+        if gamma1 == -1:  # official convention: gamma1 = -1 means "use beta1"
+            gamma1 = betas[0]
+        for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value} must lie in [0, 1)")
+        if total_T is not None and total_T <= 0:
+            raise ValueError(f"total_T={total_T} must be a positive number of steps, or None")
+        if update_proj_gap < 0:
+            raise ValueError(f"update_proj_gap={update_proj_gap} must be >= 0 (0: never reset)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad))
+        self.gamma1, self.gamma2, self.gamma3 = gamma1, gamma2, gamma3
+        self.total_T, self.eta_min, self.update_proj_gap = total_T, eta_min, update_proj_gap
+        self.compiled = compiled
+        self.total_steps = 0
+        self._clipped = torch.zeros((), dtype=torch.int64)
+        self._resets = 0
+        self._events: list[dict] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.total_steps += 1
+        t = self.total_steps
+        s = stable_spam_scale(t, self.total_T, self.eta_min)
+        reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
+        update = _compiled() if self.compiled else stable_spam_update_
+        a = self.gamma1 * s
+        coefs: dict[tuple, torch.Tensor] = {}  # one small host-to-device copy per distinct (group, k), not per tensor
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            beta1 = beta1 * s
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p).view(-1)
+                    state["exp_avg_sq"] = torch.zeros_like(p).view(-1)
+                    state["norm_stats"] = torch.zeros(3, dtype=p.dtype, device=p.device)  # mu, p, q
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p).view(-1)
+                state["step"] += 1
+                k = state["step"]
+                k_adam = 1 if reset else k
+                key = (id(group), k, p.dtype, p.device)
+                if key not in coefs:
+                    coefs[key] = torch.tensor([
+                        1 - group["lr"] * group["weight_decay"], 1 - self.gamma3**k, a, 1 - a, 1 - a**k,
+                        1 - self.gamma2**k, beta1, 1 - beta1, math.sqrt(1 - beta2**k_adam),
+                        group["lr"] / (1 - beta1**k_adam),
+                    ], dtype=p.dtype, device=p.device)
+                coef = coefs[key]
+                clipped = update(p.view(-1), p.grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
+                                 state.get("max_exp_avg_sq"), state["norm_stats"], coef, self.gamma2, self.gamma3,
+                                 beta2, group["eps"])
+                if reset:
+                    state["exp_avg"].zero_()
+                    state["exp_avg_sq"].zero_()
+                    state["step"] = 1
+                self._clipped = self._clipped.to(clipped.device) + clipped
+        if reset:
+            self._resets += 1
+            self._events.append({"event": "momentum_reset", "optimizer_step": t})
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        clipped = int(self._clipped.item())  # host sync, at logging time only
+        self._clipped = torch.zeros_like(self._clipped)
+        return {"stab/stable_spam/clipped": clipped, "stab/stable_spam/resets": self._resets}
+
+    def pop_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["stable_spam"] = {"total_steps": self.total_steps, "resets": self._resets}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("stable_spam")
+        super().load_state_dict(state_dict)
+        self.total_steps, self._resets = counters["total_steps"], counters["resets"]

@@ -1,0 +1,41 @@
+"""Stabilizers that act through hooks (see `hooks.Stabilizer`): z-loss, QK-norm, 4-bit weights.
+Optimizer-side stabilizers (SPAM, Stable-SPAM) live in `llmstable.optimizers`."""
+
+from __future__ import annotations
+
+import torch
+
+from llmstable.config import StabilizerConfig, TrainConfig
+from llmstable.model import Llama, build_model, llama_config
+from llmstable.stabilizers.hooks import Stabilizer
+from llmstable.stabilizers.qk_norm import QKNorm
+from llmstable.stabilizers.quant4 import Quant4
+from llmstable.stabilizers.zloss import ZLoss, z_loss
+
+__all__ = ["QKNorm", "Quant4", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
+
+
+def build_stabilizers(cfg: StabilizerConfig) -> list[Stabilizer]:
+    """The active stabilizers, in the fixed order they are applied: architecture first, then model transforms
+    (quantization), then loss hooks."""
+    out: list[Stabilizer] = []
+    if cfg.qk_norm is not None:
+        out.append(QKNorm())
+    if cfg.quant4 is not None:
+        out.append(Quant4(cfg.quant4.group_size, cfg.quant4.act_bits))
+    if cfg.zloss is not None:
+        out.append(ZLoss(cfg.zloss.coef))
+    return out
+
+
+def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int,
+                                device: torch.device | str = "cpu") -> tuple[Llama, list[Stabilizer]]:
+    """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms."""
+    stabilizers = build_stabilizers(cfg.stabilizer)
+    model_cfg = llama_config(cfg.model, vocab_size)
+    for stabilizer in stabilizers:
+        stabilizer.configure_model(model_cfg)
+    model = build_model(model_cfg, device)
+    for stabilizer in stabilizers:
+        model = stabilizer.transform_model(model)
+    return model, stabilizers
