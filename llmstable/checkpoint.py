@@ -12,6 +12,9 @@ Layout of `RUN_DIR/checkpoints/step_00000100/`:
 A checkpoint is written into a hidden temporary directory, every file is fsync'd, and the directory is renamed
 into place; a crash at any point leaves either the whole checkpoint or none. On load, a checkpoint whose files
 do not match its manifest is skipped with a warning that names the file, and the one before it is used.
+
+A checkpoint becomes *good* (a `GOOD` marker file, written atomically) once enough clean steps have followed it;
+the spike guard rolls back to the newest good one, and pruning never deletes it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 MANIFEST = "manifest.json"
+GOOD = "GOOD"
 PREFIX = "step_"
 
 
@@ -41,9 +45,10 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(
     root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-    config_yaml: str, keep: int,
+    config_yaml: str, keep: int, before_commit=None, good: bool = False,
 ) -> Path:
-    """Write checkpoint `step` under root atomically, then delete all but the newest `keep`."""
+    """Write checkpoint `step` under root atomically, then delete all but the newest `keep` (and the newest good
+    one). `before_commit`, if given, is called with every file but the manifest written (fault injection)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -58,9 +63,14 @@ def save_checkpoint(
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
+    if before_commit is not None:
+        before_commit()
     manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / MANIFEST)
+    if good:
+        (tmp / GOOD).write_text(str(step))
+        _fsync(tmp / GOOD)
     _fsync(tmp)
     if final.exists():  # the same step written again (e.g. after a resume): swap, never leave a gap
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -97,6 +107,26 @@ def verify(path: Path) -> str | None:
             return f"{file} is missing"
         if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
             return f"{file} does not match its checksum in {MANIFEST}"
+    return None
+
+
+def mark_good(path: Path) -> None:
+    tmp = path / f".{GOOD}.tmp"
+    tmp.write_text(path.name)
+    _fsync(tmp)
+    os.replace(tmp, path / GOOD)
+    _fsync(path)
+
+
+def is_good(path: Path) -> bool:
+    return (path / GOOD).is_file()
+
+
+def latest_good(root: Path, check_files: bool = True) -> Path | None:
+    """The newest checkpoint that is marked good (and, with check_files, passes verification)."""
+    for path in list_checkpoints(root):
+        if is_good(path) and (not check_files or verify(path) is None):
+            return path
     return None
 
 
@@ -145,8 +175,11 @@ def _set_torch_rng_state(state: dict) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep`, never the newest good one."""
+    good = latest_good(root, check_files=False)
     for path in list_checkpoints(root)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != good:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -18,7 +18,7 @@ import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Fa
 from llmstable.config import ConfigError, TrainConfig, load_config, schema_keys
 
 CONFIG_DIR = Path(os.environ.get("LLMSTABLE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer")
+GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "experiment")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +107,7 @@ def train_command(overrides: list[str]) -> int:
         from hydra.core.hydra_config import HydraConfig
 
         from llmstable.data import DataError
-        from llmstable.trainer import train
+        from llmstable.trainer import SpikeAbort, train
 
         container = OmegaConf.to_container(raw, resolve=True)
         if container.get("run_dir") is None:
@@ -117,6 +117,9 @@ def train_command(overrides: list[str]) -> int:
         except (ConfigError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except SpikeAbort as err:
+            print(f"aborted: {err}", file=sys.stderr)
+            sys.exit(3)
         print(json.dumps(summary, indent=2))
         return summary
 

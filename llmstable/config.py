@@ -259,20 +259,82 @@ class Quant4Config:
 
 
 @dataclass
+class SpikeGuardConfig:
+    """The spike guard (llmstable.stabilizers.spike): detection rules and the escalation ladder."""
+
+    metrics: list = field(default_factory=lambda: ["loss", "grad_norm"])  # what is watched: loss, grad_norm
+    window: int = 128  # clean values in the rolling window
+    k_std: float = 6.0  # a value above mean + k_std * std of the window is a spike
+    min_history: int = 32  # clean values needed before the window and EMA rules act (non-finite always acts)
+    ema_decay: float = 0.98
+    ema_ratio: float = 3.0  # a value above ema_ratio * EMA is a spike
+    skip_steps: int = 1  # spiky steps in a row that only skip the update; the next one rolls back (0: at once)
+    margin_steps: int = 2  # global batches past the spike added to the data skip list on rollback
+    lr_cut_after: int = 2  # from this rollback on, also multiply the LR by lr_cut_factor (0: never)
+    lr_cut_factor: float = 0.5
+    moment_reset_after: int = 3  # from this rollback on, also zero the optimizer moments (0: never)
+    max_rollbacks: int = 5  # one more spike after this many rollbacks aborts the run
+    good_after_steps: int = 20  # clean steps after a checkpoint that make it "good" (a rollback target)
+
+    def validate(self, problems: list[str]) -> None:
+        for metric in self.metrics:
+            if metric not in ("loss", "grad_norm"):
+                problems.append(f"stabilizer.spike_guard.metrics has {metric!r}; allowed: loss, grad_norm")
+        for key in ("window", "min_history", "good_after_steps"):
+            if getattr(self, key) <= 0:
+                problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be > 0")
+        for key in ("skip_steps", "margin_steps", "lr_cut_after", "moment_reset_after", "max_rollbacks"):
+            if getattr(self, key) < 0:
+                problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be >= 0")
+        if self.k_std <= 0 or self.ema_ratio <= 1:
+            problems.append(f"stabilizer.spike_guard: k_std={self.k_std} must be > 0 and "
+                            f"ema_ratio={self.ema_ratio} > 1")
+        if not 0 < self.lr_cut_factor < 1:
+            problems.append(f"stabilizer.spike_guard.lr_cut_factor={self.lr_cut_factor} must be in (0, 1), e.g. 0.5")
+        if self.min_history > self.window:
+            problems.append(f"stabilizer.spike_guard.min_history={self.min_history} must be <= window={self.window}")
+
+
+@dataclass
 class StabilizerConfig:
-    """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4]. Absent means off."""
+    """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4,spike_guard]. Absent is off."""
 
     zloss: ZLossConfig | None = None
     qk_norm: QKNormConfig | None = None
     quant4: Quant4Config | None = None
+    spike_guard: SpikeGuardConfig | None = None
 
     def validate(self, problems: list[str]) -> None:
-        for name in ("zloss", "qk_norm", "quant4"):
-            if getattr(self, name) is not None:
-                getattr(self, name).validate(problems)
+        for name in self.active():
+            getattr(self, name).validate(problems)
 
     def active(self) -> list[str]:
-        return [name for name in ("zloss", "qk_norm", "quant4") if getattr(self, name) is not None]
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection (`configs/fault/*.yaml`), off by default: for tests, demos and rehearsing recovery. Step
+    numbers count optimizer steps from 1; each fault fires once, even if a rollback replays its step."""
+
+    loss_scale_steps: list = field(default_factory=list)  # multiply the loss (so the gradients) at these steps
+    loss_scale: float = 1000.0
+    lr_scale_steps: list = field(default_factory=list)  # multiply the LR at these steps
+    lr_scale: float = 100.0
+    corrupt_batch_steps: list = field(default_factory=list)  # replace the batch with random tokens
+    nan_steps: list = field(default_factory=list)  # make the loss NaN
+    kill_at_step: int | None = None  # SIGKILL the process after this step
+    kill_in_checkpoint_at_step: int | None = None  # SIGKILL halfway through writing this step's checkpoint
+
+    def validate(self, problems: list[str]) -> None:
+        for key in ("loss_scale_steps", "lr_scale_steps", "corrupt_batch_steps", "nan_steps"):
+            values = getattr(self, key)
+            if not all(isinstance(s, int) and s > 0 for s in values):
+                problems.append(f"fault.{key}={values} must be a list of step numbers >= 1")
+
+    def active(self) -> bool:
+        return any([self.loss_scale_steps, self.lr_scale_steps, self.corrupt_batch_steps, self.nan_steps,
+                    self.kill_at_step, self.kill_in_checkpoint_at_step])
 
 
 @dataclass
@@ -363,15 +425,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=AdamWConfig)
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str | None = None  # null: Hydra's output directory
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
+    resume_force: bool = False  # resume even if the config changed in ways that break the run (model, data, ...)
 
     def validate(self, problems: list[str]) -> None:
         for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging,
-                      self.stabilizer):
+                      self.stabilizer, self.fault):
             group.validate(problems)
         quant, m = self.stabilizer.quant4, self.model
         if quant is not None and m.n_heads > 0:
@@ -391,6 +455,14 @@ class TrainConfig:
             )
         if self.run_dir is None:
             problems.append("run_dir is not set: pass run_dir=PATH (the CLI uses Hydra's output directory)")
+        guard, t = self.stabilizer.spike_guard, self.train
+        if guard is not None and t.checkpoint_interval and t.keep_checkpoints * t.checkpoint_interval <= guard.good_after_steps:
+            problems.append(
+                f"train.keep_checkpoints={t.keep_checkpoints} x train.checkpoint_interval={t.checkpoint_interval} must "
+                f"exceed stabilizer.spike_guard.good_after_steps={guard.good_after_steps}, or every checkpoint is "
+                "pruned before it can become good and rollbacks go back to the start: keep more checkpoints, "
+                "checkpoint less often, or lower good_after_steps"
+            )
 
     @property
     def grad_accum_steps(self) -> int:

@@ -3,9 +3,12 @@
 Build first, then run: `build_trainer` constructs every part with small builders; `Trainer.__init__` only
 assigns; `Trainer.fit` runs the loop, which reads straight down:
   1. set the learning rate;
-  2. forward and loss for each micro-batch, then backward;
-  3. clip, then the optimizer step;
-  4. log, evaluate and checkpoint at their intervals.
+  2. forward and loss for each micro-batch, then the loss hooks, then backward;
+  3. clip, read loss and gradient norm (the one host sync per step), the step-check hooks, then the optimizer
+     step unless a hook asked to skip it;
+  4. carry out a rollback or abort if a hook asked for one;
+  5. log, evaluate and checkpoint at their intervals.
+A rollback is a resume from the last good checkpoint plus a data skip: both go through `Trainer.restore`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ from tqdm import tqdm
 from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
+from llmstable.data.loader import SkipList
+from llmstable.faults import FaultInjector
 from llmstable.metrics import RunLog
 from llmstable.model import Llama
 from llmstable.optimizers import build_optimizer
+from llmstable.recovery import Ledger, config_changes, zero_moments
 from llmstable.schedule import lr_factor
 from llmstable.stabilizers import Stabilizer, build_model_and_stabilizers
+
+
+class SpikeAbort(RuntimeError):
+    """The spike guard gave up (max_rollbacks reached); the last good checkpoint is intact."""
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -58,7 +68,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device)
     optimizer = build_optimizer(cfg.optimizer, model, device, cfg.total_steps)
     log = RunLog(run_dir, cfg.logging, to_dict(cfg))
-    return Trainer(cfg, model, optimizer, stabilizers, data, log, device, run_dir)
+    faults = FaultInjector(cfg.fault, data.vocab_size)
+    return Trainer(cfg, model, optimizer, stabilizers, data, log, faults, device, run_dir)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,15 +99,19 @@ def autocast_for(device: torch.device, precision: str):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer,
-                 stabilizers: list[Stabilizer], data: DataBundle, log: RunLog, device: torch.device, run_dir: Path):
+                 stabilizers: list[Stabilizer], data: DataBundle, log: RunLog, faults: FaultInjector,
+                 device: torch.device, run_dir: Path):
         self.cfg, self.model, self.optimizer, self.stabilizers, self.data = cfg, model, optimizer, stabilizers, data
-        self.log, self.device, self.run_dir = log, device, run_dir
+        self.log, self.faults, self.device, self.run_dir = log, faults, device, run_dir
         self.forward = torch.compile(model) if cfg.train.compile else model
         self.step = 0
         self.tokens = 0
         self.loss_sum = 0.0  # train loss summed over the steps since the last metrics row
         self.loss_steps = 0
         self.val_history: list[tuple[int, float]] = []
+        self.ledger = Ledger()  # survives rollbacks (see llmstable.recovery)
+        self.pending_good: list[int] = []  # checkpoint steps waiting for enough clean steps to become good
+        self.guarded = cfg.stabilizer.spike_guard is not None
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -109,14 +124,23 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not train_cfg.progress, unit="step", dynamic_ncols=True)
         t_log, tokens_log = time.perf_counter(), self.tokens
         while self.step < total:
-            lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule)
-            loss, grad_norm = self.train_step(lr)
+            lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.ledger.lr_scale
+            lr = self.faults.lr(self.step + 1, lr)
+            log_now = (self.step + 1) % train_cfg.log_interval == 0 or self.step + 1 == total
+            loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
+            self.faults.step_done(self.step + 1)
+            self.ledger.faults_fired = sorted(self.faults.fired)
+            if action is not None and action.kind != "skip_step":
+                self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
+                bar.reset(total=total)
+                bar.update(self.step)
+                t_log, tokens_log = time.perf_counter(), self.tokens
+                continue
             self.step += 1
-            for event in getattr(self.optimizer, "pop_events", list)():
-                self.log.event(event.pop("event"), self.step, **event)
             self.tokens += cfg.tokens_per_step
-            self.loss_sum += loss.item()  # host sync: one scalar per step, for the logged mean
+            self.loss_sum += loss
             self.loss_steps += 1
+            self.after_clean_or_skipped_step(action)
             bar.update(1)
             last = self.step == total
             if self.step % train_cfg.log_interval == 0 or last:
@@ -126,13 +150,13 @@ class Trainer:
                     "step": self.step, "tokens": self.tokens,
                     "train/loss": self.loss_sum / self.loss_steps,
                     "optim/lr": lr,
-                    "optim/grad_norm": grad_norm.item(),  # host sync, once per logged step
+                    "optim/grad_norm": grad_norm,
                     "perf/tokens_per_sec": tokens_per_sec,
                     "perf/flops_per_sec": tokens_per_sec * flops_per_token,
-                    **self.plugin_metrics(),
+                    **indicators, **self.plugin_metrics(),
                 }
                 self.log.metrics(row)
-                bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                bar.set_postfix(self.progress_fields(row))
                 self.loss_sum, self.loss_steps = 0.0, 0
                 t_log, tokens_log = now, self.tokens
             if self.step % train_cfg.eval_interval == 0 or last:
@@ -143,17 +167,42 @@ class Trainer:
         wall_s = time.perf_counter() - t_start
         return self.finish(wall_s, (self.tokens - start_tokens) / max(wall_s, 1e-9), start_step)
 
-    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer update at learning rate lr: forward/backward over the micro-batches, clip, step.
-        Returns (mean loss, pre-clip gradient norm) as device tensors; nothing here syncs with the host."""
+    def train_step(self, lr: float, indicators: bool = False):
+        """One optimizer update at learning rate lr: forward/backward over the micro-batches, clip, the step-check
+        hooks, then the optimizer step unless a hook objects. Returns (loss, pre-clip grad norm, action or None,
+        leading indicators); with indicators=True also the update norm and the worst layer's gradient norm."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.forward_backward()
         max_norm = self.cfg.train.max_norm if self.cfg.train.max_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        # The one host sync per step: loss and gradient norm together, for the spike check and the log.
+        loss_value, norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+        action = None
+        for stabilizer in self.stabilizers:
+            action = action or stabilizer.check_step(self.step + 1, {"loss": loss_value, "grad_norm": norm_value},
+                                                     self.ledger.rollbacks)
+        extra = {}
+        if action is None:
+            before = self.layer_grad_norms_and_snapshot(extra) if indicators else None
+            self.optimizer.step()
+            if before is not None:
+                extra["optim/update_norm"] = torch.linalg.vector_norm(torch.stack([
+                    torch.linalg.vector_norm(p.detach() - b) for p, b in zip(self.model.parameters(), before)
+                ])).item()  # host sync, at logged steps only
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return loss_value, norm_value, action, extra
+
+    def layer_grad_norms_and_snapshot(self, extra: dict) -> list[torch.Tensor]:
+        """Leading indicators for logged steps: the largest per-block gradient norm (and which block), and a copy
+        of the weights to measure the update against."""
+        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in layer.parameters()
+                                                       if p.grad is not None]))
+                 for layer in self.model.layers]
+        worst = torch.stack(norms)
+        extra["optim/worst_layer_grad_norm"] = worst.max().item()
+        extra["optim/worst_layer"] = int(worst.argmax().item())
+        return [p.detach().clone() for p in self.model.parameters()]
 
     def forward_backward(self) -> torch.Tensor:
         """Forward and backward over the accumulation micro-batches; returns the step's mean loss (a device
@@ -162,10 +211,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
             batch, _ = self.data.train.next_batch(self.cfg.train.micro_batch_size)
-            batch = batch.to(self.device, non_blocking=True)
+            batch = self.faults.batch(self.step + 1, batch).to(self.device, non_blocking=True)
             with autocast_for(self.device, self.cfg.train.precision):
                 logits = self.forward(batch[:, :-1])
-                ce = cross_entropy(logits, batch[:, 1:])
+                ce = self.faults.loss(self.step + 1, cross_entropy(logits, batch[:, 1:]))
                 loss = ce
                 for stabilizer in self.stabilizers:
                     loss = stabilizer.on_loss(logits, loss)
@@ -174,12 +223,22 @@ class Trainer:
         return total
 
     def plugin_metrics(self) -> dict[str, float]:
-        """Metrics of the stabilizers and of the optimizer, if it reports any (`stab/<name>/...`)."""
+        """Metrics of the stabilizers, of the optimizer if it reports any, and the spike counters."""
         out: dict[str, float] = {}
         for stabilizer in self.stabilizers:
             out.update(stabilizer.metrics())
         out.update(getattr(self.optimizer, "metrics", dict)())
+        if self.guarded:
+            out.update({"stab/spike/spikes": self.ledger.spikes, "stab/spike/rollbacks": self.ledger.rollbacks,
+                        "stab/spike/skipped_steps": self.ledger.skipped_steps})
         return out
+
+    def progress_fields(self, row: dict) -> dict:
+        fields = {"loss": f"{row['train/loss']:.3f}", "lr": f"{row['optim/lr']:.2e}",
+                  "tok_s": f"{row['perf/tokens_per_sec']:,.0f}"}
+        if self.ledger.spikes:
+            fields.update(spikes=self.ledger.spikes, rollbacks=self.ledger.rollbacks)
+        return fields
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -201,20 +260,87 @@ class Trainer:
         self.log.event("eval", self.step, val_loss=val_loss)
         return val_loss
 
+    # --- spikes: skip, roll back, abort --------------------------------------------------------------------------
+
+    def after_clean_or_skipped_step(self, action) -> None:
+        for event in getattr(self.optimizer, "pop_events", list)():
+            self.log.event(event.pop("event"), self.step, **event)
+        if action is not None:  # a skipped update
+            self.ledger.spikes += 1
+            self.ledger.skipped_steps += 1
+            for d in action.detections:
+                self.log.event("spike", self.step, tokens=self.tokens, metric=d.metric, value=d.value,
+                               threshold=d.threshold, rule=d.rule)
+            self.log.event("skip_step", self.step, tokens=self.tokens)
+            self.pending_good.clear()  # what was saved just before a spike is not a safe place to return to
+            return
+        for saved in [s for s in self.pending_good if self.step - s >= self.good_after]:
+            path = self.run_dir / "checkpoints" / ckpt.checkpoint_name(saved)
+            if path.is_dir():  # (it may have been pruned meanwhile)
+                ckpt.mark_good(path)
+            self.pending_good.remove(saved)
+
+    def recover(self, action, loss: float, grad_norm: float) -> None:
+        """Carry out a rollback (restore the last good checkpoint, skip the data since, maybe cut the LR and reset
+        the moments) or an abort (raise SpikeAbort, leaving the good checkpoint intact)."""
+        spike_step, spike_tokens = self.step + 1, self.tokens + self.cfg.tokens_per_step
+        self.ledger.spikes += 1
+        for d in action.detections:
+            self.log.event("spike", spike_step, tokens=spike_tokens, metric=d.metric, value=d.value,
+                           threshold=d.threshold, rule=d.rule)
+        good = ckpt.latest_good(self.run_dir / "checkpoints")
+        if action.kind == "abort" or good is None:
+            self.log.event("abort", spike_step, rollbacks=self.ledger.rollbacks, checkpoint=str(good))
+            self.finish(0.0, 0.0, 0, aborted=True)
+            raise SpikeAbort(
+                f"spike guard: spike at step {spike_step} (loss {loss:.4g}, grad norm {grad_norm:.4g}) after "
+                f"{self.ledger.rollbacks} rollbacks (stabilizer.spike_guard.max_rollbacks="
+                f"{self.cfg.stabilizer.spike_guard.max_rollbacks}); the last good checkpoint {good} is intact. "
+                "Lower optimizer.lr, or inspect the data around the skipped samples in events.jsonl."
+            )
+        consumed_until = self.data.train.ordinal
+        ledger = self.ledger
+        self.restore(good, ledger=ledger)  # one code path with resume; the ledger does not go back
+        margin = self.cfg.stabilizer.spike_guard.margin_steps * self.cfg.train.global_batch_size
+        start, end = self.data.train.ordinal, consumed_until + margin
+        self.data.train.skip.add(start, end)
+        ledger.skip_ranges = self.data.train.skip.ranges
+        ledger.rollbacks += 1
+        ledger.skipped_samples += end - start
+        self.log.event("rollback", spike_step, tokens=spike_tokens, to_step=self.step, to_tokens=self.tokens,
+                       checkpoint=str(good))
+        self.log.event("skip_data", spike_step, tokens=spike_tokens, start=start, end=end, samples=end - start)
+        if action.lr_cut:
+            ledger.lr_scale *= self.cfg.stabilizer.spike_guard.lr_cut_factor
+            ledger.lr_cuts += 1
+            self.log.event("lr_cut", spike_step, factor=self.cfg.stabilizer.spike_guard.lr_cut_factor,
+                           lr_scale=ledger.lr_scale)
+        if action.moment_reset:
+            zero_moments(self.optimizer)
+            ledger.moment_resets += 1
+            self.log.event("moment_reset", spike_step)
+        self.pending_good.clear()
+
+    @property
+    def good_after(self) -> int:
+        return self.cfg.stabilizer.spike_guard.good_after_steps if self.guarded else 0
+
     # --- run directory, checkpoints, resume ---------------------------------------------------------------------
 
     def prepare_run_dir(self) -> None:
         """Write config.yaml and the tokenizer, and resume from a checkpoint if the config says so."""
-        config_yaml = OmegaConf.to_yaml(to_dict(self.cfg))
-        (self.run_dir / "config.yaml").write_text(config_yaml)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(self.cfg)))
         if not (self.run_dir / "tokenizer").exists():
             self.data.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         path = self.resume_path()
         if path is not None:
+            self.check_config_changes(path)
             self.restore(path)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
         else:
             self.log.event("start", 0, num_params=self.model.num_params(), total_steps=self.cfg.total_steps)
+            if self.guarded:  # a rollback target from the start: the initial weights are good by definition
+                self.save(good=True)
 
     def resume_path(self) -> Path | None:
         if self.cfg.resume == "never":
@@ -227,6 +353,17 @@ class Trainer:
                                "path such as RUN_DIR/checkpoints/step_00000100"])
         return path
 
+    def check_config_changes(self, path: Path) -> None:
+        """Log harmless config changes since the checkpoint; refuse the others unless resume_force=true."""
+        stored = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        harmless, breaking = config_changes(stored, to_dict(self.cfg))
+        for change in harmless:
+            self.log.event("config_change", 0, change=change)
+        if breaking and not self.cfg.resume_force:
+            raise ConfigError([f"cannot resume {path} with a changed config: {c}" for c in breaking] + [
+                "these change the model, data, seed or optimizer type: use a new run_dir, or pass "
+                "resume_force=true to resume anyway"])
+
     def trainer_state(self) -> dict:
         return {
             "step": self.step, "tokens": self.tokens,
@@ -234,19 +371,26 @@ class Trainer:
             "val_history": self.val_history,
             "data": self.data.train.state_dict(),
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
+            "ledger": self.ledger.state_dict(),
+            "pending_good": self.pending_good,
             "rng_python": _jsonable(random.getstate()),
             "rng_numpy": _jsonable(np.random.get_state()),
         }
 
-    def save(self) -> Path:
+    def save(self, good: bool = False) -> Path:
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.model, self.optimizer, self.trainer_state(),
             OmegaConf.to_yaml(to_dict(self.cfg)), keep=self.cfg.train.keep_checkpoints,
+            before_commit=self.faults.checkpoint_hook(self.step), good=good or not self.guarded,
         )
+        if self.guarded and not good:
+            self.pending_good.append(self.step)
         self.log.event("checkpoint", self.step, path=str(path), tokens=self.tokens)
         return path
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path, ledger: Ledger | None = None) -> None:
+        """Everything that decides the future of the run, as of checkpoint `path` (resume), except the ledger
+        when one is given (rollback: counters, skip list, LR scale and fired faults stay as they are now)."""
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_sum, self.loss_steps = state["loss_sum"], state["loss_steps"]
@@ -254,12 +398,16 @@ class Trainer:
         self.data.train.load_state_dict(state["data"])
         for stabilizer in self.stabilizers:
             stabilizer.load_state_dict(state["stabilizers"].get(stabilizer.name, {}))
+        self.ledger = ledger if ledger is not None else Ledger.from_state(state.get("ledger"))
+        self.data.train.skip = SkipList(self.ledger.skip_ranges)
+        self.faults.fired = set(self.ledger.faults_fired)
+        self.pending_good = list(state.get("pending_good", []))
         random.setstate(_python_rng(state["rng_python"]))
         np.random.set_state(_numpy_rng(state["rng_numpy"]))
 
     # --- the end of the run --------------------------------------------------------------------------------------
 
-    def finish(self, wall_s: float, tokens_per_sec: float, start_step: int) -> dict:
+    def finish(self, wall_s: float, tokens_per_sec: float, start_step: int, aborted: bool = False) -> dict:
         final_val = self.val_history[-1][1] if self.val_history else None
         summary = {
             "steps": self.step, "tokens": self.tokens,
@@ -269,9 +417,15 @@ class Trainer:
             "resumed_from_step": start_step or None,
             "num_params": self.model.num_params(),
             "flops_per_token": self.model.flops_per_token(self.cfg.data.seq_len),
+            "spikes": self.ledger.spikes, "rollbacks": self.ledger.rollbacks,
+            "skipped_steps": self.ledger.skipped_steps, "skipped_samples": self.ledger.skipped_samples,
+            "lr_cuts": self.ledger.lr_cuts, "moment_resets": self.ledger.moment_resets,
+            "aborted": aborted,
             "run_dir": str(self.run_dir),
         }
         self.log.summary(summary)
+        if aborted:
+            return summary
         self.log.event("end", self.step, final_val_loss=final_val)
         if self.cfg.train.plot:
             from llmstable.plot import plot_losses

@@ -22,12 +22,17 @@ def test_every_model_file_composes_and_builds(name, tmp_path):
     assert model.num_params() > 0
 
 
-@pytest.mark.parametrize("group", ["data", "optimizer", "schedule"])
+@pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "fault", "experiment"])
 def test_every_group_option_composes_and_validates(group, tmp_path):
     for name in options(group):
         overrides = [f"{group}={name}"] + (["data.path=corpus/*.txt"] if name == "local_files" else [])
         cfg = compose_config(overrides, run_dir=tmp_path)
-        assert getattr(cfg, group).name == name
+        if group in ("data", "optimizer", "schedule"):
+            assert getattr(cfg, group).name == name
+        if group == "fault":
+            assert cfg.fault.active() == (name != "none")
+        if group == "experiment":
+            assert cfg.stabilizer.spike_guard is not None and cfg.fault.active()
 
 
 def test_the_schema_lists_every_key_of_the_main_config(tmp_path):

@@ -71,6 +71,39 @@ def pack_stream(docs_ids: Iterable[np.ndarray], seq_len: int) -> Iterator[np.nda
             buffer = buffer[seq_len + 1:]
 
 
+class SkipList:
+    """Half-open ranges [start, end) of sample ordinals that the loader must never serve (data around a spike).
+    Keyed by ordinal, not step, so it means the same samples after any restart, batch size or world size."""
+
+    def __init__(self, ranges: list | None = None):
+        self.ranges: list[list[int]] = sorted([int(a), int(b)] for a, b in (ranges or []))
+
+    def add(self, start: int, end: int) -> None:
+        merged = []
+        for a, b in sorted([*self.ranges, [start, end]]):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.ranges = merged
+
+    def __contains__(self, ordinal: int) -> bool:
+        return any(a <= ordinal < b for a, b in self.ranges)
+
+    def __len__(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def next_ordinals(start: int, count: int, skip: SkipList) -> tuple[list[int], int]:
+    """The next `count` ordinals from `start` that are not skipped, and the position after them."""
+    ordinals, o = [], start
+    while len(ordinals) < count:
+        if o not in skip:
+            ordinals.append(o)
+        o += 1
+    return ordinals, o
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -82,6 +115,7 @@ class SampleLoader:
         self.blocks = blocks
         self.seed = seed
         self.ordinal = 0
+        self.skip = SkipList()  # owned by the trainer, which keeps it across rollbacks
         self._epoch, self._perm = -1, None
 
     def __len__(self) -> int:
@@ -94,10 +128,10 @@ class SampleLoader:
         return int(self._perm[offset])
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        """The next batch_size samples as a (B, seq_len + 1) int64 tensor, and their ordinals."""
-        ordinals = list(range(self.ordinal, self.ordinal + batch_size))
+        """The next batch_size samples (skipping the skip list) as a (B, seq_len + 1) int64 tensor, and their
+        ordinals."""
+        ordinals, self.ordinal = next_ordinals(self.ordinal, batch_size, self.skip)
         rows = np.stack([self.blocks[self.block_index(o)] for o in ordinals]).astype(np.int64)
-        self.ordinal += batch_size
         return torch.from_numpy(rows), ordinals
 
     def state_dict(self) -> dict:
@@ -116,6 +150,7 @@ class StreamingSampleLoader:
         self.docs, self.tok, self.seq_len = docs, tok, seq_len
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.ordinal = 0
+        self.skip = SkipList()
         self._blocks = self._stream()
 
     def _stream(self) -> Iterator[np.ndarray]:
@@ -132,10 +167,14 @@ class StreamingSampleLoader:
             epoch += 1
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        ordinals = list(range(self.ordinal, self.ordinal + batch_size))
-        rows = np.stack([next(self._blocks) for _ in ordinals])
-        self.ordinal += batch_size
-        return torch.from_numpy(rows), ordinals
+        ordinals, end = next_ordinals(self.ordinal, batch_size, self.skip)
+        rows = []
+        for o in range(self.ordinal, end):  # skipped ordinals are read from the stream and dropped
+            block = next(self._blocks)
+            if o not in self.skip:
+                rows.append(block)
+        self.ordinal = end
+        return torch.from_numpy(np.stack(rows)), ordinals
 
     def state_dict(self) -> dict:
         return {"ordinal": self.ordinal}

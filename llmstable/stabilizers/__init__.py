@@ -10,9 +10,10 @@ from llmstable.model import Llama, build_model, llama_config
 from llmstable.stabilizers.hooks import Stabilizer
 from llmstable.stabilizers.qk_norm import QKNorm
 from llmstable.stabilizers.quant4 import Quant4
+from llmstable.stabilizers.spike import SpikeGuard
 from llmstable.stabilizers.zloss import ZLoss, z_loss
 
-__all__ = ["QKNorm", "Quant4", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
+__all__ = ["QKNorm", "Quant4", "SpikeGuard", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
 
 
 def build_stabilizers(cfg: StabilizerConfig) -> list[Stabilizer]:
@@ -25,6 +26,8 @@ def build_stabilizers(cfg: StabilizerConfig) -> list[Stabilizer]:
         out.append(Quant4(cfg.quant4.group_size, cfg.quant4.act_bits))
     if cfg.zloss is not None:
         out.append(ZLoss(cfg.zloss.coef))
+    if cfg.spike_guard is not None:
+        out.append(SpikeGuard(cfg.spike_guard))
     return out
 
 

@@ -6,6 +6,9 @@ Hooks fire in this order, on every rank alike, and never call torch.distributed 
   modules (e.g. fake-quantized linears). Applied from outside, so the model file stays plain.
 - `on_loss(logits, loss)`: every micro-batch, after the cross-entropy and before backward; returns the loss to
   backpropagate (e.g. plus an auxiliary term).
+- `check_step(step, values, rollbacks_so_far)`: every optimizer step, after backward and clipping and before the
+  optimizer step, with the step's `loss` and `grad_norm` as host floats (already reduced across ranks); returns
+  None or an action for the trainer to carry out (skip the update, roll back, abort).
 - `metrics()`: at logging intervals; returns `stab/<name>/...` values (this is where a stabilizer may sync).
 
 `state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume.
@@ -29,6 +32,10 @@ class Stabilizer:
     def on_loss(self, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Each micro-batch: the loss to backpropagate."""
         return loss
+
+    def check_step(self, step: int, values: dict[str, float], rollbacks_so_far: int):
+        """Each optimizer step, before the update: None, or an action (see llmstable.stabilizers.spike.Action)."""
+        return None
 
     def metrics(self) -> dict[str, float]:
         """At logging time: metrics since the last call."""

@@ -59,3 +59,28 @@ def test_restoring_the_position_gives_the_same_next_batches(consumed):
     restored.load_state_dict(state)
     for want in expected:
         assert torch.equal(restored.next_batch(6)[0], want)
+
+
+def test_skipped_ordinals_are_never_served_and_the_rest_keep_their_order():
+    from llmstable.data.loader import SkipList
+
+    blocks = np.arange(30 * 3).reshape(30, 3)
+    plain = SampleLoader(blocks, seed=4)
+    reference = [plain.next_batch(1)[0] for _ in range(20)]
+    loader = SampleLoader(blocks, seed=4)
+    loader.skip = SkipList([[3, 6], [10, 11]])
+    batch, ordinals = loader.next_batch(12)
+    assert ordinals == [0, 1, 2, 6, 7, 8, 9, 11, 12, 13, 14, 15]
+    for row, o in zip(batch, ordinals):
+        assert torch.equal(row, reference[o][0])
+    assert len(loader.skip) == 4 and 4 in loader.skip and 6 not in loader.skip
+
+
+def test_skip_ranges_merge():
+    from llmstable.data.loader import SkipList
+
+    skip = SkipList()
+    skip.add(10, 20)
+    skip.add(15, 30)
+    skip.add(40, 41)
+    assert skip.ranges == [[10, 30], [40, 41]] and len(skip) == 21

@@ -15,6 +15,8 @@ TINY_SETTINGS = {
     "stabilizer/zloss": ["stabilizer=[zloss]"],
     "stabilizer/qk_norm": ["stabilizer=[qk_norm]"],
     "stabilizer/quant4": ["stabilizer=[quant4]", "stabilizer.quant4.act_bits=8"],
+    "stabilizer/spike_guard": ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=3",
+                               "stabilizer.spike_guard.window=6", "stabilizer.spike_guard.good_after_steps=2"],
     "optimizer/adamw": ["optimizer=adamw"],
     "optimizer/spam": ["optimizer=spam", "optimizer.DeltaT=4", "optimizer.warmup_steps=2",
                        "optimizer.grad_accu_steps=1", "optimizer.density=0.5"],

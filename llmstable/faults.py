@@ -1,0 +1,53 @@
+"""Fault injection (the `fault` config group): for tests, demos, and users rehearsing their recovery plan.
+
+Off by default. Each fault is tied to an optimizer step number (from 1) and fires once: if a rollback replays
+that step, it does not fire again, as a transient hardware or data fault would not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from llmstable.config import FaultConfig
+
+
+class FaultInjector:
+    def __init__(self, cfg: FaultConfig, vocab_size: int):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.fired: set[int] = set()  # steps whose faults have fired; kept across rollbacks by the trainer
+
+    def _due(self, steps: list, step: int) -> bool:
+        return step in steps and step not in self.fired
+
+    def batch(self, step: int, batch: torch.Tensor) -> torch.Tensor:
+        """Random tokens instead of the batch at corrupt_batch_steps."""
+        if not self._due(self.cfg.corrupt_batch_steps, step):
+            return batch
+        gen = torch.Generator().manual_seed(step)
+        return torch.randint(0, self.vocab_size, batch.shape, generator=gen).to(batch.device)
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss (and so the gradients) times loss_scale, or NaN, at their steps."""
+        if self._due(self.cfg.nan_steps, step):
+            loss = loss * float("nan")
+        if self._due(self.cfg.loss_scale_steps, step):
+            loss = loss * self.cfg.loss_scale
+        return loss
+
+    def lr(self, step: int, lr: float) -> float:
+        return lr * self.cfg.lr_scale if self._due(self.cfg.lr_scale_steps, step) else lr
+
+    def step_done(self, step: int) -> None:
+        """After step `step`: its faults have fired; SIGKILL now if asked."""
+        self.fired.add(step)
+        if self.cfg.kill_at_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def checkpoint_hook(self, step: int):
+        """A callback for the middle of writing checkpoint `step` (files written, manifest and rename not yet)."""
+        if self.cfg.kill_in_checkpoint_at_step != step:
+            return None
+        return lambda: os.kill(os.getpid(), signal.SIGKILL)
