@@ -31,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 
 from llmstable.optimizers.compile import compile_per_shape
+from llmstable.optimizers.reporting import ClipResetStats
 
 
 def spam_damping(c: int, warmup_steps: int) -> float:
@@ -103,9 +104,7 @@ class SPAM(Optimizer):
         self.grad_accu_steps, self.compiled = grad_accu_steps, compiled
         self.total_step = 0
         self.current_step = warmup_steps + 1
-        self._clipped = torch.zeros((), dtype=torch.int64)
-        self._resets = 0
-        self._events: list[dict] = []
+        self.stats = ClipResetStats("spam")
         self._init_masks()
 
     def _init_masks(self) -> None:
@@ -172,12 +171,11 @@ class SPAM(Optimizer):
                                  beta1, beta2, group["eps"], float(self.threshold), clip)
                 if masked:
                     p[state["mask"]] = target  # boolean indexing copied; write the updated entries back
-                self._clipped = self._clipped.to(clipped.device) + clipped
+                self.stats.add_clipped(clipped)
         self.total_step += 1
         self.current_step += 1
         if reset:
-            self._resets += 1
-            self._events.append({"event": "momentum_reset", "optimizer_step": t})
+            self.stats.reset_at(t)
         if self.DeltaT > 0 and (self.total_step + 1) % self.DeltaT == 0:
             self._redraw_masks()
             self.current_step = 0
@@ -186,18 +184,14 @@ class SPAM(Optimizer):
     # --- metrics and state -------------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        """Entries clipped since the last call, and resets so far (one host sync, at logging time)."""
-        clipped = int(self._clipped.item())
-        self._clipped = torch.zeros_like(self._clipped)
-        return {"stab/spam/clipped": clipped, "stab/spam/resets": self._resets}
+        return self.stats.metrics()
 
     def pop_events(self) -> list[dict]:
-        events, self._events = self._events, []
-        return events
+        return self.stats.pop_events()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["spam"] = {"total_step": self.total_step, "current_step": self.current_step, "resets": self._resets}
+        sd["spam"] = {"total_step": self.total_step, "current_step": self.current_step, "resets": self.stats.resets}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -205,7 +199,7 @@ class SPAM(Optimizer):
         counters = state_dict.pop("spam")
         super().load_state_dict(state_dict)
         self.total_step, self.current_step = counters["total_step"], counters["current_step"]
-        self._resets = counters["resets"]
+        self.stats.resets = counters["resets"]
         for state in self.state.values():  # torch casts floating state to the param dtype; masks stay boolean
             if "mask" in state:
                 state["mask"] = state["mask"].bool()

@@ -31,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 
 from llmstable.optimizers.compile import compile_per_shape
+from llmstable.optimizers.reporting import ClipResetStats
 
 
 def stable_spam_scale(t: int, total_T: int | None, eta_min: float) -> float:
@@ -115,9 +116,7 @@ class StableSPAM(Optimizer):
         self.total_T, self.eta_min, self.update_proj_gap = total_T, eta_min, update_proj_gap
         self.compiled = compiled
         self.total_steps = 0
-        self._clipped = torch.zeros((), dtype=torch.int64)
-        self._resets = 0
-        self._events: list[dict] = []
+        self.stats = ClipResetStats("stable_spam")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,28 +163,24 @@ class StableSPAM(Optimizer):
                     state["exp_avg"].zero_()
                     state["exp_avg_sq"].zero_()
                     state["step"] = 1
-                self._clipped = self._clipped.to(clipped.device) + clipped
+                self.stats.add_clipped(clipped)
         if reset:
-            self._resets += 1
-            self._events.append({"event": "momentum_reset", "optimizer_step": t})
+            self.stats.reset_at(t)
         return loss
 
     def metrics(self) -> dict[str, float]:
-        clipped = int(self._clipped.item())  # host sync, at logging time only
-        self._clipped = torch.zeros_like(self._clipped)
-        return {"stab/stable_spam/clipped": clipped, "stab/stable_spam/resets": self._resets}
+        return self.stats.metrics()
 
     def pop_events(self) -> list[dict]:
-        events, self._events = self._events, []
-        return events
+        return self.stats.pop_events()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["stable_spam"] = {"total_steps": self.total_steps, "resets": self._resets}
+        sd["stable_spam"] = {"total_steps": self.total_steps, "resets": self.stats.resets}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         counters = state_dict.pop("stable_spam")
         super().load_state_dict(state_dict)
-        self.total_steps, self._resets = counters["total_steps"], counters["resets"]
+        self.total_steps, self.stats.resets = counters["total_steps"], counters["resets"]
