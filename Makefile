@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu bench demo-spike clean
+.PHONY: help venv train test test-all test-gpu bench demo-spike compare clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; SPAM/Stable
 
 demo-spike: $(STAMP) ## Train with injected spikes; the spike guard rolls back and skips the data (plot in the run dir)
 	$(BIN)/llmstable train experiment=demo_spike $(ARGS)
+
+compare: $(STAMP) ## AdamW vs SPAM vs Stable-SPAM on a tiny model, then the report (runs/compare/quick_cpu)
+	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -161,6 +161,29 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
+def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
+    """Weights from a safetensors file; parameters the file lacks (an arm's QK-norm weights) keep their init."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from={str(path)!r} does not exist: point it at a .safetensors file")
+    weights = load_file(str(path))
+    own = model.state_dict()
+    wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"train.init_from={str(path)!r} does not fit this model: {wrong[:5]} are missing "
+                              "from the model or have another shape")
+    model.load_state_dict(weights, strict=False)
+
+
+def fingerprint(tensors) -> str:
+    """A short hash of tensors' bytes: to check that arms really start alike."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _torch_rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -3,6 +3,8 @@
     llmstable train [Hydra overrides]          e.g. llmstable train model=tiny_10m train.max_steps=500
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100]
+    llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
+    llmstable report SWEEP_DIR
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Fa
 from llmstable.config import ConfigError, TrainConfig, load_config, schema_keys
 
 CONFIG_DIR = Path(os.environ.get("LLMSTABLE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "experiment")
+GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "arm", "experiment")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_command, "export": export_command, "generate": generate_command}
+    from llmstable.compare import compare_command
+    from llmstable.report import report_command
+
+    commands = {"train": train_command, "export": export_command, "generate": generate_command,
+                "compare": compare_command, "report": report_command}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -106,6 +112,7 @@ def train_command(overrides: list[str]) -> int:
     def hydra_train(raw: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
+        from llmstable.checkpoint import CheckpointError
         from llmstable.data import DataError
         from llmstable.trainer import SpikeAbort, train
 
@@ -114,11 +121,15 @@ def train_command(overrides: list[str]) -> int:
             container["run_dir"] = HydraConfig.get().runtime.output_dir
         try:
             summary = train(load_config(container))
-        except (ConfigError, DataError) as err:
+        except (ConfigError, DataError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except SpikeAbort as err:
             print(f"aborted: {err}", file=sys.stderr)
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode == RunMode.MULTIRUN:  # in a sweep, an aborted arm is a result
+                return json.loads((Path(container["run_dir"]) / "summary.json").read_text())
             sys.exit(3)
         print(json.dumps(summary, indent=2))
         return summary

@@ -377,6 +377,7 @@ class TrainLoopConfig:
     progress: bool = True  # show the progress bar
     sample_tokens: int = 0  # > 0: print a generated sample of this many tokens at the end
     plot: bool = True  # write loss.png into the run directory at the end
+    init_from: str | None = None  # a .safetensors of initial weights (the compare command's shared init)
 
     def validate(self, problems: list[str]) -> None:
         for key in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_samples",
@@ -429,6 +430,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    name: str | None = None  # a label for the run (compare arms set it)
     run_dir: str | None = None  # null: Hydra's output directory
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
     resume_force: bool = False  # resume even if the config changed in ways that break the run (model, data, ...)

@@ -56,7 +56,7 @@ HARMLESS = (
     "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
-    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard",
+    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard", "name",
     "stabilizer.zloss",
 )
 

@@ -13,8 +13,7 @@ A rollback is a resume from the last good checkpoint plus a data skip: both go t
 
 from __future__ import annotations
 
-import contextlib
-import random
+import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from llmstable.metrics import RunLog
 from llmstable.model import Llama
 from llmstable.optimizers import build_optimizer
 from llmstable.recovery import Ledger, config_changes, zero_moments
+from llmstable.runtime import autocast_for, memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
 from llmstable.schedule import lr_factor
 from llmstable.stabilizers import Stabilizer, build_model_and_stabilizers
 
@@ -66,32 +66,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         ])
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone, not on data loading
     model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device)
+    if cfg.train.init_from:
+        ckpt.load_initial_weights(model, Path(cfg.train.init_from))
     optimizer = build_optimizer(cfg.optimizer, model, device, cfg.total_steps)
     log = RunLog(run_dir, cfg.logging, to_dict(cfg))
     faults = FaultInjector(cfg.fault, data.vocab_size)
     return Trainer(cfg, model, optimizer, stabilizers, data, log, faults, device, run_dir)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError([f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto"])
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (precision auto or bf16); plain fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -112,6 +92,12 @@ class Trainer:
         self.ledger = Ledger()  # survives rollbacks (see llmstable.recovery)
         self.pending_good: list[int] = []  # checkpoint steps waiting for enough clean steps to become good
         self.guarded = cfg.stabilizer.spike_guard is not None
+        self.init_hash: str | None = None  # of the initial weights, and of the first batch: arms compare them
+        self.first_batch_hash: str | None = None
+        self.diverged_step: int | None = None
+        self.peak_memory_mb = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -119,6 +105,10 @@ class Trainer:
         cfg, train_cfg = self.cfg, self.cfg.train
         self.prepare_run_dir()
         total = cfg.total_steps
+        done = self.run_dir / "summary.json"
+        if self.step >= total and done.exists():  # resumed a finished run: its summary stands
+            self.log.event("already_complete", self.step)
+            return json.loads(done.read_text())
         flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         start_step, start_tokens, t_start = self.step, self.tokens, time.perf_counter()
         bar = tqdm(total=total, initial=self.step, disable=not train_cfg.progress, unit="step", dynamic_ncols=True)
@@ -128,6 +118,10 @@ class Trainer:
             lr = self.faults.lr(self.step + 1, lr)
             log_now = (self.step + 1) % train_cfg.log_interval == 0 or self.step + 1 == total
             loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
+            if not self.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
+                self.diverged_step = self.step + 1
+                self.log.event("diverged", self.diverged_step, loss=loss)
+                break
             self.faults.step_done(self.step + 1)
             self.ledger.faults_fired = sorted(self.faults.fired)
             if action is not None and action.kind != "skip_step":
@@ -156,6 +150,7 @@ class Trainer:
                     **indicators, **self.plugin_metrics(),
                 }
                 self.log.metrics(row)
+                self.peak_memory_mb = max(self.peak_memory_mb, memory_mb(self.device))
                 bar.set_postfix(self.progress_fields(row))
                 self.loss_sum, self.loss_steps = 0.0, 0
                 t_log, tokens_log = now, self.tokens
@@ -211,6 +206,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
             batch, _ = self.data.train.next_batch(self.cfg.train.micro_batch_size)
+            if self.step == 0 and self.first_batch_hash is None:
+                self.first_batch_hash = ckpt.fingerprint([batch])
             batch = self.faults.batch(self.step + 1, batch).to(self.device, non_blocking=True)
             with autocast_for(self.device, self.cfg.train.precision):
                 logits = self.forward(batch[:, :-1])
@@ -338,7 +335,10 @@ class Trainer:
             self.restore(path)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
         else:
-            self.log.event("start", 0, num_params=self.model.num_params(), total_steps=self.cfg.total_steps)
+            state = self.model.state_dict()
+            self.init_hash = ckpt.fingerprint(state[k] for k in sorted(state))
+            self.log.event("start", 0, num_params=self.model.num_params(), total_steps=self.cfg.total_steps,
+                           init_hash=self.init_hash)
             if self.guarded:  # a rollback target from the start: the initial weights are good by definition
                 self.save(good=True)
 
@@ -373,8 +373,8 @@ class Trainer:
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
             "ledger": self.ledger.state_dict(),
             "pending_good": self.pending_good,
-            "rng_python": _jsonable(random.getstate()),
-            "rng_numpy": _jsonable(np.random.get_state()),
+            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash,
+            "rng": rng_state(),
         }
 
     def save(self, good: bool = False) -> Path:
@@ -402,8 +402,9 @@ class Trainer:
         self.data.train.skip = SkipList(self.ledger.skip_ranges)
         self.faults.fired = set(self.ledger.faults_fired)
         self.pending_good = list(state.get("pending_good", []))
-        random.setstate(_python_rng(state["rng_python"]))
-        np.random.set_state(_numpy_rng(state["rng_numpy"]))
+        self.init_hash, self.first_batch_hash = state.get("init_hash"), state.get("first_batch_hash")
+        # (checkpoints written before the RNG states were grouped keep them under two keys)
+        set_rng_state(state.get("rng") or {"python": state["rng_python"], "numpy": state["rng_numpy"]})
 
     # --- the end of the run --------------------------------------------------------------------------------------
 
@@ -421,10 +422,15 @@ class Trainer:
             "skipped_steps": self.ledger.skipped_steps, "skipped_samples": self.ledger.skipped_samples,
             "lr_cuts": self.ledger.lr_cuts, "moment_resets": self.ledger.moment_resets,
             "aborted": aborted,
+            "diverged": aborted or self.diverged_step is not None,
+            "diverged_step": self.diverged_step if self.diverged_step is not None else (self.step + 1 if aborted else None),
+            "peak_memory_mb": max(self.peak_memory_mb, memory_mb(self.device)),
+            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash,
+            "name": self.cfg.name,
             "run_dir": str(self.run_dir),
         }
         self.log.summary(summary)
-        if aborted:
+        if aborted or self.diverged_step is not None:
             return summary
         self.log.event("end", self.step, final_val_loss=final_val)
         if self.cfg.train.plot:
@@ -442,21 +448,3 @@ class Trainer:
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in fp32. logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _python_rng(state: list) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
-
-
-def _numpy_rng(state: list) -> tuple:
-    kind, keys, pos, has_gauss, cached = state
-    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached

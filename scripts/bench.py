@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmstable.cli import compose_config  # noqa: E402
-from llmstable.trainer import autocast_for, build_trainer  # noqa: E402
+from llmstable.runtime import autocast_for  # noqa: E402
+from llmstable.trainer import build_trainer  # noqa: E402
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

@@ -1,0 +1,72 @@
+"""The process around a run: device, precision, seeding, memory, and RNG states in JSON-safe form."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from llmstable.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto"])
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision auto or bf16); plain fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def memory_mb(device: torch.device) -> float:
+    """CUDA: the peak of allocated tensor memory since the run started; CPU: the resident set now (the trainer
+    keeps the largest value seen at logged steps, since a process-wide peak would carry over between the runs
+    of an in-process sweep)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rng_state() -> dict:
+    """The python and numpy RNG states as JSON-safe lists (torch's go to rng.pt with the checkpoint)."""
+    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_python_rng(state["python"]))
+    np.random.set_state(_numpy_rng(state["numpy"]))
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _python_rng(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _numpy_rng(state: list) -> tuple:
+    kind, keys, pos, has_gauss, cached = state
+    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
