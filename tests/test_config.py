@@ -1,6 +1,5 @@
 """Every config file composes and builds; every bad input gets an error naming the key."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ def test_every_model_file_composes_and_builds(name, tmp_path):
     assert model.num_params() > 0
 
 
-@pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "fault", "experiment"])
+@pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "fault", "experiment", "arm"])
 def test_every_group_option_composes_and_validates(group, tmp_path):
     for name in options(group):
         overrides = [f"{group}={name}"] + (["data.path=corpus/*.txt"] if name == "local_files" else [])
@@ -31,6 +30,8 @@ def test_every_group_option_composes_and_validates(group, tmp_path):
             assert getattr(cfg, group).name == name
         if group == "fault":
             assert cfg.fault.active() == (name != "none")
+        if group == "arm":
+            assert cfg.name == name
         if group == "experiment":
             assert cfg.stabilizer.spike_guard is not None and cfg.fault.active()
 
@@ -118,3 +119,23 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
     msg = check_error(["train.max_step=5", "model.n_heads=3"], "train.max_step", "model.n_heads=3",
                       tmp_path=tmp_path)
     assert msg.count("\n  - ") == 2
+
+
+@pytest.mark.parametrize("name", options("compare"))
+def test_every_sweep_file_loads_and_its_shared_overrides_compose(name, tmp_path):
+    from llmstable.compare import load_sweep
+
+    sweep, extra = load_sweep([f"compare={name}"], CONFIG_DIR)
+    assert sweep.name == name and sweep.arms and extra == []
+    for arm in sweep.arms:
+        cfg = compose_config([*sweep.overrides, f"arm={arm}"], run_dir=tmp_path)
+        assert cfg.name == arm
+
+
+def test_unknown_sweep_or_arm_is_refused_with_the_options():
+    from llmstable.compare import load_sweep
+
+    with pytest.raises(ConfigError, match="quick_cpu"):
+        load_sweep(["compare=nope"], CONFIG_DIR)
+    with pytest.raises(ConfigError, match=r"compare.arms has 'lion'.*stable_spam"):
+        load_sweep(["compare=quick_cpu", "compare.arms=[adamw,lion]"], CONFIG_DIR)
