@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register_resolvers() -> None:
+    """The `llmstable_or` interpolation of configs/train.yaml, and the typed schema (`llmstable_schema` in Hydra's
+    ConfigStore: `llmstable train --config-name llmstable_schema --cfg job` prints every key and default)."""
     from omegaconf import OmegaConf
+
+    from llmstable.config import register_schemas
+
+    register_schemas()
 
     if not OmegaConf.has_resolver("llmstable_or"):
         OmegaConf.register_new_resolver("llmstable_or", lambda value, default: value if value is not None else default)

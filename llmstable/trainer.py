@@ -111,6 +111,7 @@ class Trainer:
             return json.loads(done.read_text())
         flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         start_step, start_tokens, t_start = self.step, self.tokens, time.perf_counter()
+        self._started = (start_step, start_tokens, t_start)  # for the summary of an aborted run
         bar = tqdm(total=total, initial=self.step, disable=not train_cfg.progress, unit="step", dynamic_ncols=True)
         t_log, tokens_log = time.perf_counter(), self.tokens
         while self.step < total:
@@ -288,7 +289,9 @@ class Trainer:
         good = ckpt.latest_good(self.run_dir / "checkpoints")
         if action.kind == "abort" or good is None:
             self.log.event("abort", spike_step, rollbacks=self.ledger.rollbacks, checkpoint=str(good))
-            self.finish(0.0, 0.0, 0, aborted=True)
+            start_step, start_tokens, t_start = self._started
+            wall_s = time.perf_counter() - t_start
+            self.finish(wall_s, (self.tokens - start_tokens) / max(wall_s, 1e-9), start_step, aborted=True)
             raise SpikeAbort(
                 f"spike guard: spike at step {spike_step} (loss {loss:.4g}, grad norm {grad_norm:.4g}) after "
                 f"{self.ledger.rollbacks} rollbacks (stabilizer.spike_guard.max_rollbacks="

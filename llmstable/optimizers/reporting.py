@@ -1,9 +1,11 @@
 """What SPAM-family optimizers report: entries clipped (counted on the device, read at logging time) and momentum
-resets (a counter, and one event each for events.jsonl)."""
+resets (a counter, and one event each for events.jsonl); and the base class that reports them and keeps the
+optimizer's global counters in its state_dict."""
 
 from __future__ import annotations
 
 import torch
+from torch.optim import Optimizer
 
 
 class ClipResetStats:
@@ -29,3 +31,35 @@ class ClipResetStats:
     def pop_events(self) -> list[dict]:
         events, self.events = self.events, []
         return events
+
+
+class CountingOptimizer(Optimizer):
+    """An Optimizer with `stats` (ClipResetStats) and global step counters. Subclasses set `self.stats` and
+    implement `counters()` / `set_counters()`; the counters travel in `state_dict()[stats.name]`, so a reloaded
+    optimizer continues its schedules exactly."""
+
+    stats: ClipResetStats
+
+    def counters(self) -> dict:
+        raise NotImplementedError
+
+    def set_counters(self, counters: dict) -> None:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        return self.stats.metrics()
+
+    def pop_events(self) -> list[dict]:
+        return self.stats.pop_events()
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd[self.stats.name] = {**self.counters(), "resets": self.stats.resets}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        counters = dict(state_dict.pop(self.stats.name))
+        super().load_state_dict(state_dict)
+        self.stats.resets = counters.pop("resets")
+        self.set_counters(counters)

@@ -28,10 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
-
 from llmstable.optimizers.compile import compile_per_shape
-from llmstable.optimizers.reporting import ClipResetStats
+from llmstable.optimizers.reporting import ClipResetStats, CountingOptimizer
 
 
 def spam_damping(c: int, warmup_steps: int) -> float:
@@ -77,7 +75,7 @@ def _compiled():
     return _compiled_update
 
 
-class SPAM(Optimizer):
+class SPAM(CountingOptimizer):
     """SPAM with the official constructor names and defaults (drop-in for `galore_torch.SPAM.AdamW`).
 
     Hooks into training as a plain `torch.optim.Optimizer`; `metrics()` reports `stab/spam/clipped` (entries
@@ -181,25 +179,13 @@ class SPAM(Optimizer):
             self.current_step = 0
         return loss
 
-    # --- metrics and state -------------------------------------------------------------------------------------
+    # --- state ---------------------------------------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, float]:
-        return self.stats.metrics()
+    def counters(self) -> dict:
+        return {"total_step": self.total_step, "current_step": self.current_step}
 
-    def pop_events(self) -> list[dict]:
-        return self.stats.pop_events()
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["spam"] = {"total_step": self.total_step, "current_step": self.current_step, "resets": self.stats.resets}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        counters = state_dict.pop("spam")
-        super().load_state_dict(state_dict)
+    def set_counters(self, counters: dict) -> None:
         self.total_step, self.current_step = counters["total_step"], counters["current_step"]
-        self.stats.resets = counters["resets"]
         for state in self.state.values():  # torch casts floating state to the param dtype; masks stay boolean
             if "mask" in state:
                 state["mask"] = state["mask"].bool()

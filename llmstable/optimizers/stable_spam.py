@@ -28,10 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
-
 from llmstable.optimizers.compile import compile_per_shape
-from llmstable.optimizers.reporting import ClipResetStats
+from llmstable.optimizers.reporting import ClipResetStats, CountingOptimizer
 
 
 def stable_spam_scale(t: int, total_T: int | None, eta_min: float) -> float:
@@ -86,7 +84,7 @@ def _compiled():
     return _compiled_update
 
 
-class StableSPAM(Optimizer):
+class StableSPAM(CountingOptimizer):
     """Stable-SPAM with the official constructor names and defaults (drop-in for `galore_torch.StableSPAM`).
 
     `metrics()` reports `stab/stable_spam/clipped` (entries AdaClip scaled since the last call) and
@@ -168,19 +166,8 @@ class StableSPAM(Optimizer):
             self.stats.reset_at(t)
         return loss
 
-    def metrics(self) -> dict[str, float]:
-        return self.stats.metrics()
+    def counters(self) -> dict:
+        return {"total_steps": self.total_steps}
 
-    def pop_events(self) -> list[dict]:
-        return self.stats.pop_events()
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["stable_spam"] = {"total_steps": self.total_steps, "resets": self.stats.resets}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        counters = state_dict.pop("stable_spam")
-        super().load_state_dict(state_dict)
-        self.total_steps, self.stats.resets = counters["total_steps"], counters["resets"]
+    def set_counters(self, counters: dict) -> None:
+        self.total_steps = counters["total_steps"]
