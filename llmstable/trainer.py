@@ -266,9 +266,7 @@ class Trainer:
         if action is not None:  # a skipped update
             self.ledger.spikes += 1
             self.ledger.skipped_steps += 1
-            for d in action.detections:
-                self.log.event("spike", self.step, tokens=self.tokens, metric=d.metric, value=d.value,
-                               threshold=d.threshold, rule=d.rule)
+            self.log_spikes(self.step, self.tokens, action)
             self.log.event("skip_step", self.step, tokens=self.tokens)
             self.pending_good.clear()  # what was saved just before a spike is not a safe place to return to
             return
@@ -278,14 +276,17 @@ class Trainer:
                 ckpt.mark_good(path)
             self.pending_good.remove(saved)
 
+    def log_spikes(self, step: int, tokens: int, action) -> None:
+        for d in action.detections:
+            self.log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold,
+                           rule=d.rule)
+
     def recover(self, action, loss: float, grad_norm: float) -> None:
         """Carry out a rollback (restore the last good checkpoint, skip the data since, maybe cut the LR and reset
         the moments) or an abort (raise SpikeAbort, leaving the good checkpoint intact)."""
         spike_step, spike_tokens = self.step + 1, self.tokens + self.cfg.tokens_per_step
         self.ledger.spikes += 1
-        for d in action.detections:
-            self.log.event("spike", spike_step, tokens=spike_tokens, metric=d.metric, value=d.value,
-                           threshold=d.threshold, rule=d.rule)
+        self.log_spikes(spike_step, spike_tokens, action)
         good = ckpt.latest_good(self.run_dir / "checkpoints")
         if action.kind == "abort" or good is None:
             self.log.event("abort", spike_step, rollbacks=self.ledger.rollbacks, checkpoint=str(good))

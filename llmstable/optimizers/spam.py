@@ -65,16 +65,6 @@ def spam_update_(
     return clipped
 
 
-_compiled_update = None
-
-
-def _compiled():
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = compile_per_shape(spam_update_)
-    return _compiled_update
-
-
 class SPAM(CountingOptimizer):
     """SPAM with the official constructor names and defaults (drop-in for `galore_torch.SPAM.AdamW`).
 
@@ -141,7 +131,7 @@ class SPAM(CountingOptimizer):
         s = spam_damping(self.current_step, self.warmup_steps)
         reset = self.DeltaT > 0 and t % self.DeltaT == 0
         clip = spam_clip_active(t, self.threshold, self.grad_accu_steps, self.DeltaT)
-        update = _compiled() if self.compiled else spam_update_
+        update = compile_per_shape(spam_update_) if self.compiled else spam_update_
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -74,16 +74,6 @@ def stable_spam_update_(
     return spiky.sum()
 
 
-_compiled_update = None
-
-
-def _compiled():
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = compile_per_shape(stable_spam_update_)
-    return _compiled_update
-
-
 class StableSPAM(CountingOptimizer):
     """Stable-SPAM with the official constructor names and defaults (drop-in for `galore_torch.StableSPAM`).
 
@@ -126,7 +116,7 @@ class StableSPAM(CountingOptimizer):
         t = self.total_steps
         s = stable_spam_scale(t, self.total_T, self.eta_min)
         reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
-        update = _compiled() if self.compiled else stable_spam_update_
+        update = compile_per_shape(stable_spam_update_) if self.compiled else stable_spam_update_
         a = self.gamma1 * s
         coefs: dict[tuple, torch.Tensor] = {}  # one small host-to-device copy per distinct (group, k), not per tensor
         for group in self.param_groups:
