@@ -1,13 +1,15 @@
 """Checkpoints: written atomically, verified by a manifest of checksums, loaded without unpickling objects.
 
 Layout of `RUN_DIR/checkpoints/step_00000100/`:
-- `model.safetensors`: the model weights;
-- `optimizer.pt`: the optimizer state dict (tensors and numbers only; loaded with `weights_only=True`);
+- the model and optimizer, in the engine's format (llmstable.parallel.engines): `model.safetensors` and
+  `optimizer.pt` (one process, DDP; loaded with `weights_only=True`), `dcp/` (FSDP2: sharded by
+  torch.distributed.checkpoint) or `deepspeed/` (DeepSpeed ZeRO);
 - `rng.pt`: the torch CPU and CUDA generator states (loaded with `weights_only=True`);
 - `state.json`: step and token counters, the data loader's position, the python and numpy RNG states, and
   whatever else the trainer needs to continue;
 - `config.yaml`: the resolved config of the run that wrote it;
-- `manifest.json`, written last: the size and SHA-256 of every other file.
+- `manifest.json`, written last by rank 0 once every rank has written its shards: the size and SHA-256 of every
+  other file, shards included.
 
 A checkpoint is written into a hidden temporary directory, every file is fsync'd, and the directory is renamed
 into place; a crash at any point leaves either the whole checkpoint or none. On load, a checkpoint whose files
@@ -28,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 
 MANIFEST = "manifest.json"
 GOOD = "GOOD"
@@ -44,44 +45,58 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-    config_yaml: str, keep: int, before_commit=None, good: bool = False,
+    root: Path, step: int, engine, state: dict, config_yaml: str, keep: int, before_commit=None,
+    good: bool = False,
 ) -> Path:
     """Write checkpoint `step` under root atomically, then delete all but the newest `keep` (and the newest good
-    one). `before_commit`, if given, is called with every file but the manifest written (fault injection)."""
-    root.mkdir(parents=True, exist_ok=True)
+    one). Every rank calls it: each writes its part of the weights and optimizer (`engine.save`), then rank 0
+    writes the rest, the manifest over every file (shards included), and renames the directory into place.
+    `before_commit`, if given, is called on every rank once all weights are written (fault injection)."""
+    world = engine.world
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_torch_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    (tmp / "config.yaml").write_text(config_yaml)
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        _fsync(tmp / name)
+    tmp = root / f".tmp-{final.name}"  # the same name on every rank; a leftover of a killed write is replaced
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world.barrier()
+    engine.save(tmp)
+    world.barrier()
     if before_commit is not None:
         before_commit()
-    manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / MANIFEST)
-    if good:
-        (tmp / GOOD).write_text(str(step))
-        _fsync(tmp / GOOD)
-    _fsync(tmp)
-    if final.exists():  # the same step written again (e.g. after a resume): swap, never leave a gap
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    _prune(root, keep)
+    if world.is_main:
+        torch.save(_torch_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = _files(tmp)
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                                            for n in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        if good:
+            (tmp / GOOD).write_text(str(step))
+            _fsync(tmp / GOOD)
+        for sub in sorted({(tmp / n).parent for n in files}, reverse=True):
+            _fsync(sub)
+        if final.exists():  # the same step written again (e.g. after a resume): swap, never leave a gap
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync(root)
+        _prune(root, keep)
+    world.barrier()
     return final
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under directory, as sorted relative paths."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -140,21 +155,43 @@ def latest_valid(root: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and torch RNGs from `path`; returns state.json's content."""
+def load_checkpoint(path: Path, engine, check: bool = True) -> dict:
+    """Restore the engine's model and optimizer and the torch RNGs from `path` (every rank calls it); returns
+    state.json's content. check=False skips the checksums (another rank verified them)."""
+    problem = verify(path) if check else None
+    if problem is not None:
+        raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
+    state = read_state(path)
+    engine.load(path, state.get("engine", {}))
+    _set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state
+
+
+def read_weights(path: Path, model: torch.nn.Module) -> None:
+    """The model weights of checkpoint `path`, whatever engine wrote it, into a plain (unsharded) model."""
     problem = verify(path)
     if problem is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path / 'model.safetensors'} does not fit the model: missing {sorted(missing)}, unexpected "
-            f"{sorted(unexpected)}. Was it written with another model config?"
-        )
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    _set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    fmt = read_state(path).get("engine", {}).get("format", "safetensors")
+    if fmt == "safetensors":
+        from llmstable.parallel.engines import load_safetensors
+
+        load_safetensors(path, model, None)
+    elif fmt == "dcp":
+        from llmstable.parallel.engines import load_dcp
+
+        load_dcp(path, model, None)
+    elif fmt == "deepspeed":
+        from llmstable.parallel.deepspeed import read_deepspeed_weights
+
+        weights = read_deepspeed_weights(path)
+        own = model.state_dict()
+        missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and "tok_embeddings.weight" in weights)]
+        if missing:
+            raise CheckpointError(f"{path / 'deepspeed'} lacks weights {missing[:5]}: written with another model?")
+        model.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
+    else:
+        raise CheckpointError(f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}")
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The `llmstable` command: `train` (a Hydra app), `export` and `generate`.
 
     llmstable train [Hydra overrides]          e.g. llmstable train model=tiny_10m train.max_steps=500
+    torchrun --nproc_per_node 2 -m llmstable.train distributed=fsdp2 run_dir=runs/x [Hydra overrides]
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100]
     llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
@@ -20,7 +21,7 @@ import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Fa
 from llmstable.config import ConfigError, TrainConfig, load_config, schema_keys
 
 CONFIG_DIR = Path(os.environ.get("LLMSTABLE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "arm", "experiment")
+GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "distributed", "arm", "experiment")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +138,19 @@ def train_command(overrides: list[str]) -> int:
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # in a sweep, an aborted arm is a result
                 return json.loads((Path(container["run_dir"]) / "summary.json").read_text())
             sys.exit(3)
-        print(json.dumps(summary, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary, indent=2))
         return summary
 
+    from llmstable.parallel.world import launched_world_size
+
+    if launched_world_size() > 1:
+        if not any(o.startswith("run_dir=") for o in overrides):
+            print("error: a distributed launch (WORLD_SIZE>1) needs run_dir=PATH, the same on every rank (Hydra's "
+                  "timestamped default could differ between ranks)", file=sys.stderr)
+            return 2
+        if int(os.environ.get("RANK", "0")) != 0:  # one writer of Hydra's own files
+            overrides = [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     sys.argv = ["llmstable train", *overrides]
     hydra_train()
     return 0

@@ -325,6 +325,7 @@ class FaultConfig:
     nan_steps: list = field(default_factory=list)  # make the loss NaN
     kill_at_step: int | None = None  # SIGKILL the process after this step
     kill_in_checkpoint_at_step: int | None = None  # SIGKILL halfway through writing this step's checkpoint
+    rank: int | None = None  # distributed runs: the one rank that batch, loss, NaN and kill faults hit; null: every rank
 
     def validate(self, problems: list[str]) -> None:
         for key in ("loss_scale_steps", "lr_scale_steps", "corrupt_batch_steps", "nan_steps"):
@@ -335,6 +336,43 @@ class FaultConfig:
     def active(self) -> bool:
         return any([self.loss_scale_steps, self.lr_scale_steps, self.corrupt_batch_steps, self.nan_steps,
                     self.kill_at_step, self.kill_in_checkpoint_at_step])
+
+
+@dataclass
+class DistributedConfig:
+    """How the run is spread over processes (`configs/distributed/*.yaml`; see `llmstable.parallel`).
+
+    `single` is one process. `ddp` and `fsdp2` are started with `torchrun` (or any launcher that sets RANK and
+    WORLD_SIZE); `deepspeed` with the `deepspeed` launcher or `torchrun`. Started without a launcher, ddp, fsdp2
+    and deepspeed run as a world of one process, which trains and checkpoints exactly as the engine would.
+    """
+
+    name: str = "single"  # single | ddp | fsdp2 | deepspeed
+    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: int = 600  # how long a collective waits for a rank that died or hangs before the job fails
+    param_dtype: str = "fp32"  # fsdp2: dtype of the gathered parameters in forward/backward (fp32 | bf16)
+    reduce_dtype: str = "fp32"  # fsdp2: dtype gradients are reduce-scattered in (fp32 | bf16)
+    reshard_after_forward: bool = True  # fsdp2: free gathered parameters after forward (less memory, more comms)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights)
+    deepspeed_config: str | None = None  # deepspeed: a JSON file whose keys override the generated config
+
+    def validate(self, problems: list[str]) -> None:
+        _choice(problems, "distributed.name", self.name, ("single", "ddp", "fsdp2", "deepspeed"))
+        _choice(problems, "distributed.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice(problems, "distributed.param_dtype", self.param_dtype, ("fp32", "bf16"))
+        _choice(problems, "distributed.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _positive(problems, "distributed.timeout_s", self.timeout_s)
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"distributed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.deepspeed_config is not None:
+            from pathlib import Path
+
+            if self.name != "deepspeed":
+                problems.append(f"distributed.deepspeed_config is set but distributed.name={self.name!r}: use "
+                                "distributed=deepspeed, or set distributed.deepspeed_config=null")
+            elif not Path(self.deepspeed_config).is_file():
+                problems.append(f"distributed.deepspeed_config={self.deepspeed_config!r} is not a file: point it at "
+                                "a DeepSpeed JSON, or null to use the generated config")
 
 
 @dataclass
@@ -430,6 +468,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     name: str | None = None  # a label for the run (compare arms set it)
     run_dir: str | None = None  # null: Hydra's output directory
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
@@ -437,8 +476,9 @@ class TrainConfig:
 
     def validate(self, problems: list[str]) -> None:
         for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging,
-                      self.stabilizer, self.fault):
+                      self.stabilizer, self.fault, self.distributed):
             group.validate(problems)
+        self.validate_distributed(problems)
         quant, m = self.stabilizer.quant4, self.model
         if quant is not None and m.n_heads > 0:
             kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
@@ -465,6 +505,40 @@ class TrainConfig:
                 "pruned before it can become good and rollbacks go back to the start: keep more checkpoints, "
                 "checkpoint less often, or lower good_after_steps"
             )
+
+    def validate_distributed(self, problems: list[str]) -> None:
+        """What cannot work on the chosen engine (the README's backend x feature table, as errors)."""
+        d, opt = self.distributed, self.optimizer
+        if d.name == "deepspeed" and d.zero_stage > 0 and opt.name == "stable_spam":
+            problems.append(
+                f"optimizer=stable_spam cannot run under distributed=deepspeed with distributed.zero_stage="
+                f"{d.zero_stage}: ZeRO hands the optimizer flat partitions that mix many tensors, so Stable-SPAM's "
+                "per-tensor statistics (max |g| for AdaClip, ||g|| for AdaGN) would be wrong. Use distributed=fsdp2 "
+                "(exact per-tensor statistics over the sharded tensors), distributed=ddp, or distributed.zero_stage=0"
+            )
+        if d.name == "deepspeed" and d.zero_stage > 0 and opt.name == "spam":
+            problems.append(
+                f"optimizer=spam cannot run under distributed=deepspeed with distributed.zero_stage={d.zero_stage}: "
+                "ZeRO steps the optimizer one parameter group at a time, so SPAM's global step (momentum resets, "
+                "warm-up damping, the clipping schedule) would advance once per group. Use distributed=fsdp2, "
+                "distributed=ddp, or distributed.zero_stage=0"
+            )
+        if d.name in ("fsdp2", "deepspeed") and getattr(opt, "density", None) is not None:
+            problems.append(
+                f"optimizer.density={opt.density} (SPAM's sparse momentum) needs whole tensors; under "
+                f"distributed={d.name} the optimizer sees shards. Set optimizer.density=null or use distributed=ddp"
+            )
+        if d.name == "fsdp2" and opt.name == "adamw8bit" and getattr(opt, "backend", None) == "bitsandbytes":
+            problems.append(
+                "optimizer=adamw8bit with optimizer.backend=bitsandbytes fails on FSDP2's DTensor parameters: set "
+                "optimizer.backend=torchao (DTensor-aware) or use distributed=ddp"
+            )
+        if d.name == "deepspeed" and opt.name == "adamw8bit":
+            problems.append("optimizer=adamw8bit is not supported under distributed=deepspeed: use optimizer=adamw, "
+                            "or distributed=fsdp2 with optimizer.backend=torchao")
+        if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
+            problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
+                            "distributed=fsdp2 (tested) or distributed.zero_stage<=2")
 
     @property
     def grad_accum_steps(self) -> int:

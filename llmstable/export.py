@@ -71,7 +71,7 @@ def load_trained(path: str | Path) -> tuple[Llama, object, TrainConfig]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     cfg.stabilizer.quant4 = None  # export the full-precision master weights, as plain linears
     model, _ = build_model_and_stabilizers(cfg, len(tokenizer))
-    ckpt.load_checkpoint(checkpoint, model, optimizer=None)
+    ckpt.read_weights(checkpoint, model)  # from any engine's format: safetensors, DCP shards or DeepSpeed ZeRO
     return model.eval(), tokenizer, cfg
 
 

@@ -15,8 +15,9 @@ from llmstable.config import FaultConfig
 
 
 class FaultInjector:
-    def __init__(self, cfg: FaultConfig, vocab_size: int):
+    def __init__(self, cfg: FaultConfig, vocab_size: int, rank: int = 0):
         self.cfg, self.vocab_size = cfg, vocab_size
+        self.here = cfg.rank is None or cfg.rank == rank  # faults may hit one rank only (not the LR: it is global)
         self.fired: set[int] = set()  # steps whose faults have fired; kept across rollbacks by the trainer
 
     def _due(self, steps: list, step: int) -> bool:
@@ -24,13 +25,15 @@ class FaultInjector:
 
     def batch(self, step: int, batch: torch.Tensor) -> torch.Tensor:
         """Random tokens instead of the batch at corrupt_batch_steps."""
-        if not self._due(self.cfg.corrupt_batch_steps, step):
+        if not (self.here and self._due(self.cfg.corrupt_batch_steps, step)):
             return batch
         gen = torch.Generator().manual_seed(step)
         return torch.randint(0, self.vocab_size, batch.shape, generator=gen).to(batch.device)
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss (and so the gradients) times loss_scale, or NaN, at their steps."""
+        if not self.here:
+            return loss
         if self._due(self.cfg.nan_steps, step):
             loss = loss * float("nan")
         if self._due(self.cfg.loss_scale_steps, step):
@@ -43,11 +46,11 @@ class FaultInjector:
     def step_done(self, step: int) -> None:
         """After step `step`: its faults have fired; SIGKILL now if asked."""
         self.fired.add(step)
-        if self.cfg.kill_at_step == step:
+        if self.cfg.kill_at_step == step and self.here:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def checkpoint_hook(self, step: int):
         """A callback for the middle of writing checkpoint `step` (files written, manifest and rename not yet)."""
-        if self.cfg.kill_in_checkpoint_at_step != step:
+        if self.cfg.kill_in_checkpoint_at_step != step or not self.here:
             return None
         return lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -67,6 +67,22 @@ class RunLog:
             self._tb.close()
 
 
+class QuietLog:
+    """The log of ranks other than 0: the run directory has one writer."""
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        pass
+
+    def event(self, event: str, step: int, **fields: Any) -> None:
+        pass
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a .jsonl file; a last line cut off by a crash is ignored."""
     rows = []

@@ -57,7 +57,7 @@ HARMLESS = (
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
     "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard", "name",
-    "stabilizer.zloss",
+    "stabilizer.zloss", "distributed.",  # the engine may change: the checkpoint loader says which formats it reads
 )
 
 

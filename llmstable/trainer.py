@@ -9,10 +9,15 @@ assigns; `Trainer.fit` runs the loop, which reads straight down:
   4. carry out a rollback or abort if a hook asked for one;
   5. log, evaluate and checkpoint at their intervals.
 A rollback is a resume from the last good checkpoint plus a data skip: both go through `Trainer.restore`.
+
+Distributed runs (llmstable.parallel) go through the same loop: every rank runs it, reads its own share of each
+global batch, and sees the same reduced loss and gradient norm, so every decision (log, spike, rollback, stop)
+is taken alike on every rank. Rank 0 alone writes the run directory's files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from llmstable import checkpoint as ckpt
@@ -28,11 +34,11 @@ from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.loader import SkipList
 from llmstable.faults import FaultInjector
-from llmstable.metrics import RunLog
-from llmstable.model import Llama
+from llmstable.metrics import QuietLog, RunLog
 from llmstable.optimizers import build_optimizer
+from llmstable.parallel import Engine, World, build_engine, init_world
 from llmstable.recovery import Ledger, config_changes, zero_moments
-from llmstable.runtime import autocast_for, memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
+from llmstable.runtime import autocast_for, memory_mb, rng_state, seed_everything, set_rng_state
 from llmstable.schedule import lr_factor
 from llmstable.stabilizers import Stabilizer, build_model_and_stabilizers
 
@@ -43,21 +49,38 @@ class SpikeAbort(RuntimeError):
 
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) the run described by cfg; returns the summary also written to summary.json."""
-    trainer = build_trainer(cfg)
+    world = init_world(cfg.distributed, cfg.train.device)
     try:
-        return trainer.fit()
-    finally:
-        trainer.log.close()
+        trainer = build_trainer(cfg, world)
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.log.close()
+    except BaseException:
+        world.close(clean=False)  # no barrier: the other ranks may be gone or stuck in a collective
+        raise
+    world.close()
+    return summary
 
 
 # --- builders --------------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig) -> Trainer:
+def build_trainer(cfg: TrainConfig, world: World | None = None) -> Trainer:
+    world = world or init_world(cfg.distributed, cfg.train.device)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    per_step = cfg.train.micro_batch_size * world.world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError([
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{cfg.train.micro_batch_size} x {world.world_size} ranks = {per_step}: every rank needs whole "
+            "micro-batches; lower train.micro_batch_size or change the global batch"
+        ])
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = world.device
     data = build_data(cfg.data, cfg.train.seed, min_train_blocks=cfg.train.global_batch_size)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < data.vocab_size:
         raise ConfigError([
@@ -68,22 +91,32 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device)
     if cfg.train.init_from:
         ckpt.load_initial_weights(model, Path(cfg.train.init_from))
-    optimizer = build_optimizer(cfg.optimizer, model, device, cfg.total_steps)
-    log = RunLog(run_dir, cfg.logging, to_dict(cfg))
-    faults = FaultInjector(cfg.fault, data.vocab_size)
-    return Trainer(cfg, model, optimizer, stabilizers, data, log, faults, device, run_dir)
+    state = model.state_dict()  # every rank holds the same weights until they are sharded
+    init_hash = ckpt.fingerprint(state[k] for k in sorted(state))
+    sizes = {"num_params": model.num_params(), "flops_per_token": model.flops_per_token(cfg.data.seq_len)}
+    engine = build_engine(cfg, world, model,
+                          lambda m: build_optimizer(cfg.optimizer, m, device, cfg.total_steps), run_dir)
+    log = RunLog(run_dir, cfg.logging, to_dict(cfg)) if world.is_main else QuietLog()
+    faults = FaultInjector(cfg.fault, data.vocab_size, world.rank)
+    return Trainer(cfg, engine, stabilizers, data, log, faults, run_dir, init_hash, sizes)
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer,
-                 stabilizers: list[Stabilizer], data: DataBundle, log: RunLog, faults: FaultInjector,
-                 device: torch.device, run_dir: Path):
-        self.cfg, self.model, self.optimizer, self.stabilizers, self.data = cfg, model, optimizer, stabilizers, data
-        self.log, self.faults, self.device, self.run_dir = log, faults, device, run_dir
-        self.forward = torch.compile(model) if cfg.train.compile else model
+    def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], data: DataBundle, log: RunLog,
+                 faults: FaultInjector, run_dir: Path, init_hash: str, sizes: dict):
+        self.cfg, self.engine, self.stabilizers, self.data = cfg, engine, stabilizers, data
+        self.model, self.optimizer, self.world, self.device = engine.model, engine.optimizer, engine.world, engine.world.device
+        self.log, self.faults, self.run_dir = log, faults, run_dir
+        compile_ok = cfg.train.compile and engine.name != "deepspeed"
+        self.forward = torch.compile(engine.module) if compile_ok else engine.module
+        self.fresh_init_hash = init_hash  # of the weights as built, before any sharding
+        self.sizes = sizes  # num_params, flops_per_token: measured before sharding (ZeRO-3 empties parameters)
+        for stabilizer in stabilizers:
+            if hasattr(stabilizer, "can_skip"):  # DeepSpeed updates before the guard looks: roll back instead
+                stabilizer.can_skip = not engine.fused_step
         self.step = 0
         self.tokens = 0
         self.loss_sum = 0.0  # train loss summed over the steps since the last metrics row
@@ -96,8 +129,8 @@ class Trainer:
         self.first_batch_hash: str | None = None
         self.diverged_step: int | None = None
         self.peak_memory_mb = 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -109,10 +142,11 @@ class Trainer:
         if self.step >= total and done.exists():  # resumed a finished run: its summary stands
             self.log.event("already_complete", self.step)
             return json.loads(done.read_text())
-        flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        flops_per_token = self.sizes["flops_per_token"]
         start_step, start_tokens, t_start = self.step, self.tokens, time.perf_counter()
         self._started = (start_step, start_tokens, t_start)  # for the summary of an aborted run
-        bar = tqdm(total=total, initial=self.step, disable=not train_cfg.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, disable=not (train_cfg.progress and self.world.is_main), unit="step",
+                   dynamic_ncols=True)
         t_log, tokens_log = time.perf_counter(), self.tokens
         while self.step < total:
             lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.ledger.lr_scale
@@ -167,33 +201,34 @@ class Trainer:
         """One optimizer update at learning rate lr: forward/backward over the micro-batches, clip, the step-check
         hooks, then the optimizer step unless a hook objects. Returns (loss, pre-clip grad norm, action or None,
         leading indicators); with indicators=True also the update norm and the worst layer's gradient norm."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss = self.forward_backward()
-        max_norm = self.cfg.train.max_norm if self.cfg.train.max_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # The one host sync per step: loss and gradient norm together, for the spike check and the log.
-        loss_value, norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+        engine = self.engine
+        engine.set_lr(lr)
+        loss = self.forward_backward()  # (DeepSpeed: its update happens here, in the last micro-batch's backward)
+        grad_norm = engine.clip_grad_norm_(self.cfg.train.max_norm)  # global, before clipping
+        # The one host sync per step: the rank-mean loss and the gradient norm together, for the spike check and
+        # the log; every rank gets the same two numbers, so every rank decides alike.
+        step_values = torch.stack([self.world.mean(loss), grad_norm.float().to(loss.device)])
+        loss_value, norm_value = step_values.tolist()
         action = None
         for stabilizer in self.stabilizers:
             action = action or stabilizer.check_step(self.step + 1, {"loss": loss_value, "grad_norm": norm_value},
                                                      self.ledger.rollbacks)
         extra = {}
-        if action is None:
+        if action is None and not engine.fused_step:
             before = self.layer_grad_norms_and_snapshot(extra) if indicators else None
-            self.optimizer.step()
+            engine.step()
             if before is not None:
-                extra["optim/update_norm"] = torch.linalg.vector_norm(torch.stack([
-                    torch.linalg.vector_norm(p.detach() - b) for p, b in zip(self.model.parameters(), before)
-                ])).item()  # host sync, at logged steps only
-        self.optimizer.zero_grad(set_to_none=True)
+                extra["optim/update_norm"] = _full(torch.linalg.vector_norm(torch.stack([
+                    _full(torch.linalg.vector_norm(p.detach() - b)) for p, b in zip(self.model.parameters(), before)
+                ]))).item()  # host sync, at logged steps only
+        engine.zero_grad()
         return loss_value, norm_value, action, extra
 
     def layer_grad_norms_and_snapshot(self, extra: dict) -> list[torch.Tensor]:
         """Leading indicators for logged steps: the largest per-block gradient norm (and which block), and a copy
         of the weights to measure the update against."""
-        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in layer.parameters()
-                                                       if p.grad is not None]))
+        norms = [torch.linalg.vector_norm(torch.stack([_full(torch.linalg.vector_norm(p.grad))
+                                                       for p in layer.parameters() if p.grad is not None]))
                  for layer in self.model.layers]
         worst = torch.stack(norms)
         extra["optim/worst_layer_grad_norm"] = worst.max().item()
@@ -203,20 +238,25 @@ class Trainer:
     def forward_backward(self) -> torch.Tensor:
         """Forward and backward over the accumulation micro-batches; returns the step's mean loss (a device
         tensor, not yet synced)."""
-        accum = self.cfg.grad_accum_steps
+        micro, world = self.cfg.train.micro_batch_size, self.world
+        share = self.cfg.train.global_batch_size // world.world_size  # this rank's samples of the global batch
+        accum = share // micro
+        rows, _ = self.data.train.next_share(self.cfg.train.global_batch_size, world.rank * share,
+                                             (world.rank + 1) * share)
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            batch, _ = self.data.train.next_batch(self.cfg.train.micro_batch_size)
+        for i in range(accum):
+            batch = rows[i * micro: (i + 1) * micro]
             if self.step == 0 and self.first_batch_hash is None:
-                self.first_batch_hash = ckpt.fingerprint([batch])
+                self.first_batch_hash = ckpt.fingerprint([batch])  # (rank 0's first micro-batch)
             batch = self.faults.batch(self.step + 1, batch).to(self.device, non_blocking=True)
+            self.engine.set_sync(last=i == accum - 1)
             with autocast_for(self.device, self.cfg.train.precision):
                 logits = self.forward(batch[:, :-1])
                 ce = self.faults.loss(self.step + 1, cross_entropy(logits, batch[:, 1:]))
                 loss = ce
                 for stabilizer in self.stabilizers:
                     loss = stabilizer.on_loss(logits, loss)
-            (loss / accum).backward()
+            self.engine.backward(loss, accum)
             total += ce.detach() / accum  # train/loss is the cross-entropy alone; auxiliary terms log apart
         return total
 
@@ -225,7 +265,7 @@ class Trainer:
         out: dict[str, float] = {}
         for stabilizer in self.stabilizers:
             out.update(stabilizer.metrics())
-        out.update(getattr(self.optimizer, "metrics", dict)())
+        out.update(getattr(self.engine.base_optimizer, "metrics", dict)())
         if self.guarded:
             out.update({"stab/spike/spikes": self.ledger.spikes, "stab/spike/rollbacks": self.ledger.rollbacks,
                         "stab/spike/skipped_steps": self.ledger.skipped_steps})
@@ -240,7 +280,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation)."""
+        """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
+        rank: so every rank makes the same forward calls and holds the same value)."""
         self.model.eval()
         micro = self.cfg.train.micro_batch_size
         blocks = self.data.val_blocks[: self.cfg.train.eval_samples]
@@ -261,7 +302,7 @@ class Trainer:
     # --- spikes: skip, roll back, abort --------------------------------------------------------------------------
 
     def after_clean_or_skipped_step(self, action) -> None:
-        for event in getattr(self.optimizer, "pop_events", list)():
+        for event in getattr(self.engine.base_optimizer, "pop_events", list)():
             self.log.event(event.pop("event"), self.step, **event)
         if action is not None:  # a skipped update
             self.ledger.spikes += 1
@@ -272,7 +313,7 @@ class Trainer:
             return
         for saved in [s for s in self.pending_good if self.step - s >= self.good_after]:
             path = self.run_dir / "checkpoints" / ckpt.checkpoint_name(saved)
-            if path.is_dir():  # (it may have been pruned meanwhile)
+            if self.world.is_main and path.is_dir():  # (it may have been pruned meanwhile)
                 ckpt.mark_good(path)
             self.pending_good.remove(saved)
 
@@ -287,7 +328,7 @@ class Trainer:
         spike_step, spike_tokens = self.step + 1, self.tokens + self.cfg.tokens_per_step
         self.ledger.spikes += 1
         self.log_spikes(spike_step, spike_tokens, action)
-        good = ckpt.latest_good(self.run_dir / "checkpoints")
+        good = self.world.broadcast(ckpt.latest_good(self.run_dir / "checkpoints") if self.world.is_main else None)
         if action.kind == "abort" or good is None:
             self.log.event("abort", spike_step, rollbacks=self.ledger.rollbacks, checkpoint=str(good))
             start_step, start_tokens, t_start = self._started
@@ -317,7 +358,7 @@ class Trainer:
             self.log.event("lr_cut", spike_step, factor=self.cfg.stabilizer.spike_guard.lr_cut_factor,
                            lr_scale=ledger.lr_scale)
         if action.moment_reset:
-            zero_moments(self.optimizer)
+            zero_moments(self.engine.base_optimizer)
             ledger.moment_resets += 1
             self.log.event("moment_reset", spike_step)
         self.pending_good.clear()
@@ -330,31 +371,34 @@ class Trainer:
 
     def prepare_run_dir(self) -> None:
         """Write config.yaml and the tokenizer, and resume from a checkpoint if the config says so."""
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(self.cfg)))
-        if not (self.run_dir / "tokenizer").exists():
-            self.data.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
-        path = self.resume_path()
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(self.cfg)))
+            if not (self.run_dir / "tokenizer").exists():
+                self.data.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        path = self.world.broadcast(self.resume_path() if self.world.is_main else None)
+        if isinstance(path, ConfigError):
+            raise path
         if path is not None:
             self.check_config_changes(path)
             self.restore(path)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
         else:
-            state = self.model.state_dict()
-            self.init_hash = ckpt.fingerprint(state[k] for k in sorted(state))
-            self.log.event("start", 0, num_params=self.model.num_params(), total_steps=self.cfg.total_steps,
-                           init_hash=self.init_hash)
+            self.init_hash = self.fresh_init_hash
+            self.log.event("start", 0, num_params=self.sizes["num_params"], total_steps=self.cfg.total_steps,
+                           init_hash=self.init_hash, engine=self.engine.name, world_size=self.world.world_size)
             if self.guarded:  # a rollback target from the start: the initial weights are good by definition
                 self.save(good=True)
 
-    def resume_path(self) -> Path | None:
+    def resume_path(self) -> Path | ConfigError | None:
+        """(Rank 0.) The checkpoint to resume from; an error is returned, not raised, so that every rank raises it."""
         if self.cfg.resume == "never":
             return None
         if self.cfg.resume == "auto":
             return ckpt.latest_valid(self.run_dir / "checkpoints")
         path = Path(self.cfg.resume)
         if not path.is_dir():
-            raise ConfigError([f"resume={self.cfg.resume!r} is not a checkpoint directory: use auto, never, or a "
-                               "path such as RUN_DIR/checkpoints/step_00000100"])
+            return ConfigError([f"resume={self.cfg.resume!r} is not a checkpoint directory: use auto, never, or a "
+                                "path such as RUN_DIR/checkpoints/step_00000100"])
         return path
 
     def check_config_changes(self, path: Path) -> None:
@@ -379,11 +423,13 @@ class Trainer:
             "pending_good": self.pending_good,
             "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash,
             "rng": rng_state(),
+            "engine": {"name": self.engine.name, "format": self.engine.checkpoint_format,
+                       "world_size": self.world.world_size, "zero_stage": getattr(self.engine, "stage", None)},
         }
 
     def save(self, good: bool = False) -> Path:
         path = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.model, self.optimizer, self.trainer_state(),
+            self.run_dir / "checkpoints", self.step, self.engine, self.trainer_state(),
             OmegaConf.to_yaml(to_dict(self.cfg)), keep=self.cfg.train.keep_checkpoints,
             before_commit=self.faults.checkpoint_hook(self.step), good=good or not self.guarded,
         )
@@ -395,7 +441,10 @@ class Trainer:
     def restore(self, path: Path, ledger: Ledger | None = None) -> None:
         """Everything that decides the future of the run, as of checkpoint `path` (resume), except the ledger
         when one is given (rollback: counters, skip list, LR scale and fired faults stay as they are now)."""
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        problem = self.world.broadcast(ckpt.verify(path) if self.world.is_main else None)
+        if problem is not None:
+            raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {problem}")
+        state = ckpt.load_checkpoint(path, self.engine, check=False)
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_sum, self.loss_steps = state["loss_sum"], state["loss_steps"]
         self.val_history = [tuple(v) for v in state["val_history"]]
@@ -420,8 +469,9 @@ class Trainer:
             "best_val_loss": min((v for _, v in self.val_history), default=None),
             "wall_s": wall_s, "tokens_per_sec": tokens_per_sec,
             "resumed_from_step": start_step or None,
-            "num_params": self.model.num_params(),
-            "flops_per_token": self.model.flops_per_token(self.cfg.data.seq_len),
+            "num_params": self.sizes["num_params"],
+            "flops_per_token": self.sizes["flops_per_token"],
+            "engine": self.engine.name, "world_size": self.world.world_size,
             "spikes": self.ledger.spikes, "rollbacks": self.ledger.rollbacks,
             "skipped_steps": self.ledger.skipped_steps, "skipped_samples": self.ledger.skipped_samples,
             "lr_cuts": self.ledger.lr_cuts, "moment_resets": self.ledger.moment_resets,
@@ -437,16 +487,35 @@ class Trainer:
         if aborted or self.diverged_step is not None:
             return summary
         self.log.event("end", self.step, final_val_loss=final_val)
-        if self.cfg.train.plot:
+        if self.cfg.train.plot and self.world.is_main:
             from llmstable.plot import plot_losses
 
             plot_losses(self.run_dir)
         if self.cfg.train.sample_tokens > 0:
-            from llmstable.generate import sample_text
+            model = self.sample_model()  # (a collective for sharded engines)
+            if model is not None:
+                from llmstable.generate import sample_text
 
-            text = sample_text(self.model, self.data.tokenizer, "The", self.cfg.train.sample_tokens, seed=0)
-            print(f"\n--- sample after {self.step} steps ---\n{text}\n---")
+                text = sample_text(model, self.data.tokenizer, "The", self.cfg.train.sample_tokens, seed=0)
+                print(f"\n--- sample after {self.step} steps ---\n{text}\n---")
         return summary
+
+    def sample_model(self) -> torch.nn.Module | None:
+        """On rank 0, a model to sample from: the trained one, or a whole copy of a sharded one."""
+        if self.engine.name in ("single", "ddp"):
+            return self.model if self.world.is_main else None
+        weights = self.engine.full_state_dict()
+        if weights is None:
+            return None
+        cfg = dataclasses.replace(self.cfg, stabilizer=dataclasses.replace(self.cfg.stabilizer, quant4=None))
+        model, _ = build_model_and_stabilizers(cfg, self.data.vocab_size)
+        model.load_state_dict(weights)
+        return model.to(self.device)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A reduction over a DTensor as a plain tensor over the whole (a collective every rank reaches alike)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 
 from llmstable import checkpoint as ckpt
 from llmstable.model import Llama, LlamaConfig
+from llmstable.parallel import Engine, World
 
 CFG = LlamaConfig(vocab_size=50, dim=16, intermediate_size=24, n_layers=1, n_heads=2, max_seq_len=8)
 
@@ -18,7 +19,7 @@ def make():
 
 
 def save(root, step, model, opt, keep=5):
-    return ckpt.save_checkpoint(root, step, model, opt, {"step": step}, "a: 1\n", keep=keep)
+    return ckpt.save_checkpoint(root, step, Engine(World(), model, opt), {"step": step}, "a: 1\n", keep=keep)
 
 
 def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
@@ -28,7 +29,7 @@ def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
     expected_draw = torch.rand(3)
     other, other_opt = Llama(CFG), None
     other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
-    state = ckpt.load_checkpoint(path, other, other_opt)
+    state = ckpt.load_checkpoint(path, Engine(World(), other, other_opt))
     assert state == {"step": 7}
     assert torch.equal(torch.rand(3), expected_draw)
     for a, b in zip(model.state_dict().values(), other.state_dict().values()):
@@ -61,12 +62,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage)
     with pytest.warns(UserWarning, match="step_00000002"):
         assert ckpt.latest_valid(tmp_path).name == "step_00000001"
     with pytest.raises(ckpt.CheckpointError, match="step_00000002"):
-        ckpt.load_checkpoint(newest, Llama(CFG), None)
+        ckpt.load_checkpoint(newest, Engine(World(), Llama(CFG), None))
 
 
 def test_rewriting_the_same_step_replaces_it_whole(tmp_path):
     model, opt = make()
     save(tmp_path, 3, model, opt)
-    path = ckpt.save_checkpoint(tmp_path, 3, model, opt, {"step": 3, "again": True}, "", keep=5)
+    path = ckpt.save_checkpoint(tmp_path, 3, Engine(World(), model, opt), {"step": 3, "again": True}, "", keep=5)
     assert ckpt.verify(path) is None and ckpt.read_state(path)["again"] is True
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000003"]

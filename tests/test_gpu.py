@@ -40,3 +40,29 @@ def test_tiny_run_trains_on_cuda_in_bf16(tiny_config, tmp_path):
     summary = train(tiny_config("train.device=cuda", "train.max_steps=30", "optimizer=stable_spam",
                                 "stabilizer=[zloss,qk_norm]", run_dir=tmp_path / "run"))
     assert summary["final_val_loss"] < 6.0
+
+
+@pytest.mark.parametrize("engine", [["distributed=fsdp2", "distributed.param_dtype=bf16"],
+                                    ["distributed=deepspeed", "distributed.zero_stage=2", "train.precision=bf16"]],
+                         ids=["fsdp2-bf16", "zero2-bf16"])
+def test_a_world_of_one_on_cuda_trains_with_nccl_in_bf16(tiny_config, tmp_path, engine):
+    """ddp/fsdp2/deepspeed without a launcher: a world of one over NCCL."""
+    from llmstable.trainer import train
+
+    summary = train(tiny_config("train.device=cuda", "train.max_steps=30", *engine, run_dir=tmp_path / "run"))
+    assert summary["final_val_loss"] < 6.5 and summary["world_size"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_gpus_over_nccl_follow_one_gpu(tmp_path, engine):
+    from llmstable.metrics import read_jsonl
+    from tests.conftest import TINY
+    from tests.parallel.launch import run_ranks
+
+    common = [*TINY, "train.device=cuda", "train.precision=fp32", "train.max_steps=20"]
+    run_ranks(1, common, tmp_path / "one")
+    run_ranks(2, [*common, f"distributed={engine}"], tmp_path / "two")
+    loss = {n: [r["train/loss"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "train/loss" in r]
+            for n in ("one", "two")}
+    assert loss["two"] == pytest.approx(loss["one"], rel=1e-4)

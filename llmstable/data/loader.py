@@ -130,9 +130,15 @@ class SampleLoader:
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         """The next batch_size samples (skipping the skip list) as a (B, seq_len + 1) int64 tensor, and their
         ordinals."""
-        ordinals, self.ordinal = next_ordinals(self.ordinal, batch_size, self.skip)
-        rows = np.stack([self.blocks[self.block_index(o)] for o in ordinals]).astype(np.int64)
-        return torch.from_numpy(rows), ordinals
+        return self.next_share(batch_size, 0, batch_size)
+
+    def next_share(self, count: int, start: int, stop: int) -> tuple[torch.Tensor, list[int]]:
+        """Advance past the next `count` samples (one global batch) and return samples [start, stop) of them: a
+        rank's disjoint share. Every rank advances alike, so the position stays global."""
+        ordinals, self.ordinal = next_ordinals(self.ordinal, count, self.skip)
+        mine = ordinals[start:stop]
+        rows = np.stack([self.blocks[self.block_index(o)] for o in mine]).astype(np.int64)
+        return torch.from_numpy(rows), mine
 
     def state_dict(self) -> dict:
         return {"ordinal": self.ordinal}
@@ -167,14 +173,19 @@ class StreamingSampleLoader:
             epoch += 1
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        ordinals, end = next_ordinals(self.ordinal, batch_size, self.skip)
+        return self.next_share(batch_size, 0, batch_size)
+
+    def next_share(self, count: int, start: int, stop: int) -> tuple[torch.Tensor, list[int]]:
+        """As SampleLoader.next_share; every rank reads the stream and keeps its own share."""
+        ordinals, end = next_ordinals(self.ordinal, count, self.skip)
+        mine = set(ordinals[start:stop])
         rows = []
-        for o in range(self.ordinal, end):  # skipped ordinals are read from the stream and dropped
+        for o in range(self.ordinal, end):  # skipped ordinals and other ranks' samples are read and dropped
             block = next(self._blocks)
-            if o not in self.skip:
+            if o in mine:
                 rows.append(block)
         self.ordinal = end
-        return torch.from_numpy(np.stack(rows)), ordinals
+        return torch.from_numpy(np.stack(rows)), ordinals[start:stop]
 
     def state_dict(self) -> dict:
         return {"ordinal": self.ordinal}

@@ -12,6 +12,7 @@ class ClipResetStats:
     def __init__(self, name: str):
         self.name = name
         self.clipped = torch.zeros((), dtype=torch.int64)
+        self.sharded = False  # counts are per shard: metrics() sums them over the ranks (a collective)
         self.resets = 0
         self.events: list[dict] = []
 
@@ -23,7 +24,10 @@ class ClipResetStats:
         self.events.append({"event": "momentum_reset", "optimizer_step": optimizer_step})
 
     def metrics(self) -> dict[str, float]:
-        """Entries clipped since the last call, and resets so far (one host sync, at logging time)."""
+        """Entries clipped since the last call, and resets so far (one host sync, at logging time). With sharded
+        parameters every rank must call this at the same step."""
+        if self.sharded:
+            torch.distributed.all_reduce(self.clipped)
         clipped = int(self.clipped.item())
         self.clipped = torch.zeros_like(self.clipped)
         return {f"stab/{self.name}/clipped": clipped, f"stab/{self.name}/resets": self.resets}
@@ -59,7 +63,9 @@ class CountingOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        counters = dict(state_dict.pop(self.stats.name))
+        counters = state_dict.pop(self.stats.name, None)  # (torch.distributed.checkpoint carries them apart)
         super().load_state_dict(state_dict)
-        self.stats.resets = counters.pop("resets")
-        self.set_counters(counters)
+        if counters is not None:
+            counters = dict(counters)
+            self.stats.resets = counters.pop("resets")
+            self.set_counters(counters)

@@ -30,6 +30,7 @@ import math
 import torch
 from llmstable.optimizers.compile import compile_per_shape
 from llmstable.optimizers.reporting import ClipResetStats, CountingOptimizer
+from llmstable.optimizers.sharding import local, shard_group
 
 
 def spam_damping(c: int, warmup_steps: int) -> float:
@@ -139,11 +140,15 @@ class SPAM(CountingOptimizer):
                     continue
                 state = self.state[p]
                 masked = "density" in group
-                g = p.grad[state["mask"]] if masked else p.grad.reshape(-1)
+                sharded = shard_group(p) is not None
+                if masked and sharded:
+                    raise ValueError("SPAM's density (sparse momentum) needs whole tensors, not FSDP2 shards")
+                g = p.grad[state["mask"]] if masked else local(p.grad.contiguous())  # elementwise: shards are fine
+                self.stats.sharded |= sharded
                 if "exp_avg" not in state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(g)
-                    state["exp_avg_sq"] = torch.zeros_like(g)
+                    state["exp_avg"] = torch.zeros_like(g if masked else p)  # dense: shaped (and sharded) like p
+                    state["exp_avg_sq"] = torch.zeros_like(g if masked else p)
                 if reset:
                     state["exp_avg"].zero_()
                     state["exp_avg_sq"].zero_()
@@ -154,8 +159,9 @@ class SPAM(CountingOptimizer):
                     step_size *= math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k)
                 scalars = torch.tensor([step_size * s, group["lr"] * group["weight_decay"]], dtype=p.dtype,
                                        device=p.device)
-                target = p[state["mask"]] if masked else p.view(-1)
-                clipped = update(target, g, state["exp_avg"], state["exp_avg_sq"], scalars[0], scalars[1],
+                target = p[state["mask"]] if masked else local(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                clipped = update(target, g, m if masked else local(m), v if masked else local(v), scalars[0], scalars[1],
                                  beta1, beta2, group["eps"], float(self.threshold), clip)
                 if masked:
                     p[state["mask"]] = target  # boolean indexing copied; write the updated entries back

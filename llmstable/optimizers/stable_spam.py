@@ -30,6 +30,7 @@ import math
 import torch
 from llmstable.optimizers.compile import compile_per_shape
 from llmstable.optimizers.reporting import ClipResetStats, CountingOptimizer
+from llmstable.optimizers.sharding import all_reduce_, local, local_max, shard_group
 
 
 def stable_spam_scale(t: int, total_T: int | None, eta_min: float) -> float:
@@ -42,8 +43,11 @@ def stable_spam_scale(t: int, total_T: int | None, eta_min: float) -> float:
 def stable_spam_update_(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, vmax: torch.Tensor | None,
     stats: torch.Tensor, coef: torch.Tensor, gamma2: float, gamma3: float, beta2: float, eps: float,
+    group=None,
 ) -> torch.Tensor:
     """One Stable-SPAM update of a flat tensor, in place on p, m, v, vmax and stats = [mu, p_norm, q_norm].
+    With `group` (a sharded parameter: p, g, m, v are this rank's rows), max |g| and ||g|| are all-reduced over
+    the group, so the statistics are those of the whole tensor on every rank.
 
     coef holds the step's scalars, each computed in double on the host as the official code does: [1 - lr wd,
     1 - gamma3^k, a, 1 - a, 1 - a^k, 1 - gamma2^k, beta1', 1 - beta1', sqrt(1 - beta2^k'), lr / (1 - beta1'^k')],
@@ -52,13 +56,18 @@ def stable_spam_update_(
     p.mul_(decay)
     # AdaClip
     absg = g.abs()
-    peak = absg.max()
+    if group is None:
+        peak = absg.max()
+    else:
+        peak = all_reduce_(local_max(absg), "max", group)
     mu = gamma3 * stats[0] + (1 - gamma3) * peak
     tau = mu / clip_bc
     spiky = absg > tau
     g = torch.where(spiky, g / peak * tau, g)
     # AdaGN
     n = torch.linalg.vector_norm(g)
+    if group is not None:
+        n = all_reduce_(n * n, "sum", group).sqrt()
     p_norm = a * stats[1] + one_minus_a * n
     q_norm = gamma2 * stats[2] + (1 - gamma2) * n * n
     c = (p_norm / norm_bc) / (torch.sqrt(q_norm / q_bc) + eps)
@@ -126,13 +135,13 @@ class StableSPAM(CountingOptimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if "exp_avg" not in state:
+                if "exp_avg" not in state:  # moments shaped (and sharded) like p; the statistics are whole-tensor
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p).view(-1)
-                    state["exp_avg_sq"] = torch.zeros_like(p).view(-1)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
                     state["norm_stats"] = torch.zeros(3, dtype=p.dtype, device=p.device)  # mu, p, q
                     if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p).view(-1)
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 k = state["step"]
                 k_adam = 1 if reset else k
@@ -144,9 +153,14 @@ class StableSPAM(CountingOptimizer):
                         group["lr"] / (1 - beta1**k_adam),
                     ], dtype=p.dtype, device=p.device)
                 coef = coefs[key]
-                clipped = update(p.view(-1), p.grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
-                                 state.get("max_exp_avg_sq"), state["norm_stats"], coef, self.gamma2, self.gamma3,
-                                 beta2, group["eps"])
+                vmax = state.get("max_exp_avg_sq")
+                shards = shard_group(p)
+                step_fn = stable_spam_update_ if shards is not None else update  # collectives run eagerly
+                clipped = step_fn(local(p), local(p.grad.contiguous()), local(state["exp_avg"]),
+                                  local(state["exp_avg_sq"]), None if vmax is None else local(vmax),
+                                  state["norm_stats"], coef, self.gamma2, self.gamma3, beta2, group["eps"],
+                                  group=shards)
+                self.stats.sharded |= shards is not None
                 if reset:
                     state["exp_avg"].zero_()
                     state["exp_avg_sq"].zero_()

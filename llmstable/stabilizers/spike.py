@@ -106,6 +106,7 @@ class SpikeGuard(Stabilizer):
             for metric in cfg.metrics
         }
         self._spiky_in_a_row = 0
+        self.can_skip = True  # False under DeepSpeed, which has updated before the guard sees the step
 
     def check_step(self, step: int, values: dict[str, float], rollbacks_so_far: int) -> Action | None:
         detections = []
@@ -119,7 +120,7 @@ class SpikeGuard(Stabilizer):
             self._spiky_in_a_row = 0
             return None
         self._spiky_in_a_row += 1
-        if self._spiky_in_a_row <= self.cfg.skip_steps:
+        if self.can_skip and self._spiky_in_a_row <= self.cfg.skip_steps:
             return Action("skip_step", detections)
         n = rollbacks_so_far + 1  # from the trainer's ledger, which survives the rollback itself
         if n > self.cfg.max_rollbacks:

@@ -1,0 +1,273 @@
+"""Engines: how the model and optimizer are spread over the ranks, how one optimizer step runs there, and how
+their state is checkpointed. The trainer calls the same few methods whatever the engine:
+
+    engine.set_sync(last)            before each micro-batch's forward: reduce gradients only on the last one
+    engine.backward(loss, accum)     one micro-batch's backward
+    engine.clip_grad_norm_(max_norm) the global pre-clip gradient norm, clipping when max_norm is finite
+    engine.step(); engine.zero_grad()
+    engine.save(dir) / engine.load(dir, meta)   every rank calls them (they may be collectives)
+
+Parallelism is applied from outside: the model file never imports torch.distributed.
+
+Checkpoint formats (`meta["format"]` in state.json):
+- `safetensors` (single, ddp): rank 0 writes model.safetensors and optimizer.pt (every rank holds the same).
+- `dcp` (fsdp2): `dcp/`, sharded by torch.distributed.checkpoint; loads on any number of ranks, or on one
+  process with no engine at all (its tensors are resharded on load).
+- `deepspeed`: DeepSpeed's own files under `deepspeed/` (see llmstable.parallel.deepspeed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from llmstable.checkpoint import CheckpointError
+from llmstable.parallel.world import World
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: FSDP2 keeps the parameters' own dtype
+
+
+class Engine:
+    """One process, or every rank holding everything (the base of DDP)."""
+
+    name = "single"
+    checkpoint_format = "safetensors"
+    fused_step = False  # True when clipping and the update happen inside backward (DeepSpeed)
+
+    def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.world, self.model, self.optimizer = world, model, optimizer
+        self.module: torch.nn.Module = model  # what forward is called on
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that holds the moments (zeroed by the spike guard) and reports metrics."""
+        return self.optimizer
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):  # torchao's optimizers keep lr as a tensor and refuse a float
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def set_sync(self, last: bool) -> None:
+        pass
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        (loss / accum).backward()
+
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm is not None else float("inf"))
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on CPU, on rank 0 (None elsewhere). Every rank must call it."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        if self.world.is_main:
+            save_model(self.model, str(directory / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def readers(self) -> dict:
+        """Checkpoint format -> the function that loads it into this engine's model and optimizer."""
+        return {"safetensors": load_safetensors, "dcp": load_dcp}
+
+    def load(self, directory: Path, meta: dict) -> None:
+        fmt = meta.get("format", "safetensors")
+        reader = self.readers().get(fmt)
+        if reader is None:
+            raise CheckpointError(cannot_load(directory, fmt, self.name))
+        reader(directory, self.model, self.optimizer)
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel: whole replicas, gradients all-reduced in backward."""
+
+    name = "ddp"
+
+    def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__(world, model, optimizer)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        # Buffers (the RoPE tables) are the same on every rank by construction: no broadcast per forward.
+        self.module = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def set_sync(self, last: bool) -> None:
+        self.module.require_backward_grad_sync = last  # what no_sync() toggles, without a context manager
+
+
+class FSDP2Engine(Engine):
+    """torch FSDP2: `fully_shard` on every transformer block, then on the root. Parameters become DTensors sharded
+    along dim 0; mixed precision follows distributed.param_dtype / reduce_dtype."""
+
+    name = "fsdp2"
+    checkpoint_format = "dcp"
+
+    @staticmethod
+    def shard(model: torch.nn.Module, world: World, cfg) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(world.device.type, (world.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+        return model
+
+    def set_sync(self, last: bool) -> None:
+        self.model.set_requires_gradient_sync(last)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # a collective: every rank reaches it in the same step
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.world.is_main else None
+
+    def save(self, directory: Path) -> None:
+        save_dcp(directory, self.model, self.optimizer)
+
+    def readers(self) -> dict:
+        return {"dcp": load_dcp, "safetensors": load_full_into_sharded}
+
+
+def build_engine(cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> Engine:
+    """Wrap or shard the model for cfg.distributed and build the optimizer over the result."""
+    name = cfg.distributed.name
+    if name == "fsdp2":
+        model = FSDP2Engine.shard(model, world, cfg.distributed)
+        return FSDP2Engine(world, model, make_optimizer(model))
+    if name == "deepspeed":
+        from llmstable.parallel.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine.build(cfg, world, model, make_optimizer(model), run_dir)
+    optimizer = make_optimizer(model)
+    if name == "ddp":
+        return DDPEngine(world, model, optimizer)
+    return Engine(world, model, optimizer)
+
+
+def cannot_load(directory: Path, fmt: str, engine: str) -> str:
+    return (f"{directory} holds a {fmt!r} checkpoint, which distributed={engine} cannot resume: resume it with the "
+            f"engine that wrote it (see state.json's engine entry), or start a new run from its weights with "
+            f"`llmstable export` and train.init_from")
+
+
+# --- the formats -----------------------------------------------------------------------------------------------
+
+
+def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / 'model.safetensors'} does not fit the model: missing {sorted(missing)}, unexpected "
+            f"{sorted(unexpected)}. Was it written with another model config?"
+        )
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+
+
+def _counting(optimizer) -> bool:
+    return hasattr(optimizer, "counters") and hasattr(optimizer, "stats")
+
+
+def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the model and optimizer into directory/dcp (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    if not optimizer.state:  # before the first step: nothing to save, and get_state_dict would take a fake step
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / "dcp"))
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    if _counting(optimizer):  # SPAM / Stable-SPAM global counters (plain ints, the same on every rank)
+        state["optim_counters"] = {**optimizer.counters(), "resets": optimizer.stats.resets}
+    dcp.save(state, checkpoint_id=str(directory / "dcp"))
+
+
+def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load directory/dcp into model (and optimizer), whatever the number of ranks that wrote it: DCP reshards
+    to the tensors asked for, DTensor shards or whole tensors in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    source = directory / "dcp"
+    if not (source / ".metadata").is_file():
+        raise CheckpointError(f"{source}/.metadata is missing: {directory} is not a complete DCP checkpoint")
+    saved_keys = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
+    if optimizer is None or not any(k.startswith("optim.") for k in saved_keys):  # (saved before any step)
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(source))
+        set_model_state_dict(model, state["model"])
+        return
+    counters = {**optimizer.counters(), "resets": optimizer.stats.resets} if _counting(optimizer) else None
+    model_state, optim_state = get_state_dict(model, optimizer)  # (creates the optimizer state to load into)
+    state = {"model": model_state, "optim": optim_state}
+    if counters is not None:
+        state["optim_counters"] = counters
+    dcp.load(state, checkpoint_id=str(source))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if counters is not None:
+        saved = dict(state["optim_counters"])
+        optimizer.stats.resets = saved.pop("resets")
+        optimizer.set_counters(saved)
+        optimizer.stats.events.clear()
+
+
+def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A single-process checkpoint (model.safetensors + optimizer.pt) into a sharded model: every rank reads the
+    whole file and keeps its shards. The optimizer state is keyed by parameter order, which the sharded optimizer
+    shares (same param groups, same model order)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    full = load_file(str(directory / "model.safetensors"))
+    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    osd = {"state": {order[i]: v for i, v in saved["state"].items()},
+           "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True))
+    if _counting(optimizer) and optimizer.stats.name in extra:
+        counters = dict(extra[optimizer.stats.name])
+        optimizer.stats.resets = counters.pop("resets")
+        optimizer.set_counters(counters)
+        optimizer.stats.events.clear()

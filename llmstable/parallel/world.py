@@ -1,0 +1,127 @@
+"""The processes of a run: who this rank is, its device, and the few collectives the trainer needs.
+
+A launcher (`torchrun`, the `deepspeed` launcher, SLURM via torchrun) sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address; `init_world` joins that process group. Tests start their processes with
+`torch.multiprocessing` and set LLMSTABLE_INIT_METHOD to a `file://` URL, which needs no socket listener at all.
+Started with no launcher, ddp, fsdp2 and deepspeed run as a world of one process (over a `file://` store in a
+temporary folder), so the same engine and checkpoint format are used at every size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llmstable.config import ConfigError, DistributedConfig
+
+INIT_METHOD_ENV = "LLMSTABLE_INIT_METHOD"
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process initialised the process group, so it destroys it at the end
+    store_dir: str | None = None  # the temporary folder of a world of one's file store
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """t averaged over the ranks (a new tensor; t itself is unchanged)."""
+        t = t.clone()
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable obj, on every rank."""
+        if not self.distributed or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self, clean: bool = True) -> None:
+        """Barrier, then destroy the group (DeepSpeed ZeRO-3 can abort at exit without both). clean=False (after
+        an error) skips the barrier, which the other ranks may never reach."""
+        if self.owns_group and self.distributed:
+            try:
+                if clean:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
+            self.owns_group = False
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world(cfg: DistributedConfig, device_name: str) -> World:
+    """Join (or create) the process group that cfg and the launcher's environment describe."""
+    world_size = launched_world_size()
+    if cfg.name == "single":
+        if world_size > 1:
+            raise ConfigError([
+                f"the launcher started {world_size} processes (WORLD_SIZE={world_size}) but distributed=single: "
+                "pass distributed=ddp, distributed=fsdp2 or distributed=deepspeed"
+            ])
+        return World(device=_device(device_name, 0))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = _device(device_name, local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError([f"distributed.backend=nccl needs CUDA but train.device resolves to {device}: use "
+                           "distributed.backend=gloo (or auto) on CPU"])
+    if dist.is_initialized():  # an embedding program made the group already
+        return World(rank, dist.get_world_size(), local_rank, device, owns_group=False)
+    init_method, store_dir = os.environ.get(INIT_METHOD_ENV), None
+    if init_method is None and "MASTER_ADDR" not in os.environ:
+        if world_size > 1:
+            raise ConfigError([f"WORLD_SIZE={world_size} but no rendezvous: set MASTER_ADDR and MASTER_PORT (torchrun "
+                               f"does) or {INIT_METHOD_ENV}=file:///shared/path"])
+        store_dir = tempfile.mkdtemp(prefix="llmstable-pg-")  # a world of one: a file store, no socket
+        init_method = "file://" + os.path.join(store_dir, "store")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    return World(rank, world_size, local_rank, device, owns_group=True, store_dir=store_dir)
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    from llmstable.runtime import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device

@@ -1,0 +1,216 @@
+"""Real multi-process training on CPU: 2 ranks over gloo, started by torch.multiprocessing with a file:// store
+(loopback only; see launch.py). Every engine is checked against the one-process run of the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.multiprocessing as mp
+
+from llmstable import checkpoint as ckpt
+from llmstable.metrics import read_jsonl
+from tests.conftest import TINY
+from tests.parallel.launch import run_ranks
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.max_steps=20", "train.eval_interval=10", "train.checkpoint_interval=10", "train.log_interval=1"]
+ENGINES = {
+    "ddp": ["distributed=ddp"],
+    "zero0": ["distributed=deepspeed", "distributed.zero_stage=0"],
+    "fsdp2": ["distributed=fsdp2"],
+    "zero1": ["distributed=deepspeed", "distributed.zero_stage=1"],
+    "zero2": ["distributed=deepspeed", "distributed.zero_stage=2"],
+    "zero3": ["distributed=deepspeed", "distributed.zero_stage=3"],
+}
+OPTIMIZERS = {
+    "adamw": ["optimizer=adamw"],
+    "stable_spam": ["optimizer=stable_spam", "optimizer.update_proj_gap=8"],  # resets within the 20 steps
+    "spam": ["optimizer=spam", "optimizer.DeltaT=8", "optimizer.warmup_steps=3", "optimizer.grad_accu_steps=2"],
+    "adamw8bit": ["optimizer=adamw8bit", "optimizer.backend=torchao"],  # DTensor-aware (bitsandbytes is not)
+}
+# Float sums run in another order across ranks (all-reduce, reduce-scatter, flat ZeRO buffers): the curves agree
+# to this relative tolerance over 20 steps (measured differences are about 1e-7).
+RTOL = 1e-5
+
+
+def losses(run, first: bool = False) -> dict:
+    """{step: train loss} and {step: val loss}: the last row per step (a resumed run logs some steps twice), or
+    with first=True the first one (what the run logged before it was rewound)."""
+    train, val = {}, {}
+    for row in read_jsonl(run / "metrics.jsonl"):
+        for kind, key, out in (("train", "train/loss", train), ("val", "val/loss", val)):
+            if key in row and not (first and row["step"] in out):
+                out[row["step"]] = row[key]
+    return {"train": train, "val": val}
+
+
+def rewind(run, to_step: int) -> None:
+    """Make a finished run look as if it had stopped right after checkpoint `to_step`."""
+    for path in ckpt.list_checkpoints(run / "checkpoints"):
+        if int(path.name.split("_")[1]) > to_step:
+            import shutil
+
+            shutil.rmtree(path)
+    (run / "summary.json").unlink()
+
+
+def assert_close(got: dict, want: dict, rtol: float = RTOL, steps=None) -> None:
+    for kind in ("train", "val"):
+        keys = sorted(want[kind]) if steps is None else [s for s in sorted(want[kind]) if s in steps]
+        assert keys, f"no {kind} rows to compare"
+        for step in keys:
+            assert got[kind][step] == pytest.approx(want[kind][step], rel=rtol), (kind, step)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """The one-process reference runs, trained once for the module."""
+    from llmstable.cli import compose_config
+    from llmstable.trainer import train
+
+    out = {}
+    for optimizer in OPTIMIZERS:
+        run = tmp_path_factory.mktemp(f"single-{optimizer}")
+        train(compose_config([*TINY, *STEPS, *OPTIMIZERS[optimizer]], run_dir=run))
+        out[optimizer] = losses(run)
+    return out
+
+
+# AdamW on every engine; the SPAM family where it can run (ZeRO 1-3 refuse it: see the next test); 8-bit AdamW on
+# FSDP2, where its DTensor support matters.
+PARITY = [("adamw", e) for e in ("ddp", "fsdp2", "zero1", "zero2", "zero3")] + [
+    ("stable_spam", "ddp"), ("stable_spam", "fsdp2"), ("stable_spam", "zero0"),
+    ("spam", "fsdp2"), ("spam", "zero0"), ("adamw8bit", "fsdp2"),
+]
+
+
+@pytest.mark.parametrize("optimizer,engine", PARITY)
+def test_two_ranks_follow_the_single_process_curve(single_runs, tmp_path, optimizer, engine):
+    run = tmp_path / "run"
+    run_ranks(2, [*TINY, *STEPS, *OPTIMIZERS[optimizer], *ENGINES[engine]], run)
+    got = losses(run)
+    assert len(got["train"]) == 20
+    assert_close(got, single_runs[optimizer])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 20
+    name = {"ddp": "ddp", "fsdp2": "fsdp2"}.get(engine, "deepspeed")
+    assert summary["engine"] == name
+    checkpoint = run / "checkpoints" / "step_00000020"
+    assert ckpt.verify(checkpoint) is None
+    shards = {"fsdp2": "dcp/__1_0.distcp", "zero1": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+              "zero2": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+              "zero3": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", "ddp": "model.safetensors",
+              "zero0": "deepspeed/state/mp_rank_00_model_states.pt"}
+    manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
+    assert shards[engine] in manifest["files"]  # every rank's shard is checksummed
+
+
+def test_spam_optimizers_under_zero_are_refused(tiny_config):
+    from llmstable.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optimizer=stable_spam .*distributed.zero_stage=2.*per-tensor"):
+        tiny_config("optimizer=stable_spam", "distributed=deepspeed", "distributed.zero_stage=2")
+    with pytest.raises(ConfigError, match=r"optimizer=spam .*zero_stage=1.*one parameter group at a time"):
+        tiny_config("optimizer=spam", "distributed=deepspeed", "distributed.zero_stage=1")
+    for name in ("stable_spam", "spam"):  # stage 0: the optimizer steps whole tensors, all groups at once
+        tiny_config(f"optimizer={name}", "distributed=deepspeed", "distributed.zero_stage=0")
+
+
+@pytest.mark.parametrize("engine,saved,resumed", [
+    ("fsdp2", 2, 1), ("fsdp2", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2),
+])
+def test_resume_on_another_number_of_ranks_continues_the_curve(tmp_path, engine, saved, resumed):
+    optimizer = "optimizer=stable_spam" if engine == "fsdp2" else "optimizer=adamw"
+    common = [*TINY, *STEPS, optimizer, *ENGINES[engine]]
+    run = tmp_path / "run"
+    run_ranks(saved, common, run)
+    rewind(run, 10)
+    run_ranks(resumed, common, run)  # finds step 10 and goes on to 20 with the other world size
+    events = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert len(events) == 1 and events[0]["step"] == 10
+    assert_close(losses(run), losses(run, first=True), steps=range(11, 21))
+    assert json.loads((run / "summary.json").read_text())["world_size"] == resumed
+
+
+@pytest.mark.parametrize("saved,resumed", [(("fsdp2", 2), ("single", 1)), (("single", 1), ("fsdp2", 2))],
+                         ids=["fsdp2-to-single", "single-to-fsdp2"])
+def test_fsdp2_and_single_process_checkpoints_resume_each_other(tmp_path, saved, resumed):
+    common = [*TINY, *STEPS, *OPTIMIZERS["stable_spam"]]
+    run = tmp_path / "run"
+    run_ranks(saved[1], [*common, f"distributed={saved[0]}"], run)
+    rewind(run, 10)
+    run_ranks(resumed[1], [*common, f"distributed={resumed[0]}"], run)
+    assert_close(losses(run), losses(run, first=True), steps=range(11, 21))
+    assert json.loads((run / "summary.json").read_text())["engine"] == resumed[0]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp", "zero3"])
+def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path, engine):
+    guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=5", "stabilizer.spike_guard.window=8",
+             "stabilizer.spike_guard.good_after_steps=3", "stabilizer.spike_guard.skip_steps=0",
+             "stabilizer.spike_guard.metrics=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
+             "fault.nan_steps=[12]"]
+    single, two = tmp_path / "single", tmp_path / "two"
+    run_ranks(1, [*TINY, *STEPS, *guard], single)
+    run_ranks(2, [*TINY, *STEPS, *guard, *ENGINES[engine], "fault.rank=1"], two)  # NaN on rank 1's share only
+    for run in (single, two):
+        events = read_jsonl(run / "events.jsonl")
+        rollbacks = [e for e in events if e["event"] == "rollback"]
+        assert [(e["step"], e["to_step"]) for e in rollbacks] == [(12, 8)]
+    skips = [[(e["start"], e["end"]) for e in read_jsonl(r / "events.jsonl") if e["event"] == "skip_data"]
+             for r in (single, two)]
+    assert skips[0] == skips[1]
+    assert_close(losses(two), losses(single))
+    assert json.loads((two / "summary.json").read_text())["rollbacks"] == 1
+
+
+def test_killing_one_rank_ends_the_job_and_a_relaunch_resumes_exactly(tmp_path):
+    common = [*TINY, *STEPS, "distributed=fsdp2", "train.checkpoint_interval=5"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    run_ranks(2, common, reference)
+    with pytest.raises(mp.ProcessExitedException) as killed:
+        run_ranks(2, [*common, "fault.kill_at_step=8", "fault.rank=1"], run, timeout_s=300)
+    assert killed.value.exit_code == -9 or killed.value.signal_name == "SIGKILL"  # rank 1 really got SIGKILL
+    assert ckpt.latest_valid(run / "checkpoints").name == "step_00000005"
+    run_ranks(2, common, run)  # the same launch again, minus the fault
+    resume = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert [e["step"] for e in resume] == [5]
+    got, want = losses(run), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]  # exact: same ranks, same order
+
+
+def test_export_reads_sharded_and_deepspeed_checkpoints(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmstable.export import export_hf, load_trained
+
+    runs = {}
+    for name, extra in (("single", []), ("fsdp2", ENGINES["fsdp2"]), ("zero3", ENGINES["zero3"])):
+        runs[name] = tmp_path / name
+        run_ranks(1 if name == "single" else 2, [*TINY, "train.max_steps=4", *extra], runs[name])
+    reference, _, _ = load_trained(runs["single"])
+    batch = torch.randint(0, 400, (2, 16))
+    for name in ("fsdp2", "zero3"):
+        model, _, _ = load_trained(runs[name])
+        assert torch.allclose(model(batch), reference(batch), rtol=1e-4, atol=1e-4), name
+        out = export_hf(runs[name], tmp_path / f"hf-{name}")
+        hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        with torch.no_grad():
+            assert torch.allclose(hf(batch).logits, model(batch), atol=1e-4), name
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero2"])
+def test_zloss_qk_norm_and_4bit_weights_follow_the_single_process_curve(tmp_path, engine):
+    stabilizers = ["stabilizer=[zloss,qk_norm,quant4]", "stabilizer.quant4.group_size=128", "train.max_steps=10",
+                   "train.checkpoint_interval=10", "train.eval_interval=5"]
+    single, run = tmp_path / "single", tmp_path / "run"
+    run_ranks(1, [*TINY, *stabilizers], single)
+    run_ranks(2, [*TINY, *stabilizers, *ENGINES[engine]], run)
+    # 4-bit rounding turns the 1e-7 differences of another summation order into a flipped level now and then:
+    # the curves agree to 1e-4 here rather than 1e-5 (measured: 1.3e-5 under ZeRO-2).
+    assert_close(losses(run), losses(single), rtol=1e-4)
+    z = [r["train/z_loss"] for r in read_jsonl(run / "metrics.jsonl") if "train/z_loss" in r]
+    assert z and all(v > 0 for v in z)
