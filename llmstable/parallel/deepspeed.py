@@ -4,8 +4,9 @@ have one source of truth; `distributed.deepspeed_config` may add or override oth
 
 What ZeRO changes for llmstable:
 - from stage 1 on, the client optimizer steps flat fp32 partitions that mix many tensors, so per-tensor
-  statistics (Stable-SPAM) are impossible there and refused by the config check; SPAM and AdamW are elementwise
-  and exact;
+  statistics (Stable-SPAM) are impossible there; and ZeRO steps it one parameter group at a time, so an
+  optimizer with a global step (SPAM, Stable-SPAM) would count each step once per group. The config check
+  refuses both at stages 1-3; AdamW is elementwise with per-tensor step counts and exact;
 - DeepSpeed clips and updates inside its own step, after the last micro-batch's backward. The spike guard
   therefore sees each step after its update, and a spiky step is rolled back (the update is undone with
   everything else) rather than skipped;
