@@ -67,10 +67,6 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on CPU, on rank 0 (None elsewhere). Every rank must call it."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
-
     # --- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:

@@ -52,12 +52,6 @@ class World:
             t /= self.world_size
         return t
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        if self.distributed and self.world_size > 1:
-            dist.all_reduce(t)
-        return t
-
     def broadcast(self, obj):
         """Rank 0's value of a picklable obj, on every rank."""
         if not self.distributed or self.world_size == 1:
