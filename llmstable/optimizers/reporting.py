@@ -56,9 +56,18 @@ class CountingOptimizer(Optimizer):
     def pop_events(self) -> list[dict]:
         return self.stats.pop_events()
 
+    def global_state(self) -> dict:
+        """The global counters and the reset count: what a reloaded optimizer needs beyond per-tensor state."""
+        return {**self.counters(), "resets": self.stats.resets}
+
+    def load_global_state(self, state: dict) -> None:
+        state = dict(state)
+        self.stats.resets = state.pop("resets")
+        self.set_counters(state)
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd[self.stats.name] = {**self.counters(), "resets": self.stats.resets}
+        sd[self.stats.name] = self.global_state()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -66,6 +75,4 @@ class CountingOptimizer(Optimizer):
         counters = state_dict.pop(self.stats.name, None)  # (torch.distributed.checkpoint carries them apart)
         super().load_state_dict(state_dict)
         if counters is not None:
-            counters = dict(counters)
-            self.stats.resets = counters.pop("resets")
-            self.set_counters(counters)
+            self.load_global_state(counters)

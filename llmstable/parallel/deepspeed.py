@@ -26,6 +26,7 @@ import torch
 
 from llmstable.checkpoint import CheckpointError
 from llmstable.config import ConfigError
+from llmstable.optimizers.reporting import CountingOptimizer
 from llmstable.parallel.engines import Engine, cannot_load
 from llmstable.parallel.world import World
 
@@ -172,8 +173,8 @@ def optimizer_extra(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's step count and, for SPAM / Stable-SPAM, their global counters."""
     steps = [st["step"] for st in optimizer.state.values() if "step" in st]
     extra = {"step": float(steps[0]) if steps else None}
-    if hasattr(optimizer, "counters"):
-        extra["counters"] = {**optimizer.counters(), "resets": optimizer.stats.resets}
+    if isinstance(optimizer, CountingOptimizer):
+        extra["counters"] = optimizer.global_state()
     return extra
 
 
@@ -182,10 +183,8 @@ def set_optimizer_extra(optimizer: torch.optim.Optimizer, extra: dict) -> None:
         for st in optimizer.state.values():
             if "step" in st:
                 st["step"] = torch.full_like(st["step"], extra["step"]) if torch.is_tensor(st["step"]) else int(extra["step"])
-    if "counters" in extra and hasattr(optimizer, "set_counters"):
-        counters = dict(extra["counters"])
-        optimizer.stats.resets = counters.pop("resets")
-        optimizer.set_counters(counters)
+    if "counters" in extra and isinstance(optimizer, CountingOptimizer):
+        optimizer.load_global_state(extra["counters"])
 
 
 def to_universal(source: Path, target: Path) -> None:

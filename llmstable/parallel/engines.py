@@ -24,6 +24,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from llmstable.checkpoint import CheckpointError
+from llmstable.optimizers.reporting import CountingOptimizer
 from llmstable.parallel.world import World
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: FSDP2 keeps the parameters' own dtype
@@ -190,10 +191,6 @@ def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.o
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
 
 
-def _counting(optimizer) -> bool:
-    return hasattr(optimizer, "counters") and hasattr(optimizer, "stats")
-
-
 def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and optimizer into directory/dcp (a collective)."""
     import torch.distributed.checkpoint as dcp
@@ -207,8 +204,8 @@ def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         return
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    if _counting(optimizer):  # SPAM / Stable-SPAM global counters (plain ints, the same on every rank)
-        state["optim_counters"] = {**optimizer.counters(), "resets": optimizer.stats.resets}
+    if isinstance(optimizer, CountingOptimizer):  # SPAM / Stable-SPAM global counters (the same on every rank)
+        state["optim_counters"] = optimizer.global_state()
     dcp.save(state, checkpoint_id=str(directory / "dcp"))
 
 
@@ -232,7 +229,7 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         dcp.load(state, checkpoint_id=str(source))
         set_model_state_dict(model, state["model"])
         return
-    counters = {**optimizer.counters(), "resets": optimizer.stats.resets} if _counting(optimizer) else None
+    counters = optimizer.global_state() if isinstance(optimizer, CountingOptimizer) else None
     model_state, optim_state = get_state_dict(model, optimizer)  # (creates the optimizer state to load into)
     state = {"model": model_state, "optim": optim_state}
     if counters is not None:
@@ -240,10 +237,8 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     dcp.load(state, checkpoint_id=str(source))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if counters is not None:
-        saved = dict(state["optim_counters"])
-        optimizer.stats.resets = saved.pop("resets")
-        optimizer.set_counters(saved)
-        optimizer.stats.events.clear()
+        optimizer.load_global_state(state["optim_counters"])
+        optimizer.stats.events.clear()  # (from get_state_dict's initialising step)
 
 
 def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -262,8 +257,6 @@ def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: t
     extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
     set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))
-    if _counting(optimizer) and optimizer.stats.name in extra:
-        counters = dict(extra[optimizer.stats.name])
-        optimizer.stats.resets = counters.pop("resets")
-        optimizer.set_counters(counters)
+    if isinstance(optimizer, CountingOptimizer) and optimizer.stats.name in extra:
+        optimizer.load_global_state(extra[optimizer.stats.name])
         optimizer.stats.events.clear()
