@@ -4,16 +4,23 @@ Layout of `RUN_DIR/checkpoints/step_00000100/`:
 - the model and optimizer, in the engine's format (llmstable.parallel.engines): `model.safetensors` and
   `optimizer.pt` (one process, DDP; loaded with `weights_only=True`), `dcp/` (FSDP2: sharded by
   torch.distributed.checkpoint) or `deepspeed/` (DeepSpeed ZeRO);
-- `rng.pt`: the torch CPU and CUDA generator states (loaded with `weights_only=True`);
-- `state.json`: step and token counters, the data loader's position, the python and numpy RNG states, and
-  whatever else the trainer needs to continue;
+- `rng.pt`: every RNG state, torch (CPU and CUDA), python and numpy (llmstable.runtime.rng_state; loaded with
+  `weights_only=True`);
+- `state.json`: step and token counters, the data loader's position, and whatever else the trainer needs to
+  continue;
 - `config.yaml`: the resolved config of the run that wrote it;
 - `manifest.json`, written last by rank 0 once every rank has written its shards: the size and SHA-256 of every
   other file, shards included.
 
 A checkpoint is written into a hidden temporary directory, every file is fsync'd, and the directory is renamed
-into place; a crash at any point leaves either the whole checkpoint or none. On load, a checkpoint whose files
-do not match its manifest is skipped with a warning that names the file, and the one before it is used.
+into place; a crash at any point leaves either the whole checkpoint or none. A write that fails (a full disk, any
+OSError) removes its temporary directory and raises `CheckpointWriteError`, naming the path and the space free
+and needed; the previous checkpoints are untouched.
+
+`verify` accepts a checkpoint only if its manifest lists every file in it, every listed file matches its size and
+checksum, the files a loader reads are all listed, and `state.json` is readable. The manifest is also signed with
+the writer's key (llmstable.trust): formats whose files are read with pickle (DCP, DeepSpeed) are loaded only if
+the signature is this user's, or the user opts in.
 
 A checkpoint becomes *good* (a `GOOD` marker file, written atomically) once enough clean steps have followed it;
 the spike guard rolls back to the newest good one, and pruning never deletes it.
@@ -31,13 +38,25 @@ from typing import Any
 
 import torch
 
+from llmstable import trust
+from llmstable.runtime import rng_state, set_rng_state
+
 MANIFEST = "manifest.json"
 GOOD = "GOOD"
 PREFIX = "step_"
+UNLISTED = (MANIFEST, GOOD, f".{GOOD}.tmp")  # written after the manifest
+# The files a loader reads, per format (besides state.json, config.yaml and rng.pt, which every format has).
+FORMAT_FILES = {"safetensors": ("model.safetensors", "optimizer.pt"), "dcp": ("dcp/.metadata",),
+                "deepspeed": ("deepspeed/",)}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the directory or file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, I/O error). The partial write is removed and the
+    previous checkpoints are intact; the CLI exits with code 5."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -55,43 +74,83 @@ def save_checkpoint(
     world = engine.world
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"  # the same name on every rank; a leftover of a killed write is replaced
+    try:
+        if world.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        world.barrier()
+        engine.save(tmp)
+        world.barrier()
+        if before_commit is not None:
+            before_commit()
+        if world.is_main:
+            _write_rest_and_commit(tmp, final, step, state, config_yaml, good)
+    except Exception as err:  # noqa: BLE001  (safetensors and torch.save report a full disk as their own errors)
+        needed = checkpoint_bytes(latest_valid(root, warn=False))
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint filling the disk
+        raise CheckpointWriteError(write_failure(final, err, needed)) from err
     if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    world.barrier()
-    engine.save(tmp)
-    world.barrier()
-    if before_commit is not None:
-        before_commit()
-    if world.is_main:
-        torch.save(_torch_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        files = _files(tmp)
-        for name in files:
-            _fsync(tmp / name)
-        manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
-                                            for n in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST)
-        if good:
-            (tmp / GOOD).write_text(str(step))
-            _fsync(tmp / GOOD)
-        for sub in sorted({(tmp / n).parent for n in files}, reverse=True):
-            _fsync(sub)
-        if final.exists():  # the same step written again (e.g. after a resume): swap, never leave a gap
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync(root)
         _prune(root, keep)
     world.barrier()
     return final
+
+
+def _write_rest_and_commit(tmp: Path, final: Path, step: int, state: dict, config_yaml: str, good: bool) -> None:
+    """(Rank 0.) The files besides the engine's, the signed manifest over all of them, then the rename."""
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "config.yaml").write_text(config_yaml)
+    files = _files(tmp)
+    for name in files:
+        _fsync(tmp / name)
+    manifest: dict[str, Any] = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size,
+                                                             "sha256": _sha256(tmp / n)} for n in files}}
+    signature = trust.sign(manifest)
+    if signature is not None:
+        manifest["signature"] = signature
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST)
+    if good:
+        (tmp / GOOD).write_text(str(step))
+        _fsync(tmp / GOOD)
+    for sub in sorted({(tmp / n).parent for n in files}, reverse=True):
+        _fsync(sub)
+    root = final.parent
+    if final.exists():  # the same step written again (e.g. after a resume): swap, never leave a gap
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+
+
+def checkpoint_bytes(path: Path | None) -> int | None:
+    """The size of a checkpoint on disk (an estimate of the next one's), or None without one."""
+    if path is None:
+        return None
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space on the filesystem that holds directory (or its nearest existing parent)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def write_failure(final: Path, err: BaseException, needed: int | None) -> str:
+    free = free_bytes(final.parent)
+    reason = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else repr(err)
+    need = f"the previous checkpoint took {needed:,} bytes" if needed else "no previous checkpoint to size it by"
+    return (f"could not write checkpoint {final}: {reason}. {free:,} bytes are free on its filesystem and {need}. "
+            f"The partial write was removed and the earlier checkpoints in {final.parent} are intact. Free some "
+            f"space (or lower train.keep_checkpoints, or point run_dir at a larger disk), then run the same command "
+            f"again: it resumes from the newest checkpoint")
 
 
 def _files(directory: Path) -> list[str]:
@@ -107,22 +166,77 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
-def verify(path: Path) -> str | None:
-    """None if every file matches the manifest, else what is wrong, naming the file."""
+def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint `path`, checked for shape; raises CheckpointError naming the file."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
-        return f"{manifest_file} is missing (the write was interrupted)"
+        raise CheckpointError(f"{manifest_file} is missing (the write was interrupted, or this is not a checkpoint)")
     try:
         manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"{manifest_file} is unreadable: {err}"
-    for name, meta in manifest.get("files", {}).items():
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{manifest_file} is unreadable: {err}") from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{manifest_file} lists no files")
+    for name, meta in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(meta, dict) or not isinstance(
+                meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            raise CheckpointError(f"{manifest_file} has a malformed entry {name!r}: {meta!r}")
+    return manifest
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong, naming the file: the manifest lists
+    every file present and every file a loader reads, each listed file matches its size and SHA-256, and
+    state.json is a JSON object with the step and a known format."""
+    try:
+        files = read_manifest(path)["files"]
+        state = _check_files(path, files)
+    except CheckpointError as err:
+        return str(err)
+    fmt = state_format(state)
+    if fmt not in FORMAT_FILES:
+        return f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}"
+    for required in FORMAT_FILES[fmt]:
+        if not any(n == required or (required.endswith("/") and n.startswith(required)) for n in files):
+            return f"{path / required} is not in {MANIFEST}: the {fmt} checkpoint is incomplete"
+    return None
+
+
+def _check_files(path: Path, files: dict) -> dict:
+    unlisted = sorted(set(_files(path)) - set(UNLISTED) - set(files))
+    if unlisted:
+        raise CheckpointError(f"{path / unlisted[0]} is not listed in {path / MANIFEST}: the checkpoint was changed "
+                              "after it was written")
+    for name in ("state.json", "config.yaml", "rng.pt"):
+        if name not in files:
+            raise CheckpointError(f"{path / name} is not listed in {path / MANIFEST}")
+    for name, meta in files.items():
         file = path / name
         if not file.is_file():
-            return f"{file} is missing"
+            raise CheckpointError(f"{file} is missing")
         if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
-            return f"{file} does not match its checksum in {MANIFEST}"
-    return None
+            raise CheckpointError(f"{file} does not match its checksum in {MANIFEST}")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'state.json'} is not valid JSON: {err}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / 'state.json'} is not an llmstable checkpoint state (no integer 'step')")
+    return state
+
+
+def state_format(state: dict) -> str:
+    engine = state.get("engine")
+    return engine.get("format", "safetensors") if isinstance(engine, dict) else "safetensors"
+
+
+def check_trusted(path: Path, trusted: bool, opt_in: str) -> None:
+    """Refuse a checkpoint in a pickle-bearing format (DCP, DeepSpeed) that was not written under this account,
+    unless the user trusts it (see llmstable.trust)."""
+    fmt = state_format(read_state(path))
+    if fmt in trust.PICKLE_FORMATS and not trusted and not trust.signed_here(read_manifest(path)):
+        raise CheckpointError(trust.untrusted_message(path, fmt, opt_in))
 
 
 def mark_good(path: Path) -> None:
@@ -145,53 +259,33 @@ def latest_good(root: Path, check_files: bool = True) -> Path | None:
     return None
 
 
-def latest_valid(root: Path) -> Path | None:
+def latest_valid(root: Path, warn: bool = True) -> Path | None:
     """The newest checkpoint that passes verification; broken ones are skipped with a warning."""
     for path in list_checkpoints(root):
         problem = verify(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping corrupt checkpoint {path}: {problem}", stacklevel=2)
+        if warn:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {problem}", stacklevel=2)
     return None
 
 
-def load_checkpoint(path: Path, engine, check: bool = True) -> dict:
+def load_checkpoint(path: Path, engine, check: bool = True, trusted: bool = False) -> dict:
     """Restore the engine's model and optimizer and the torch RNGs from `path` (every rank calls it); returns
-    state.json's content. check=False skips the checksums (another rank verified them)."""
-    problem = verify(path) if check else None
-    if problem is not None:
-        raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
+    state.json's content. check=False skips the checksums and the trust check (another rank did them)."""
+    if check:
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
+        check_trusted(path, trusted, "resume_trust=true")
     state = read_state(path)
     engine.load(path, state.get("engine", {}))
-    _set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    if "torch" not in rng:  # written before every RNG went into rng.pt: torch's here, the others in state.json
+        old = state.get("rng") or {"python": state.get("rng_python"), "numpy": state.get("rng_numpy")}
+        rng = {"torch": rng, **{k: v for k, v in old.items() if v is not None}}
+    set_rng_state(rng)
     return state
-
-
-def read_weights(path: Path, model: torch.nn.Module) -> None:
-    """The model weights of checkpoint `path`, whatever engine wrote it, into a plain (unsharded) model."""
-    problem = verify(path)
-    if problem is not None:
-        raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
-    fmt = read_state(path).get("engine", {}).get("format", "safetensors")
-    if fmt == "safetensors":
-        from llmstable.parallel.engines import load_safetensors
-
-        load_safetensors(path, model, None)
-    elif fmt == "dcp":
-        from llmstable.parallel.engines import load_dcp
-
-        load_dcp(path, model, None)
-    elif fmt == "deepspeed":
-        from llmstable.parallel.deepspeed import read_deepspeed_weights
-
-        weights = read_deepspeed_weights(path)
-        own = model.state_dict()
-        missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and "tok_embeddings.weight" in weights)]
-        if missing:
-            raise CheckpointError(f"{path / 'deepspeed'} lacks weights {missing[:5]}: written with another model?")
-        model.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
-    else:
-        raise CheckpointError(f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -219,19 +313,6 @@ def fingerprint(tensors) -> str:
     for t in tensors:
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _torch_rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_torch_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -76,7 +76,7 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
     """One initial-weights file per seed, written once (atomically) and reused by every arm and every rerun."""
     from safetensors.torch import save_file
 
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from llmstable.data import build_data
     from llmstable.model import build_model, llama_config
 
@@ -120,7 +120,8 @@ def multirun_overrides(sweep: SweepConfig, train_overrides: list[str], root: Pat
 
 
 def compare_command(args: list[str]) -> int:
-    from llmstable.cli import CONFIG_DIR, train_command
+    from llmstable.compose import CONFIG_DIR
+    from llmstable.train import train_command
     from llmstable.report import write_report
 
     try:

@@ -6,10 +6,16 @@ weights is exported with its full-precision master weights.
 
 Our parameter names map one to one onto Hugging Face's, and the rotary layout is the same ("rotate half"), so
 export is a rename: no weight is permuted or changed.
+
+Export never deletes what it reads: a target that is, contains or lies inside the source run (or checkpoint) is
+refused, and `--overwrite` replaces only a folder that llmstable itself exported (it carries `EXPORT_MARKER`).
+The folder is written beside the target and renamed into place, so a failed export leaves the old one whole.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +25,10 @@ from omegaconf import OmegaConf
 from llmstable import checkpoint as ckpt
 from llmstable.config import TrainConfig, load_config
 from llmstable.model import Llama
+from llmstable.parallel.weights import read_weights
 from llmstable.stabilizers import build_model_and_stabilizers
+
+EXPORT_MARKER = ".llmstable-export"  # written into every exported folder; --overwrite replaces only such folders
 
 
 class ExportError(RuntimeError):
@@ -50,6 +59,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (-> its newest valid checkpoint)."""
     path = Path(path)
     if (path / ckpt.MANIFEST).exists():
+        problem = ckpt.verify(path)
+        if problem is not None:
+            raise ExportError(f"checkpoint {path} cannot be read: {problem}")
         return path
     if not path.is_dir():
         raise ExportError(f"{path} does not exist: pass a run directory or RUN_DIR/checkpoints/step_NNNNNNNN")
@@ -59,19 +71,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_trained(path: str | Path) -> tuple[Llama, object, TrainConfig]:
-    """(model in eval mode on CPU, tokenizer, config) from a run directory or a checkpoint."""
+def load_trained(path: str | Path, trusted: bool = False) -> tuple[Llama, object, TrainConfig]:
+    """(model in eval mode on CPU, tokenizer, config) from a run directory or a checkpoint. trusted=True
+    (--trust-checkpoint) also reads DCP and DeepSpeed checkpoints written under another account."""
     from transformers import AutoTokenizer
 
     checkpoint = resolve_checkpoint(path)
-    cfg = load_config(OmegaConf.load(checkpoint / "config.yaml"))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(checkpoint / "config.yaml"))
+    except Exception as err:  # noqa: BLE001  (yaml and OmegaConf raise several kinds)
+        raise ExportError(f"{checkpoint / 'config.yaml'} is not a readable config: {err}") from err
+    cfg = load_config(raw)
     tokenizer_dir = checkpoint.parent.parent / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise ExportError(f"{tokenizer_dir} is missing: the run directory must keep the tokenizer it trained with")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     cfg.stabilizer.quant4 = None  # export the full-precision master weights, as plain linears
     model, _ = build_model_and_stabilizers(cfg, len(tokenizer))
-    ckpt.read_weights(checkpoint, model)  # from any engine's format: safetensors, DCP shards or DeepSpeed ZeRO
+    read_weights(checkpoint, model, trusted)  # from any engine's format: safetensors, DCP shards or DeepSpeed ZeRO
     return model.eval(), tokenizer, cfg
 
 
@@ -109,22 +126,60 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def check_target(source: Path, checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse a target that overlaps what is read, and a non-empty target that is not an earlier export (or is
+    one, without --overwrite)."""
+    target = out_dir.resolve()
+    protected = {source.resolve(), checkpoint.resolve()}
+    if checkpoint.resolve().parent.name == "checkpoints":  # inside a run directory, which holds the tokenizer too
+        protected.add(checkpoint.resolve().parent.parent)
+    for protected in protected:
+        if target == protected or target in protected.parents or protected in target.parents:
+            raise ExportError(
+                f"export target {out_dir} overlaps the run it exports ({protected}): exporting there could delete "
+                "the checkpoints it reads. Choose a folder outside the run directory, e.g. hf/NAME")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"export target {out_dir} exists and is not a folder: choose another path")
+    if not any(out_dir.iterdir()):
+        return
+    if not (out_dir / EXPORT_MARKER).is_file():
+        raise ExportError(f"export target {out_dir} is not empty and is not an llmstable export (no {EXPORT_MARKER} "
+                          "in it), so --overwrite will not replace it: choose another folder, or empty it yourself")
+    if not overwrite:
+        raise ExportError(f"export target {out_dir} already holds an export: pass --overwrite to replace it, or "
+                          "choose another folder")
+
+
+def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, trusted: bool = False) -> Path:
     """Write a LlamaForCausalLM folder for the run or checkpoint at `path`."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"export target {out_dir} already exists and is not empty: choose another folder, "
-                              "delete it, or pass --overwrite")
-        shutil.rmtree(out_dir)
-    model, tokenizer, _ = load_trained(path)
+    checkpoint = resolve_checkpoint(path)
+    check_target(Path(path), checkpoint, out_dir, overwrite)
+    model, tokenizer, _ = load_trained(checkpoint, trusted)
     hf = AutoModelForCausalLM.from_config(hf_config(model, tokenizer))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [m for m in missing if not (model.cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ExportError(f"weight names do not map onto {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
-    hf.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(checkpoint.resolve())}) + "\n")
+        if out_dir.exists():  # an earlier export (checked above), or an empty folder
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write the export to {out_dir}: {err}; nothing was replaced") from err
     return out_dir

@@ -6,6 +6,7 @@ that step, it does not fire again, as a transient hardware or data fault would n
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -50,7 +51,16 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def checkpoint_hook(self, step: int):
-        """A callback for the middle of writing checkpoint `step` (files written, manifest and rename not yet)."""
-        if self.cfg.kill_in_checkpoint_at_step != step or not self.here:
+        """A callback for the middle of writing checkpoint `step` (files written, manifest and rename not yet): a
+        SIGKILL, or a full disk (ENOSPC, as the writer would get it)."""
+        if not self.here:
             return None
-        return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        if self.cfg.kill_in_checkpoint_at_step == step:
+            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        if self.cfg.disk_full_at_step == step:
+            return lambda: _disk_full(step)
+        return None
+
+
+def _disk_full(step: int) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"checkpoint of step {step} (fault.disk_full_at_step)")

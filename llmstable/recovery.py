@@ -1,16 +1,24 @@
-"""What recovery needs besides checkpoints: the ledger that survives rollbacks, resetting optimizer moments, and
-deciding which config changes a resume may accept.
+"""Recovery from spikes: the rollback policy, the ledger that survives rollbacks, and resetting optimizer moments.
 
-A rollback is a resume from the last good checkpoint plus a data skip (one code path: `Trainer.restore`). The
-checkpoint brings back the model, the optimizer, the data position, the RNGs and the detector; the ledger is what
-must *not* go back in time: the counters, the data skip list, the LR scale and which faults have fired.
+The spike guard (llmstable.stabilizers.spike) detects and climbs its ladder; `Rollback` turns its actions into
+plans and keeps the books. It decides, the trainer executes:
+- after each step, which saved checkpoints have been followed by enough clean steps to become *good*;
+- on a rollback, a `Plan`: the good checkpoint to return to, the sample ordinals to skip, the LR factor, and
+  whether to zero the optimizer moments; or an abort when there is nothing to return to, or too many rollbacks.
+The trainer carries a plan out through the same `restore` that resume uses, so a rollback is a resume plus a
+data skip. The checkpoint brings back the model, the optimizer, the data position, the RNGs and the detector; the
+ledger is what must *not* go back in time: the counters, the data skip list, the LR scale and which faults have
+fired.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+
+from llmstable.config import SpikeGuardConfig
 
 
 @dataclass
@@ -33,6 +41,98 @@ class Ledger:
         return cls(**state) if state else cls()
 
 
+@dataclass
+class Target:
+    """A good checkpoint to return to, and the data position saved in it."""
+
+    path: Path
+    step: int
+    ordinal: int
+
+
+@dataclass
+class Plan:
+    """What the trainer must do after a spike that the guard would not just skip."""
+
+    kind: str  # rollback | abort
+    target: Target | None = None
+    skip: tuple[int, int] = (0, 0)  # [start, end) sample ordinals never to serve again
+    lr_factor: float = 1.0  # multiplies the ledger's LR scale
+    reset_moments: bool = False
+
+
+class Rollback:
+    """The rollback policy of the spike guard (`stabilizer.spike_guard`); with no guard, every checkpoint is good
+    at once and no plan is ever made."""
+
+    def __init__(self, cfg: SpikeGuardConfig | None, global_batch_size: int):
+        self.cfg, self.global_batch_size = cfg, global_batch_size
+        self.ledger = Ledger()
+        self.pending_good: list[int] = []  # checkpoint steps waiting for enough clean steps to become good
+
+    @property
+    def guarded(self) -> bool:
+        return self.cfg is not None
+
+    def saved(self, step: int, good: bool) -> None:
+        """Checkpoint `step` was written (`good`: already marked good, as the initial weights are)."""
+        if self.guarded and not good:
+            self.pending_good.append(step)
+
+    def step_done(self, step: int, skipped: bool) -> list[int]:
+        """After optimizer step `step` (counted): the checkpoints that became good with it. A skipped update
+        counts as a spike, and what was saved just before it is not a safe place to return to."""
+        if skipped:
+            self.ledger.spikes += 1
+            self.ledger.skipped_steps += 1
+            self.pending_good.clear()
+            return []
+        ready = [s for s in self.pending_good if step - s >= self.cfg.good_after_steps] if self.guarded else []
+        self.pending_good = [s for s in self.pending_good if s not in ready]
+        return ready
+
+    def plan(self, action, consumed_until: int, target: Target | None) -> Plan:
+        """The plan for a rollback or abort `action` of the guard, given the samples consumed so far (the loader's
+        ordinal) and the newest good checkpoint. Counts the spike."""
+        self.ledger.spikes += 1
+        if action.kind == "abort" or target is None:
+            return Plan("abort", target)
+        margin = self.cfg.margin_steps * self.global_batch_size
+        return Plan("rollback", target, (target.ordinal, consumed_until + margin),
+                    self.cfg.lr_cut_factor if action.lr_cut else 1.0, action.moment_reset)
+
+    def carried_out(self, plan: Plan) -> None:
+        """Book a rollback the trainer has carried out (after its restore)."""
+        ledger = self.ledger
+        start, end = plan.skip
+        ledger.skip_ranges = _add_range(ledger.skip_ranges, start, end)
+        ledger.rollbacks += 1
+        ledger.skipped_samples += end - start
+        if plan.lr_factor != 1.0:
+            ledger.lr_scale *= plan.lr_factor
+            ledger.lr_cuts += 1
+        if plan.reset_moments:
+            ledger.moment_resets += 1
+        self.pending_good.clear()
+
+    def state_dict(self) -> dict:
+        return {"ledger": self.ledger.state_dict(), "pending_good": list(self.pending_good)}
+
+    def load_state_dict(self, state: dict, keep_ledger: bool = False) -> None:
+        """Resume: everything from the checkpoint. Rollback (keep_ledger): only the pending checkpoints."""
+        if not keep_ledger:
+            self.ledger = Ledger.from_state(state.get("ledger"))
+        self.pending_good = list(state.get("pending_good", []))
+
+
+def _add_range(ranges: list, start: int, end: int) -> list:
+    from llmstable.data.loader import SkipList
+
+    skip = SkipList(ranges)
+    skip.add(start, end)
+    return skip.ranges
+
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2")
 
 
@@ -46,38 +146,3 @@ def zero_moments(optimizer: torch.optim.Optimizer) -> int:
                 state[key].zero_()
                 count += 1
     return count
-
-
-# Keys (dotted prefixes) that may change when a run is resumed; each change is logged. Everything else would
-# change what the run is (model shape, tokenizer, data, seed, optimizer type, architecture switches) and is
-# refused unless resume_force=true.
-HARMLESS = (
-    "optimizer.lr", "optimizer.weight_decay", "optimizer.compiled", "optimizer.impl", "schedule.",
-    "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
-    "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
-    "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
-    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard", "name",
-    "stabilizer.zloss", "distributed.",  # the engine may change: the checkpoint loader says which formats it reads
-)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(harmless, breaking) changes between two resolved configs, each as 'key: old -> new'."""
-    a, b = flatten(old), flatten(new)
-    harmless, breaking = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") == b.get(key, "<unset>"):
-            continue
-        line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
-        (harmless if key.startswith(HARMLESS) else breaking).append(line)
-    return harmless, breaking

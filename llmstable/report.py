@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from llmstable.metrics import read_jsonl
 from llmstable.plot import final_curve
-from llmstable.recovery import flatten
+from llmstable.resume import flatten
 
 TIMING = ("wall_s", "tokens_per_sec", "peak_memory_mb")  # the only fields that differ between identical reruns
 

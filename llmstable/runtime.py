@@ -1,4 +1,4 @@
-"""The process around a run: device, precision, seeding, memory, and RNG states in JSON-safe form."""
+"""The process around a run: device, precision, seeding, memory, and every RNG state in one place."""
 
 from __future__ import annotations
 
@@ -45,13 +45,24 @@ def memory_mb(device: torch.device) -> float:
 
 
 def rng_state() -> dict:
-    """The python and numpy RNG states as JSON-safe lists (torch's go to rng.pt with the checkpoint)."""
-    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+    """Every RNG the run draws from: torch (CPU and CUDA), python and numpy. Tensors and plain lists only, so the
+    checkpoint's rng.pt loads with torch.load(weights_only=True)."""
+    torch_state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        torch_state["cuda"] = torch.cuda.get_rng_state_all()
+    return {"torch": torch_state, "python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(_python_rng(state["python"]))
-    np.random.set_state(_numpy_rng(state["numpy"]))
+    """Restore what rng_state() returned (a part of it: each key is optional)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"]["cpu"])
+        if "cuda" in state["torch"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch"]["cuda"])
+    if state.get("python") is not None:
+        random.setstate(_python_rng(state["python"]))
+    if state.get("numpy") is not None:
+        np.random.set_state(_numpy_rng(state["numpy"]))
 
 
 def _jsonable(value):

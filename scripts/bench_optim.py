@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "optimizers"))
 
-from llmstable.cli import compose_config  # noqa: E402
+from llmstable.compose import compose_config  # noqa: E402
 from llmstable.model import Llama, llama_config  # noqa: E402
 from llmstable.optimizers import SPAM, StableSPAM  # noqa: E402
 from reference import ReferenceSPAM, ReferenceStableSPAM  # noqa: E402

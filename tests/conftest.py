@@ -21,8 +21,10 @@ TINY = [
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """One tokenizer/token cache for the whole session, away from the user's ~/.cache."""
+    """One tokenizer/token cache and one checkpoint-signing key for the whole session, away from the user's ~/.cache
+    and ~/.config."""
     os.environ["LLMSTABLE_CACHE"] = str(tmp_path_factory.mktemp("llmstable-cache"))
+    os.environ["LLMSTABLE_KEY_FILE"] = str(tmp_path_factory.mktemp("llmstable-key") / "checkpoint.key")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
 
@@ -30,7 +32,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tmp_path):
     """compose(overrides) -> a TrainConfig of the real configs/ tree with TINY overrides applied first."""
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
 
     def make(*overrides: str, run_dir: Path | None = None):
         return compose_config([*TINY, *overrides], run_dir=run_dir or tmp_path / "run")

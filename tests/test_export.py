@@ -9,7 +9,7 @@ from llmstable.trainer import train
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from conftest import TINY
 
     run = tmp_path_factory.mktemp("export") / "run"
@@ -23,7 +23,7 @@ def test_exported_model_gives_the_same_logits_in_transformers(trained_run, tmp_p
 
     run = trained_run
     if variant != "untied_gqa":  # a separately trained model
-        from llmstable.cli import compose_config
+        from llmstable.compose import compose_config
         from conftest import TINY
 
         extra = {"tied": ["model.tie_embeddings=true"], "qk_norm": ["stabilizer=[qk_norm]", "model.n_kv_heads=2"]}
@@ -41,12 +41,57 @@ def test_exported_model_gives_the_same_logits_in_transformers(trained_run, tmp_p
     assert hf.config.tie_word_embeddings == ours.cfg.tie_embeddings == (variant != "untied_gqa")
 
 
-def test_export_refuses_an_existing_target(trained_run, tmp_path):
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_export(trained_run, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"taken already exists.*--overwrite"):
-        export_hf(trained_run, tmp_path / "taken")
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"taken is not empty and is not an llmstable export"):
+            export_hf(trained_run, tmp_path / "taken", overwrite=overwrite)
+    assert snapshot(tmp_path / "taken") == {"keep.txt": b"mine"}
+
+
+def test_overwrite_replaces_an_earlier_export_only_when_asked(trained_run, tmp_path):
+    out = export_hf(trained_run, tmp_path / "hf")
+    assert (out / ".llmstable-export").is_file() and (out / "model.safetensors").is_file()
+    with pytest.raises(ExportError, match="already holds an export: pass --overwrite"):
+        export_hf(trained_run, out)
+    (out / "stale.txt").write_text("from before")
+    export_hf(trained_run, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".hf.*"))  # no temporary or old folder left beside it
+
+
+@pytest.mark.parametrize("target", ["run", "checkpoint_into_run", "inside_run", "above_run"])
+def test_export_never_writes_over_or_into_what_it_reads(trained_run, tmp_path, target):
+    import shutil
+
+    run = tmp_path / "parent" / "run"
+    shutil.copytree(trained_run, run)
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    source, out = {"run": (run, run), "checkpoint_into_run": (checkpoint, run),
+                   "inside_run": (run, run / "hf"), "above_run": (checkpoint, tmp_path / "parent")}[target]
+    before = snapshot(run)
+    with pytest.raises(ExportError, match="overlaps the run it exports"):
+        export_hf(source, out, overwrite=True)
+    assert snapshot(run) == before
+
+
+def test_the_cli_refuses_to_export_a_run_onto_itself(trained_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    done = subprocess.run([sys.executable, "-m", "llmstable.cli", "export", str(run), str(run), "--overwrite"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "overlaps the run it exports" in done.stderr and "Traceback" not in done.stderr
+    assert snapshot(run) == before
 
 
 def test_export_from_a_directory_without_checkpoints_says_so(tmp_path):

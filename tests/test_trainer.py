@@ -63,10 +63,12 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run_bit_for_bit(tiny
     assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
 
 
-def test_resume_never_starts_over(tiny_config, tmp_path):
+def test_resume_never_starts_over_after_moving_the_earlier_run_aside(tiny_config, tmp_path):
     train(tiny_config("train.max_steps=3", run_dir=tmp_path / "r"))
-    summary = train(tiny_config("train.max_steps=3", "resume=never", run_dir=tmp_path / "r"))
+    summary = train(tiny_config("train.max_steps=3", "resume=never", "run_dir_overwrite=true", run_dir=tmp_path / "r"))
     assert summary["resumed_from_step"] is None and summary["steps"] == 3
+    (aside,) = tmp_path.glob("r.replaced-*")
+    assert (aside / "checkpoints" / "step_00000003").is_dir() and (aside / "metrics.jsonl").is_file()
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_config, tmp_path):

@@ -12,7 +12,9 @@ What ZeRO changes for llmstable:
   everything else) rather than skipped;
 - checkpoints are DeepSpeed's own (`deepspeed/` in the checkpoint). Resumed on another number of ranks, a
   ZeRO 1-3 checkpoint is first converted to DeepSpeed's universal format (`ds_to_universal`), which
-  DeepSpeed then loads on the new layout.
+  DeepSpeed then loads on the new layout. DeepSpeed reads its files with `weights_only=False`; every read here
+  runs inside `trust.weights_only_loads()`, torch's restricted unpickler with DeepSpeed's few data classes
+  allowed, and the checkpoint must also pass the trust check (llmstable.trust).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from llmstable.checkpoint import CheckpointError
 from llmstable.config import ConfigError
+from llmstable.trust import weights_only_loads
 from llmstable.optimizers.reporting import CountingOptimizer
 from llmstable.parallel.engines import Engine, cannot_load
 from llmstable.parallel.world import World
@@ -79,6 +82,8 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     checkpoint_format = "deepspeed"
     fused_step = True
+    can_compile = False  # the DeepSpeed engine wraps the module itself
+    holds_whole_model = False
 
     def __init__(self, world: World, model: torch.nn.Module, ds_engine, stage: int, run_dir: Path):
         super().__init__(world, model, ds_engine.optimizer)
@@ -99,6 +104,9 @@ class DeepSpeedEngine(Engine):
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)  # ZeRO wraps the client optimizer
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "zero_stage": self.stage}
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
@@ -143,7 +151,8 @@ class DeepSpeedEngine(Engine):
             return
         universal = self.run_dir / "checkpoints" / f".universal-{directory.name}"
         if self.world.is_main:
-            to_universal(source, universal)
+            with weights_only_loads():
+                to_universal(source, universal)
         self.world.barrier()
         try:
             self._load(universal, universal=True)
@@ -156,8 +165,9 @@ class DeepSpeedEngine(Engine):
     def _load(self, source: Path, universal: bool) -> None:
         self.ds._config.load_universal_checkpoint = universal
         try:
-            path, _ = self.ds.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            with weights_only_loads():
+                path, _ = self.ds.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         finally:
             self.ds._config.load_universal_checkpoint = False
         if path is None:
@@ -202,14 +212,20 @@ def to_universal(source: Path, target: Path) -> None:
 
 def read_deepspeed_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from a DeepSpeed checkpoint, in one process (for export)."""
+    import pickle
+
     source = directory / "deepspeed"
     optim_files = list((source / TAG).glob("*optim_states.pt"))
-    if optim_files:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+    try:
+        if optim_files:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(source), tag=TAG))
-    states = torch.load(source / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            with weights_only_loads():
+                return dict(get_fp32_state_dict_from_zero_checkpoint(str(source), tag=TAG))
+        with weights_only_loads():
+            states = torch.load(source / TAG / "mp_rank_00_model_states.pt", map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{source} holds files that torch's weights-only loader refuses (objects besides "
+                              f"tensors and DeepSpeed's own data classes): {str(err).splitlines()[0]}") from err
     return dict(states["module"])
 

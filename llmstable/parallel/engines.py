@@ -7,6 +7,10 @@ their state is checkpointed. The trainer calls the same few methods whatever the
     engine.step(); engine.zero_grad()
     engine.save(dir) / engine.load(dir, meta)   every rank calls them (they may be collectives)
 
+and asks it what it can do instead of its name: `can_compile`, `fused_step` (clipping and the update happen
+inside backward, so an update cannot be skipped or replayed), `holds_whole_model` (every rank has every weight),
+`full_state_dict()`, `optimizer_metrics()`, `optimizer_events()`, `checkpoint_meta()`.
+
 Parallelism is applied from outside: the model file never imports torch.distributed.
 
 Checkpoint formats (`meta["format"]` in state.json):
@@ -36,6 +40,8 @@ class Engine:
     name = "single"
     checkpoint_format = "safetensors"
     fused_step = False  # True when clipping and the update happen inside backward (DeepSpeed)
+    can_compile = True  # torch.compile may wrap the forward
+    holds_whole_model = True  # every rank holds every weight, as plain tensors
 
     def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.world, self.model, self.optimizer = world, model, optimizer
@@ -45,6 +51,25 @@ class Engine:
     def base_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer that holds the moments (zeroed by the spike guard) and reports metrics."""
         return self.optimizer
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        """The optimizer's own metrics since the last call (SPAM and Stable-SPAM report some)."""
+        metrics = getattr(self.base_optimizer, "metrics", None)
+        return metrics() if callable(metrics) else {}
+
+    def optimizer_events(self) -> list[dict]:
+        """The optimizer's events since the last call (e.g. momentum resets)."""
+        pop = getattr(self.base_optimizer, "pop_events", None)
+        return pop() if callable(pop) else []
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records about the engine that wrote it (state.json's `engine` entry)."""
+        return {"name": self.name, "format": self.checkpoint_format, "world_size": self.world.world_size,
+                "zero_stage": None}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """On rank 0, every weight as a plain tensor (a collective for sharded engines); None on other ranks."""
+        return self.model.state_dict() if self.world.is_main else None
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -112,6 +137,7 @@ class FSDP2Engine(Engine):
 
     name = "fsdp2"
     checkpoint_format = "dcp"
+    holds_whole_model = False
 
     @staticmethod
     def shard(model: torch.nn.Module, world: World, cfg) -> torch.nn.Module:
@@ -151,6 +177,12 @@ class FSDP2Engine(Engine):
 
     def readers(self) -> dict:
         return {"dcp": load_dcp, "safetensors": load_full_into_sharded}
+
+
+def fused_step(distributed_name: str) -> bool:
+    """Whether the engine of that name updates inside backward (known before it is built: stabilizers are built
+    first, with what they may do)."""
+    return distributed_name == "deepspeed"
 
 
 def build_engine(cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> Engine:

@@ -7,18 +7,18 @@ import torch
 
 from llmstable.config import StabilizerConfig, TrainConfig
 from llmstable.model import Llama, build_model, llama_config
-from llmstable.stabilizers.hooks import Stabilizer
+from llmstable.stabilizers.hooks import Action, Capabilities, Stabilizer
 from llmstable.stabilizers.qk_norm import QKNorm
 from llmstable.stabilizers.quant4 import Quant4
 from llmstable.stabilizers.spike import SpikeGuard
 from llmstable.stabilizers.zloss import ZLoss, z_loss
 
-__all__ = ["QKNorm", "Quant4", "SpikeGuard", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
+__all__ = ["Action", "Capabilities", "QKNorm", "Quant4", "SpikeGuard", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
 
 
-def build_stabilizers(cfg: StabilizerConfig) -> list[Stabilizer]:
+def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabilities()) -> list[Stabilizer]:
     """The active stabilizers, in the fixed order they are applied: architecture first, then model transforms
-    (quantization), then loss hooks."""
+    (quantization), then loss hooks. `capabilities` says what the run's engine allows them to ask for."""
     out: list[Stabilizer] = []
     if cfg.qk_norm is not None:
         out.append(QKNorm())
@@ -27,14 +27,14 @@ def build_stabilizers(cfg: StabilizerConfig) -> list[Stabilizer]:
     if cfg.zloss is not None:
         out.append(ZLoss(cfg.zloss.coef))
     if cfg.spike_guard is not None:
-        out.append(SpikeGuard(cfg.spike_guard))
+        out.append(SpikeGuard(cfg.spike_guard, capabilities))
     return out
 
 
-def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int,
-                                device: torch.device | str = "cpu") -> tuple[Llama, list[Stabilizer]]:
+def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int, device: torch.device | str = "cpu",
+                                capabilities: Capabilities = Capabilities()) -> tuple[Llama, list[Stabilizer]]:
     """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms."""
-    stabilizers = build_stabilizers(cfg.stabilizer)
+    stabilizers = build_stabilizers(cfg.stabilizer, capabilities)
     model_cfg = llama_config(cfg.model, vocab_size)
     for stabilizer in stabilizers:
         stabilizer.configure_model(model_cfg)

@@ -1,14 +1,32 @@
 """The stabilizer hook base class. Every hook does nothing by default; a stabilizer overrides the few it needs.
 
-Hooks fire in this order, on every rank alike, and never call torch.distributed themselves:
+Stabilizers are built before the engine, and are told then what the run allows (`Capabilities`), so that none is
+changed afterwards. Hooks fire in this order, on every rank alike, and never call torch.distributed themselves:
+
 - `configure_model(model_cfg)`: once, before the model is built; may change the architecture config.
 - `transform_model(model)`: once, after the model is built and before the optimizer sees its parameters; may swap
   modules (e.g. fake-quantized linears). Applied from outside, so the model file stays plain.
-- `on_loss(logits, loss)`: every micro-batch, after the cross-entropy and before backward; returns the loss to
+- `compute_loss(logits, targets)`: every micro-batch, in place of the cross-entropy. The first stabilizer that
+  returns a tensor provides the training loss (StableMax, say); None keeps the cross-entropy. `train/loss` logs
+  whatever loss was trained on.
+- `on_loss(logits, loss)`: every micro-batch, after the training loss and before backward; returns the loss to
   backpropagate (e.g. plus an auxiliary term).
-- `check_step(step, values, rollbacks_so_far)`: every optimizer step, after backward and clipping and before the
-  optimizer step, with the step's `loss` and `grad_norm` as host floats (already reduced across ranks); returns
-  None or an action for the trainer to carry out (skip the update, roll back, abort).
+- `on_gradients(model)`: every optimizer step, after the last micro-batch's backward (gradients already reduced
+  across ranks; sharded engines hand DTensor gradients) and before clipping and the gradient norm; may change
+  `p.grad` in place (gradient transforms: norm-growth limiting, orthogonal projection). Not called where the engine
+  updates inside backward (`Capabilities.fused_step`, DeepSpeed): such a stabilizer must refuse that engine in
+  its config check.
+- `check_step(step, values, rollbacks_so_far)`: every optimizer step, after clipping and before the optimizer step,
+  with the step's `loss` and `grad_norm` as host floats (already reduced across ranks); returns None or an
+  `Action` for the trainer to carry out: skip the update, roll back, abort, or replay. The first action wins.
+- `on_replay(step, first, replayed)`: after a stabilizer's `check_step` asked for `Action("replay")`, the trainer
+  recomputes the step from the same state, with the same batch and the same RNG (forward, backward, gradient hooks,
+  clipping), and calls this on that stabilizer with both results; it returns None or an action (not another
+  replay). The step goes on with the replayed gradients and values. A stabilizer that may ask for a replay sets
+  `replays = True` (the trainer then keeps a replay point each step: the data position and the RNG states); it
+  may only ask where `Capabilities.can_replay`.
+- `on_update(model)`: every optimizer step whose update was applied, right after it (update clipping, weight
+  rescaling such as QK-clip). Like `on_gradients`, not called under a fused step.
 - `metrics()`: at logging intervals; returns `stab/<name>/...` values (this is where a stabilizer may sync).
 
 `state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume.
@@ -16,11 +34,49 @@ Hooks fire in this order, on every rank alike, and never call torch.distributed 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the run's engine lets a stabilizer do, known when the stabilizers are built."""
+
+    fused_step: bool = False  # the engine clips and updates inside backward (DeepSpeed)
+
+    @property
+    def can_skip(self) -> bool:
+        """An update can be withheld after the step is checked (not once it has been applied)."""
+        return not self.fused_step
+
+    @property
+    def can_replay(self) -> bool:
+        """A step can be recomputed from the same state before it is applied."""
+        return not self.fused_step
+
+
+@dataclass
+class Detection:
+    metric: str
+    value: float
+    threshold: float
+    rule: str  # non_finite | window | ema_ratio | a stabilizer's own
+
+
+@dataclass
+class Action:
+    """What a stabilizer asks the trainer to do at this step."""
+
+    kind: str  # skip_step | rollback | abort | replay
+    detections: list[Detection] = field(default_factory=list)
+    lr_cut: bool = False
+    moment_reset: bool = False
 
 
 class Stabilizer:
     name = "stabilizer"
+    replays = False  # True if check_step may return Action("replay")
 
     def configure_model(self, model_cfg) -> None:
         """Before the model is built (architecture switches)."""
@@ -29,13 +85,27 @@ class Stabilizer:
         """After the model is built, before the optimizer is; returns the model to train."""
         return model
 
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Each micro-batch: a loss that replaces the cross-entropy, or None."""
+        return None
+
     def on_loss(self, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Each micro-batch: the loss to backpropagate."""
         return loss
 
-    def check_step(self, step: int, values: dict[str, float], rollbacks_so_far: int):
-        """Each optimizer step, before the update: None, or an action (see llmstable.stabilizers.spike.Action)."""
+    def on_gradients(self, model: torch.nn.Module) -> None:
+        """Each optimizer step, after backward and before clipping: may change the gradients in place."""
+
+    def check_step(self, step: int, values: dict[str, float], rollbacks_so_far: int) -> Action | None:
+        """Each optimizer step, before the update: None, or an action for the trainer."""
         return None
+
+    def on_replay(self, step: int, first: dict[str, float], replayed: dict[str, float]) -> Action | None:
+        """After the replay this stabilizer asked for: None, or an action for the trainer (not a replay)."""
+        return None
+
+    def on_update(self, model: torch.nn.Module) -> None:
+        """Each applied optimizer step, right after the update."""
 
     def metrics(self) -> dict[str, float]:
         """At logging time: metrics since the last call."""

@@ -23,26 +23,22 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from llmstable.stabilizers.hooks import Stabilizer
+from llmstable.config import SpikeGuardConfig
+from llmstable.stabilizers.hooks import Action, Capabilities, Detection, Stabilizer
 
-
-@dataclass
-class Detection:
-    metric: str
-    value: float
-    threshold: float
-    rule: str  # non_finite | window | ema_ratio
+__all__ = ["Action", "Detection", "SpikeDetector", "SpikeGuard"]
 
 
 @dataclass
 class SpikeDetector:
-    """Rolling mean + k_std * std and EMA-ratio rules over one metric (OLMo-core's defaults: k 6, window 128)."""
+    """Rolling mean + k_std * std and EMA-ratio rules over one metric (OLMo-core's defaults: k 6, window 128; the
+    values live in SpikeGuardConfig, the one source of the guard's defaults)."""
 
-    window: int = 128
-    k_std: float = 6.0
-    min_history: int = 32
-    ema_decay: float = 0.98
-    ema_ratio: float = 3.0
+    window: int = SpikeGuardConfig.window
+    k_std: float = SpikeGuardConfig.k_std
+    min_history: int = SpikeGuardConfig.min_history
+    ema_decay: float = SpikeGuardConfig.ema_decay
+    ema_ratio: float = SpikeGuardConfig.ema_ratio
     _history: deque = field(default_factory=deque, repr=False)
     _ema: float | None = field(default=None, repr=False)
 
@@ -77,16 +73,6 @@ class SpikeDetector:
         self._ema = state["ema"]
 
 
-@dataclass
-class Action:
-    """What the guard asks the trainer to do at this step."""
-
-    kind: str  # skip_step | rollback | abort
-    detections: list[Detection]
-    lr_cut: bool = False
-    moment_reset: bool = False
-
-
 class SpikeGuard(Stabilizer):
     """Hook `check_step(step, values)`: fires once per optimizer step, on every rank, after backward and the
     gradient-norm reduction and before the optimizer step, with the step's loss and pre-clip gradient norm as
@@ -99,14 +85,15 @@ class SpikeGuard(Stabilizer):
 
     name = "spike"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, capabilities: Capabilities = Capabilities()):
         self.cfg = cfg
         self.detectors = {
             metric: SpikeDetector(cfg.window, cfg.k_std, cfg.min_history, cfg.ema_decay, cfg.ema_ratio)
             for metric in cfg.metrics
         }
         self._spiky_in_a_row = 0
-        self.can_skip = True  # False under DeepSpeed, which has updated before the guard sees the step
+        # False under DeepSpeed, which has updated before the guard sees the step: it rolls back instead
+        self.can_skip = capabilities.can_skip
 
     def check_step(self, step: int, values: dict[str, float], rollbacks_so_far: int) -> Action | None:
         detections = []

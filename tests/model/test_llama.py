@@ -72,7 +72,7 @@ def test_published_sizes_match_hf_llama_parameter_counts(name, expected_millions
     from llmstable.model import llama_config
 
     raw = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "configs" / "model" / f"{name}.yaml"))
-    model_cfg = load_config({"model": raw, "run_dir": "unused", "train": {"max_steps": 1}}).model
+    model_cfg = load_config({"model": raw, "run_dir": "unused", "train": {"max_steps": 1, "budget_tokens": None}}).model
     assert isinstance(model_cfg, ModelConfig) and model_cfg.vocab_size == 32000
     with torch.device("meta"):
         ours = Llama(llama_config(model_cfg, 32000))

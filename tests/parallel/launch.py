@@ -21,7 +21,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, overrides: list[str],
     import torch
 
     torch.set_num_threads(1)
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from llmstable.trainer import train
 
     train(compose_config(overrides, run_dir=run_dir))

@@ -67,7 +67,7 @@ def assert_close(got: dict, want: dict, rtol: float = RTOL, steps=None) -> None:
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory):
     """The one-process reference runs, trained once for the module."""
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from llmstable.trainer import train
 
     out = {}

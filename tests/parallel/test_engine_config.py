@@ -39,7 +39,7 @@ def test_a_multi_process_launch_of_single_is_refused(monkeypatch, tiny_config):
 
 
 def test_a_multi_process_launch_needs_run_dir(monkeypatch, capsys):
-    from llmstable.cli import train_command
+    from llmstable.train import train_command
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train_command(["distributed=fsdp2", "train.max_steps=1", "train.budget_tokens=null"]) == 2

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from llmstable.cli import CONFIG_DIR
+from llmstable.compose import CONFIG_DIR
 from llmstable.metrics import read_jsonl
 from llmstable.trainer import train
 

@@ -67,7 +67,7 @@ def test_parameter_names_and_objects_do_not_change():
 
 
 def test_group_size_must_divide_the_layers(tmp_path):
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from llmstable.config import ConfigError
 
     cfg = compose_config(["stabilizer=[quant4]"], run_dir=tmp_path)  # tiny_1m: 128*128 and 128*352 split in 256s

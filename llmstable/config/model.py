@@ -1,0 +1,36 @@
+"""The `model` group's schema (`configs/model/*.yaml`): the network's shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmstable.config.checks import divisors_near, positive
+from llmstable.model.llama import LlamaConfig
+
+
+@dataclass
+class ModelConfig(LlamaConfig):
+    """The network's shape (`configs/model/*.yaml`); fields as in `LlamaConfig`."""
+
+    name: str = "custom"
+    vocab_size: int | None = None  # None: take the tokenizer's vocabulary size
+
+    def validate(self, problems: list[str]) -> None:
+        for key in ("dim", "intermediate_size", "n_layers", "n_heads", "max_seq_len"):
+            positive(problems, f"model.{key}", getattr(self, key))
+        if self.vocab_size is not None:
+            positive(problems, "model.vocab_size", self.vocab_size)
+        if self.n_heads > 0 and self.dim % self.n_heads:
+            problems.append(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                f"choose n_heads among the divisors of dim, e.g. {divisors_near(self.dim, self.n_heads)}"
+            )
+        elif self.n_heads > 0 and self.head_dim % 2:
+            problems.append(f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            problems.append(
+                f"model.n_kv_heads={self.n_kv_heads} must be a positive divisor of model.n_heads={self.n_heads} "
+                "(or null for no grouped-query attention)"
+            )
+        if self.init_std <= 0:
+            problems.append(f"model.init_std={self.init_std} must be > 0 (LLaMA uses 0.02)")

@@ -1,0 +1,135 @@
+"""The `optimizer` group's schemas (`configs/optimizer/*.yaml`). `name` picks the variant; each variant's extra
+fields are the optimizer's own, named as in the official code for drop-in use. A variant registers itself with
+`@register("NAME")`, so the loader and the schema keys know it without a hand-kept list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import typing
+from typing import Any
+
+from llmstable.config.checks import choice
+
+
+def register(name: str):
+    """Class decorator: make an optimizer schema the variant chosen by `optimizer.name=NAME`."""
+
+    def add(cls: type) -> type:
+        OptimizerConfig.variants[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its hyperparameters (`configs/optimizer/*.yaml`). `name` picks the subclass below,
+    whose extra fields are the optimizer's own (named as in the official code, for drop-in use)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
+
+    variants: typing.ClassVar[dict[str, type]] = {}  # name -> schema, filled by @register
+
+    @classmethod
+    def variant(cls, name: Any) -> type | None:
+        return cls.variants.get(name)
+
+    def validate(self, problems: list[str]) -> None:
+        if not self.lr > 0:
+            problems.append(f"optimizer.lr={self.lr} must be > 0, e.g. 1e-3")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                problems.append(f"optimizer.betas[{i}]={beta} must be in [0, 1), e.g. 0.9 and 0.95")
+        if self.eps < 0:
+            problems.append(f"optimizer.eps={self.eps} must be >= 0, e.g. 1e-8")
+        if self.weight_decay < 0:
+            problems.append(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+
+
+@register("adamw")
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    """torch.optim.AdamW, the baseline."""
+
+    lr: float = 3e-3
+    impl: str = "auto"  # auto (= fused) | fused | foreach | for_loop
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        choice(problems, "optimizer.impl", self.impl, ("auto", "fused", "foreach", "for_loop"))
+
+
+@register("spam")
+@dataclass
+class SPAMConfig(OptimizerConfig):
+    """SPAM (arXiv 2501.06842); defaults as the official code, warmup_steps as the paper (150)."""
+
+    name: str = "spam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    correct_bias: bool = True
+    warmup_steps: int = 150  # steps of cosine damping after each momentum reset (not the LR warmup)
+    threshold: float = 5000.0  # spike threshold on g^2 / v; 0 disables clipping
+    DeltaT: int = 500  # steps between momentum resets; 0 never resets
+    grad_accu_steps: int = 20  # steps after a reset before clipping applies again
+    density: float | None = None  # sparse momentum on attention/MLP matrices, in (0, 1]; null: dense
+    compiled: Any = "auto"  # torch.compile the per-tensor update: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        for key in ("warmup_steps", "threshold", "DeltaT", "grad_accu_steps"):
+            if getattr(self, key) < 0:
+                problems.append(f"optimizer.{key}={getattr(self, key)} must be >= 0")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            problems.append(f"optimizer.density={self.density} must be in (0, 1], or null for dense moments")
+        choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+
+
+@register("stable_spam")
+@dataclass
+class StableSPAMConfig(OptimizerConfig):
+    """Stable-SPAM (arXiv 2502.17055); defaults as the official code, except total_T: auto = the run's steps,
+    as the paper's training scripts set it (null turns the cosine damping off, the official default)."""
+
+    name: str = "stable_spam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = False
+    gamma1: float = 0.7  # AdaGN first-moment decay of the gradient norm (-1: use beta1)
+    gamma2: float = 0.9  # AdaGN second-moment decay of the gradient norm
+    gamma3: float = 0.999  # AdaClip decay of the max |g|
+    total_T: Any = "auto"  # steps of the cosine damping of beta1 and gamma1: auto | null | a number
+    eta_min: float = 0.5  # the floor of that cosine
+    update_proj_gap: int = 1000  # steps between momentum resets; 0 never resets
+    compiled: Any = "auto"  # torch.compile the per-tensor update: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        for key in ("gamma2", "gamma3"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                problems.append(f"optimizer.{key}={getattr(self, key)} must be in [0, 1)")
+        if not (0.0 <= self.gamma1 < 1.0 or self.gamma1 == -1):
+            problems.append(f"optimizer.gamma1={self.gamma1} must be in [0, 1), or -1 for beta1")
+        if not (self.total_T in ("auto", None) or (isinstance(self.total_T, int) and self.total_T > 0)):
+            problems.append(f"optimizer.total_T={self.total_T!r} must be auto, null or a positive number of steps")
+        if self.update_proj_gap < 0:
+            problems.append(f"optimizer.update_proj_gap={self.update_proj_gap} must be >= 0")
+        choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+
+
+@register("adamw8bit")
+@dataclass
+class AdamW8bitConfig(OptimizerConfig):
+    """8-bit AdamW, the low-memory baseline: bitsandbytes in one process; torchao's also under FSDP2."""
+
+    name: str = "adamw8bit"
+    lr: float = 3e-3
+    backend: str = "bitsandbytes"  # bitsandbytes | torchao
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        choice(problems, "optimizer.backend", self.backend, ("bitsandbytes", "torchao"))
+

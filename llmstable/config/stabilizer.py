@@ -1,0 +1,96 @@
+"""The `stabilizer` group's schemas (`configs/stabilizer/*.yaml`): any subset, each absent (None) unless chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ZLossConfig:
+    """z-loss (PaLM, arXiv 2204.02311; Wortsman et al. 2023, arXiv 2309.14322): coef * mean(logsumexp^2)."""
+
+    coef: float = 1e-4
+
+    def validate(self, problems: list[str]) -> None:
+        if self.coef <= 0:
+            problems.append(f"stabilizer.zloss.coef={self.coef} must be > 0, e.g. 1e-4")
+
+
+@dataclass
+class QKNormConfig:
+    """QK-norm (Dehghani et al. 2023, arXiv 2302.05442): RMSNorm over the head dim of q and k, before RoPE."""
+
+    enabled: bool = True
+
+    def validate(self, problems: list[str]) -> None:
+        pass
+
+
+@dataclass
+class Quant4Config:
+    """4-bit weights (the Stable-SPAM INT4 recipe): fake-quantized attention and MLP weights in the forward pass,
+    straight-through gradients, full-precision master weights, embeddings, head and norms."""
+
+    group_size: int = 256  # consecutive weights (row-major) per quantization group
+    act_bits: int | None = None  # 4: also fake-quantize the activations entering those layers (per token)
+
+    def validate(self, problems: list[str]) -> None:
+        if self.group_size <= 0:
+            problems.append(f"stabilizer.quant4.group_size={self.group_size} must be > 0, e.g. 256")
+        if self.act_bits not in (None, 4, 8):
+            problems.append(f"stabilizer.quant4.act_bits={self.act_bits} must be null, 4 or 8")
+
+
+@dataclass
+class SpikeGuardConfig:
+    """The spike guard (llmstable.stabilizers.spike): detection rules and the escalation ladder."""
+
+    metrics: list = field(default_factory=lambda: ["loss", "grad_norm"])  # what is watched: loss, grad_norm
+    window: int = 128  # clean values in the rolling window
+    k_std: float = 6.0  # a value above mean + k_std * std of the window is a spike
+    min_history: int = 32  # clean values needed before the window and EMA rules act (non-finite always acts)
+    ema_decay: float = 0.98
+    ema_ratio: float = 3.0  # a value above ema_ratio * EMA is a spike
+    skip_steps: int = 1  # spiky steps in a row that only skip the update; the next one rolls back (0: at once)
+    margin_steps: int = 2  # global batches past the spike added to the data skip list on rollback
+    lr_cut_after: int = 2  # from this rollback on, also multiply the LR by lr_cut_factor (0: never)
+    lr_cut_factor: float = 0.5
+    moment_reset_after: int = 3  # from this rollback on, also zero the optimizer moments (0: never)
+    max_rollbacks: int = 5  # one more spike after this many rollbacks aborts the run
+    good_after_steps: int = 20  # clean steps after a checkpoint that make it "good" (a rollback target)
+
+    def validate(self, problems: list[str]) -> None:
+        for metric in self.metrics:
+            if metric not in ("loss", "grad_norm"):
+                problems.append(f"stabilizer.spike_guard.metrics has {metric!r}; allowed: loss, grad_norm")
+        for key in ("window", "min_history", "good_after_steps"):
+            if getattr(self, key) <= 0:
+                problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be > 0")
+        for key in ("skip_steps", "margin_steps", "lr_cut_after", "moment_reset_after", "max_rollbacks"):
+            if getattr(self, key) < 0:
+                problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be >= 0")
+        if self.k_std <= 0 or self.ema_ratio <= 1:
+            problems.append(f"stabilizer.spike_guard: k_std={self.k_std} must be > 0 and "
+                            f"ema_ratio={self.ema_ratio} > 1")
+        if not 0 < self.lr_cut_factor < 1:
+            problems.append(f"stabilizer.spike_guard.lr_cut_factor={self.lr_cut_factor} must be in (0, 1), e.g. 0.5")
+        if self.min_history > self.window:
+            problems.append(f"stabilizer.spike_guard.min_history={self.min_history} must be <= window={self.window}")
+
+
+@dataclass
+class StabilizerConfig:
+    """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4,spike_guard]. Absent is off."""
+
+    zloss: ZLossConfig | None = None
+    qk_norm: QKNormConfig | None = None
+    quant4: Quant4Config | None = None
+    spike_guard: SpikeGuardConfig | None = None
+
+    def validate(self, problems: list[str]) -> None:
+        for name in self.active():
+            getattr(self, name).validate(problems)
+
+    def active(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

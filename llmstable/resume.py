@@ -1,0 +1,264 @@
+"""The run directory and what continues a run: claiming the directory, choosing the checkpoint to resume from,
+checking config changes, saving and restoring checkpoints. The trainer hands over its `state_dict()`; this module
+decides where it goes and where it comes from (llmstable.checkpoint does the file format).
+
+One run per run directory:
+- `resume=auto` continues from the newest readable checkpoint. Unreadable ones (bad checksums, files missing from
+  the manifest, garbage state.json, no config.yaml, whatever the reason) are skipped with a warning that names the
+  file; when every checkpoint is unreadable the run is refused with a list of each one and its problem.
+- `resume=never` starts over. In a directory that already holds a readable run it is refused unless
+  `run_dir_overwrite=true`, which moves the earlier run aside to `RUN_DIR.replaced-TIME` (nothing is deleted); an
+  earlier run whose checkpoints are all unreadable is moved aside the same way without asking.
+- `resume=PATH` resumes that checkpoint, or fails with an error that names it and its problem.
+`config.yaml` is written only once the resume check has passed, so a refused resume leaves the run as it was.
+Every rank calls the same methods; rank 0 reads the directory and broadcasts what it decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmstable import checkpoint as ckpt
+from llmstable.config import ConfigError, TrainConfig, to_dict
+
+log = logging.getLogger("llmstable")
+
+STATE_KEYS = ("step", "tokens", "loss_sum", "loss_steps", "val_history", "data", "stabilizers")
+
+# Keys (dotted prefixes) that may change when a run is resumed; each change is logged. Everything else would
+# change what the run is (model shape, tokenizer, data, seed, optimizer type, architecture switches) and is
+# refused unless resume_force=true.
+HARMLESS = (
+    "optimizer.lr", "optimizer.weight_decay", "optimizer.compiled", "optimizer.impl", "schedule.",
+    "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
+    "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
+    "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
+    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard", "name",
+    "stabilizer.zloss", "distributed.",  # the engine may change: the checkpoint loader says which formats it reads
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(harmless, breaking) changes between two resolved configs, each as 'key: old -> new'."""
+    a, b = flatten(old), flatten(new)
+    harmless, breaking = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+        (harmless if key.startswith(HARMLESS) else breaking).append(line)
+    return harmless, breaking
+
+
+def problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed (naming the file), or None: the checkpoint checks of
+    llmstable.checkpoint.verify, a config.yaml that parses, and the state the trainer needs."""
+    found = ckpt.verify(path)
+    if found is not None:
+        return found
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    except Exception as err:  # noqa: BLE001  (yaml and OmegaConf raise several kinds)
+        return f"{path / 'config.yaml'} is not readable YAML: {err}"
+    if not isinstance(stored, dict):
+        return f"{path / 'config.yaml'} does not hold a config mapping"
+    state = ckpt.read_state(path)
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing or not isinstance(state.get("data"), dict) or "ordinal" not in state["data"]:
+        return f"{path / 'state.json'} lacks {missing or ['data.ordinal']}: not written by llmstable's trainer"
+    return None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The run-directory checks of `RunDirectory.claim` that refuse a run, made before Hydra writes anything into
+    the directory (one process; changes nothing)."""
+    from llmstable.parallel.world import World
+
+    path = Path(cfg.run_dir)
+    if cfg.resume == "never" and cfg.run_dir_overwrite:
+        return
+    if path.is_dir() or cfg.resume not in ("auto", "never"):
+        RunDirectory(cfg, World())._choose(dry_run=True)
+
+
+class RunDirectory:
+    """Rank 0 reads and writes the run directory; every rank calls these methods alike."""
+
+    def __init__(self, cfg: TrainConfig, world):
+        self.cfg, self.world = cfg, world
+        self.path = Path(cfg.run_dir)
+        self.checkpoints = self.path / "checkpoints"
+        self.last_checkpoint_bytes: int | None = None  # to warn before a save that will not fit
+
+    # --- before the run starts -----------------------------------------------------------------------------------
+
+    def claim(self) -> Path | None:
+        """The checkpoint to resume from, or None to start over (after moving an earlier run aside). Raises a
+        ConfigError or CheckpointError on every rank when the run must not start."""
+        outcome: object = None
+        if self.world.is_main:
+            try:
+                outcome = self._choose()
+            except (ConfigError, ckpt.CheckpointError) as err:
+                outcome = err
+        outcome = self.world.broadcast(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _choose(self, dry_run: bool = False) -> Path | None:
+        resume, found = self.cfg.resume, ckpt.list_checkpoints(self.checkpoints)
+        if resume == "never":
+            if found:
+                readable = [p.name for p in found if problem(p) is None]
+                if readable and not self.cfg.run_dir_overwrite:
+                    raise ConfigError([
+                        f"resume=never, but run_dir={str(self.path)!r} already holds a run (checkpoints "
+                        f"{', '.join(readable)}): starting over there would mix two runs. Use a new run_dir, or add "
+                        "run_dir_overwrite=true to move the earlier run aside (nothing is deleted)"])
+                if dry_run:
+                    return None
+                moved = self.move_aside()
+                log.warning("resume=never: moved the earlier run in %s aside to %s", self.path, moved)
+            return None
+        if resume == "auto":
+            problems = []
+            for path in found:
+                found_problem = problem(path)
+                if found_problem is None:
+                    return path
+                if not dry_run:
+                    log.warning("skipping unreadable checkpoint %s: %s", path, found_problem)
+                problems.append(f"{path.name}: {found_problem}")
+            if problems:
+                raise ckpt.CheckpointError(
+                    f"every checkpoint in {self.checkpoints} is unreadable, so run_dir={str(self.path)!r} cannot be "
+                    "resumed:\n  - " + "\n  - ".join(problems) + "\nNothing was changed. To start over, run the same "
+                    "command with resume=never (the unreadable run is moved aside, nothing is deleted), or use a "
+                    "new run_dir")
+            return None
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError([f"resume={resume!r} is not a checkpoint directory: use auto, never, or a path such "
+                               "as RUN_DIR/checkpoints/step_00000100"])
+        found_problem = problem(path)
+        if found_problem is not None:
+            raise ckpt.CheckpointError(f"resume={resume!r} cannot be used: {found_problem}. Point resume at another "
+                                       "checkpoint, or use resume=auto to take the newest readable one")
+        return path
+
+    def move_aside(self) -> Path:
+        """Move the earlier run's files to a new sibling folder RUN_DIR.replaced-TIME (deleting nothing); files that
+        Hydra already wrote there for this process stay."""
+        target = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        target.mkdir()
+        ours = _hydra_files(self.path)
+        for entry in sorted(self.path.iterdir()):
+            if entry.name not in ours:
+                os.rename(entry, target / entry.name)
+        return target
+
+    def check_config_changes(self, path: Path) -> list[str]:
+        """The harmless config changes since checkpoint `path`, also logged to the console and train.log; the
+        others are refused unless resume_force=true."""
+        stored = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        harmless, breaking = config_changes(stored, to_dict(self.cfg))
+        if breaking and not self.cfg.resume_force:
+            raise ConfigError([f"cannot resume {path} with a changed config: {c}" for c in breaking] + [
+                "these change the model, data, seed or optimizer type: use a new run_dir, or pass "
+                "resume_force=true to resume anyway"])
+        for change in harmless + (breaking if self.cfg.resume_force else []):
+            if self.world.is_main:
+                log.warning("resuming %s with a changed config: %s", path, change)
+        return harmless
+
+    def write_config(self) -> None:
+        if self.world.is_main:
+            (self.path / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(self.cfg)))
+
+    def write_tokenizer(self, tokenizer) -> None:
+        if self.world.is_main and not (self.path / "tokenizer").exists():
+            tokenizer.save_pretrained(str(self.path / "tokenizer"))
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, state: dict, good: bool, before_commit=None) -> Path:
+        path = ckpt.save_checkpoint(self.checkpoints, step, engine, state, OmegaConf.to_yaml(to_dict(self.cfg)),
+                                    keep=self.cfg.train.keep_checkpoints, before_commit=before_commit, good=good)
+        if self.world.is_main:
+            self.last_checkpoint_bytes = ckpt.checkpoint_bytes(path)
+        return path
+
+    def space_warning(self, step: int) -> str | None:
+        """(Before a step that ends with a checkpoint.) A warning when the free space is below the size of the last
+        checkpoint, so the user hears of it before the step is spent."""
+        if not self.world.is_main or not self.last_checkpoint_bytes:
+            return None
+        free = ckpt.free_bytes(self.checkpoints)
+        if free >= self.last_checkpoint_bytes:
+            return None
+        message = (f"the checkpoint after step {step} will probably not fit: {free:,} bytes free on the filesystem of "
+                   f"{self.checkpoints}, the last checkpoint took {self.last_checkpoint_bytes:,}. Free some space or "
+                   "lower train.keep_checkpoints; if the write fails, the run stops with exit code 5 and the earlier "
+                   "checkpoints stay intact")
+        log.warning(message)
+        return message
+
+    def load(self, engine, path: Path) -> dict:
+        """Restore the engine's model and optimizer and every RNG from checkpoint `path` (verified and trust-
+        checked on rank 0); returns its state.json."""
+        outcome: object = None
+        if self.world.is_main:
+            try:
+                found = ckpt.verify(path)
+                if found is not None:
+                    raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {found}")
+                ckpt.check_trusted(path, self.cfg.resume_trust, "resume_trust=true")
+            except ckpt.CheckpointError as err:
+                outcome = err
+        outcome = self.world.broadcast(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return ckpt.load_checkpoint(path, engine, check=False)
+
+    def latest_good(self) -> Path | None:
+        return self.world.broadcast(ckpt.latest_good(self.checkpoints) if self.world.is_main else None)
+
+    def mark_good(self, step: int) -> None:
+        path = self.checkpoints / ckpt.checkpoint_name(step)
+        if self.world.is_main and path.is_dir():  # (it may have been pruned meanwhile)
+            ckpt.mark_good(path)
+
+
+def _hydra_files(run_dir: Path) -> set[str]:
+    """The names Hydra wrote into run_dir for this process (its .hydra folder and the job log), if it did."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return set()
+        hydra = HydraConfig.get()
+        if Path(hydra.runtime.output_dir).resolve() != run_dir.resolve():
+            return set()
+        return {name for name in (hydra.output_subdir, f"{hydra.job.name}.log") if name}
+    except Exception:  # noqa: BLE001  (no Hydra, or not in a Hydra app)
+        return set()
