@@ -67,6 +67,63 @@ class RunLog:
             self._tb.close()
 
 
+class StepMeter:
+    """What one metrics row reports about the steps since the previous row: the mean train/loss (its running sum is
+    part of the checkpoint, so a resumed run logs the same rows), the throughput, and the peak memory seen."""
+
+    def __init__(self, flops_per_token: float, device):
+        self.flops_per_token, self.device = flops_per_token, device
+        self.loss_sum, self.loss_steps = 0.0, 0
+        self.peak_memory_mb = 0.0
+        self.restart(0)
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.loss_steps += 1
+
+    def restart(self, tokens: int) -> None:
+        """Time the next row's throughput from now (after a start, resume or rollback)."""
+        self.since = (time.perf_counter(), tokens)
+
+    def row(self, step: int, tokens: int, lr: float, grad_norm: float, extra: dict) -> dict[str, Any]:
+        """The row for the steps since the last one; starts the next."""
+        from llmstable.runtime import memory_mb
+
+        now = time.perf_counter()
+        tokens_per_sec = (tokens - self.since[1]) / max(now - self.since[0], 1e-9)
+        row = {"step": step, "tokens": tokens, "train/loss": self.loss_sum / self.loss_steps, "optim/lr": lr,
+               "optim/grad_norm": grad_norm, "perf/tokens_per_sec": tokens_per_sec,
+               "perf/flops_per_sec": tokens_per_sec * self.flops_per_token, **extra}
+        self.peak_memory_mb = max(self.peak_memory_mb, memory_mb(self.device))
+        self.loss_sum, self.loss_steps = 0.0, 0
+        self.since = (now, tokens)
+        return row
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "loss_steps": self.loss_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum, self.loss_steps = state["loss_sum"], state["loss_steps"]
+
+
+def run_summary(val_history: list, ledger, aborted: bool, diverged_step: int | None, step: int,
+                **fields: Any) -> dict[str, Any]:
+    """summary.json: the run's outcome (see the README's run-directory table)."""
+    final_val = val_history[-1][1] if val_history else None
+    return {
+        "steps": step, "tokens": fields.pop("tokens"),
+        "final_val_loss": final_val, "best_val_loss": min((v for _, v in val_history), default=None),
+        **{k: fields.pop(k) for k in ("wall_s", "tokens_per_sec", "resumed_from_step", "num_params",
+                                      "flops_per_token", "engine", "world_size")},
+        "spikes": ledger.spikes, "rollbacks": ledger.rollbacks,
+        "skipped_steps": ledger.skipped_steps, "skipped_samples": ledger.skipped_samples,
+        "lr_cuts": ledger.lr_cuts, "moment_resets": ledger.moment_resets,
+        "aborted": aborted, "diverged": aborted or diverged_step is not None,
+        "diverged_step": diverged_step if diverged_step is not None else (step + 1 if aborted else None),
+        **fields,
+    }
+
+
 class QuietLog:
     """The log of ranks other than 0: the run directory has one writer."""
 

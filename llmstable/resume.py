@@ -208,6 +208,11 @@ class RunDirectory:
             self.last_checkpoint_bytes = ckpt.checkpoint_bytes(path)
         return path
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether a checkpoint is written after `step`: every train.checkpoint_interval steps, and at the end."""
+        interval = self.cfg.train.checkpoint_interval
+        return bool(interval and step % interval == 0) or step == self.cfg.total_steps
+
     def space_warning(self, step: int) -> str | None:
         """(Before a step that ends with a checkpoint.) A warning when the free space is below the size of the last
         checkpoint, so the user hears of it before the step is spent."""

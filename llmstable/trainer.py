@@ -25,19 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.loader import SkipList
+from llmstable.evaluate import training_loss, validation_loss
 from llmstable.faults import FaultInjector
 from llmstable.indicators import UpdateNorm
-from llmstable.metrics import QuietLog, RunLog
+from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
 from llmstable.optimizers import build_optimizer
-from llmstable.parallel import Engine, World, build_engine, init_world
-from llmstable.parallel.engines import fused_step
+from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
 from llmstable.runtime import autocast_for, memory_mb, rng_state, seed_everything, set_rng_state
@@ -49,11 +48,11 @@ class SpikeAbort(RuntimeError):
     """The spike guard gave up (max_rollbacks reached); the last good checkpoint is intact."""
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
     """Train (or resume) the run described by cfg; returns the summary also written to summary.json."""
     world = init_world(cfg.distributed, cfg.train.device)
     try:
-        trainer = build_trainer(cfg, world)
+        trainer = build_trainer(cfg, world, extra_stabilizers)
         try:
             summary = trainer.fit()
         finally:
@@ -68,7 +67,9 @@ def train(cfg: TrainConfig) -> dict:
 # --- builders --------------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig, world: World | None = None) -> Trainer:
+def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizers: tuple = ()) -> Trainer:
+    """Every part of the run, built in order. `extra_stabilizers`: stabilizers built by the caller (plug-ins that
+    live outside the package), run after the configured ones."""
     world = world or init_world(cfg.distributed, cfg.train.device)
     per_step = cfg.train.micro_batch_size * world.world_size
     if cfg.train.global_batch_size % per_step:
@@ -91,8 +92,9 @@ def build_trainer(cfg: TrainConfig, world: World | None = None) -> Trainer:
             f"set model.vocab_size={data.vocab_size} or null (take the tokenizer's size)"
         ])
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone, not on data loading
-    capabilities = Capabilities(fused_step=fused_step(cfg.distributed.name))
-    model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device, capabilities)
+    capabilities = Capabilities(fused_step=engine_class(cfg.distributed.name).fused_step)
+    model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device, capabilities,
+                                                     extra=extra_stabilizers)
     if cfg.train.init_from:
         ckpt.load_initial_weights(model, Path(cfg.train.init_from))
     state = model.state_dict()  # every rank holds the same weights until they are sharded
@@ -123,13 +125,11 @@ class Trainer:
         self.sizes = sizes  # num_params, flops_per_token: measured before sharding (ZeRO-3 empties parameters)
         self.step = 0
         self.tokens = 0
-        self.loss_sum = 0.0  # train loss summed over the steps since the last metrics row
-        self.loss_steps = 0
+        self.meter = StepMeter(sizes["flops_per_token"], self.device)  # the metrics row since the last one
         self.val_history: list[tuple[int, float]] = []
         self.init_hash: str | None = None  # of the initial weights, and of the first batch: arms compare them
         self.first_batch_hash: str | None = None
         self.diverged_step: int | None = None
-        self.peak_memory_mb = 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -145,12 +145,12 @@ class Trainer:
         self._started = (self.step, self.tokens, time.perf_counter())  # also for the summary of an aborted run
         bar = tqdm(total=total, initial=self.step, disable=not (cfg.train.progress and self.world.is_main),
                    unit="step", dynamic_ncols=True)
-        self._since_log = (time.perf_counter(), self.tokens)
+        self.meter.restart(self.tokens)
         while self.step < total:
             lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
             lr = self.faults.lr(self.step + 1, lr)
-            if self.checkpoint_due(self.step + 1):
-                self.warn_if_disk_full(self.step + 1)
+            if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
+                self.log.event("disk_warning", self.step + 1, message=warning)
             log_now = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == total
             loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
             if not self.rollback.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
@@ -163,19 +163,18 @@ class Trainer:
                 self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
                 bar.reset(total=total)
                 bar.update(self.step)
-                self._since_log = (time.perf_counter(), self.tokens)
+                self.meter.restart(self.tokens)
                 continue
             self.step += 1
             self.tokens += cfg.tokens_per_step
-            self.loss_sum += loss
-            self.loss_steps += 1
+            self.meter.add(loss)
             self.after_step(action)
             bar.update(1)
             if self.step % cfg.train.log_interval == 0 or self.step == total:
                 bar.set_postfix(self.log_metrics(lr, grad_norm, indicators))
             if self.step % cfg.train.eval_interval == 0 or self.step == total:
                 self.evaluate()
-            if self.checkpoint_due(self.step):
+            if self.run.checkpoint_due(self.step):
                 self.save()
         bar.close()
         wall_s = time.perf_counter() - self._started[2]
@@ -252,7 +251,7 @@ class Trainer:
             self.engine.set_sync(last=i == accum - 1)
             with autocast_for(self.device, self.cfg.train.precision):
                 logits = self.forward(batch[:, :-1])
-                base = self.faults.loss(self.step + 1, self.training_loss(logits, batch[:, 1:]))
+                base = self.faults.loss(self.step + 1, training_loss(self.stabilizers, logits, batch[:, 1:]))
                 loss = base
                 for stabilizer in self.stabilizers:
                     loss = stabilizer.on_loss(logits, loss)
@@ -260,33 +259,11 @@ class Trainer:
             total += base.detach() / accum  # train/loss is the training loss alone; auxiliary terms log apart
         return total
 
-    def training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The cross-entropy, unless a stabilizer provides a loss that replaces it."""
-        for stabilizer in self.stabilizers:
-            loss = stabilizer.compute_loss(logits, targets)
-            if loss is not None:
-                return loss
-        return cross_entropy(logits, targets)
-
     def log_metrics(self, lr: float, grad_norm: float, indicators: dict) -> dict:
         """One row of metrics.jsonl for the steps since the last row; returns the progress bar's fields."""
-        now = time.perf_counter()
-        t_log, tokens_log = self._since_log
-        tokens_per_sec = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
-        row = {
-            "step": self.step, "tokens": self.tokens,
-            "train/loss": self.loss_sum / self.loss_steps,
-            "optim/lr": lr,
-            "optim/grad_norm": grad_norm,
-            "perf/tokens_per_sec": tokens_per_sec,
-            "perf/flops_per_sec": tokens_per_sec * self.sizes["flops_per_token"],
-            **indicators, **self.plugin_metrics(),
-        }
+        row = self.meter.row(self.step, self.tokens, lr, grad_norm, {**indicators, **self.plugin_metrics()})
         self.log.metrics(row)
-        self.peak_memory_mb = max(self.peak_memory_mb, memory_mb(self.device))
-        self.loss_sum, self.loss_steps = 0.0, 0
-        self._since_log = (now, self.tokens)
-        fields = {"loss": f"{row['train/loss']:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_sec:,.0f}"}
+        fields = {"loss": f"{row['train/loss']:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{row['perf/tokens_per_sec']:,.0f}"}
         if self.rollback.ledger.spikes:
             fields.update(spikes=self.rollback.ledger.spikes, rollbacks=self.rollback.ledger.rollbacks)
         return fields
@@ -303,20 +280,13 @@ class Trainer:
                         "stab/spike/skipped_steps": ledger.skipped_steps})
         return out
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
         rank: so every rank makes the same forward calls and holds the same value)."""
         self.model.eval()
-        micro = self.cfg.train.micro_batch_size
         blocks = self.data.val_blocks[: self.cfg.train.eval_samples]
-        losses, weights = [], []
-        for i in range(0, len(blocks), micro):
-            batch = blocks[i: i + micro].to(self.device)
-            with autocast_for(self.device, self.cfg.train.precision):
-                losses.append(cross_entropy(self.forward(batch[:, :-1]), batch[:, 1:]) * len(batch))
-            weights.append(len(batch))
-        val_loss = (torch.stack(losses).sum() / sum(weights)).item()  # host sync, once per evaluation
+        val_loss = validation_loss(self.forward, blocks, self.cfg.train.micro_batch_size, self.device,
+                                   self.cfg.train.precision).item()  # host sync, once per evaluation
         self.model.train()
         self.val_history.append((self.step, val_loss))
         self.log.metrics({"step": self.step, "tokens": self.tokens, "val/loss": val_loss,
@@ -393,20 +363,11 @@ class Trainer:
         if self.rollback.guarded:  # a rollback target from the start: the initial weights are good by definition
             self.save(good=True)
 
-    def checkpoint_due(self, step: int) -> bool:
-        interval = self.cfg.train.checkpoint_interval
-        return bool(interval and step % interval == 0) or step == self.cfg.total_steps
-
-    def warn_if_disk_full(self, step: int) -> None:
-        message = self.run.space_warning(step)
-        if message is not None:
-            self.log.event("disk_warning", step, message=message)
-
     def state_dict(self) -> dict:
         """What continues the run besides the model, the optimizer and the RNGs (which the checkpoint holds)."""
         return {
             "step": self.step, "tokens": self.tokens,
-            "loss_sum": self.loss_sum, "loss_steps": self.loss_steps,
+            **self.meter.state_dict(),
             "val_history": self.val_history,
             "data": self.data.train.state_dict(),
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
@@ -417,7 +378,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict, keep_ledger: bool = False) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
-        self.loss_sum, self.loss_steps = state["loss_sum"], state["loss_steps"]
+        self.meter.load_state_dict(state)
         self.val_history = [tuple(v) for v in state["val_history"]]
         self.data.train.load_state_dict(state["data"])
         for stabilizer in self.stabilizers:
@@ -442,65 +403,27 @@ class Trainer:
     # --- the end of the run --------------------------------------------------------------------------------------
 
     def finish(self, wall_s: float, tokens_per_sec: float, start_step: int, aborted: bool = False) -> dict:
-        ledger = self.rollback.ledger
-        final_val = self.val_history[-1][1] if self.val_history else None
-        summary = {
-            "steps": self.step, "tokens": self.tokens,
-            "final_val_loss": final_val,
-            "best_val_loss": min((v for _, v in self.val_history), default=None),
-            "wall_s": wall_s, "tokens_per_sec": tokens_per_sec,
-            "resumed_from_step": start_step or None,
-            "num_params": self.sizes["num_params"],
-            "flops_per_token": self.sizes["flops_per_token"],
-            "engine": self.engine.name, "world_size": self.world.world_size,
-            "spikes": ledger.spikes, "rollbacks": ledger.rollbacks,
-            "skipped_steps": ledger.skipped_steps, "skipped_samples": ledger.skipped_samples,
-            "lr_cuts": ledger.lr_cuts, "moment_resets": ledger.moment_resets,
-            "aborted": aborted,
-            "diverged": aborted or self.diverged_step is not None,
-            "diverged_step": self.diverged_step if self.diverged_step is not None else (self.step + 1 if aborted else None),
-            "peak_memory_mb": max(self.peak_memory_mb, memory_mb(self.device)),
-            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash,
-            "name": self.cfg.name,
-            "run_dir": str(self.run.path),
-        }
+        summary = run_summary(
+            self.val_history, self.rollback.ledger, aborted, self.diverged_step, self.step, tokens=self.tokens,
+            wall_s=wall_s, tokens_per_sec=tokens_per_sec, resumed_from_step=start_step or None,
+            **self.sizes, engine=self.engine.name, world_size=self.world.world_size,
+            peak_memory_mb=max(self.meter.peak_memory_mb, memory_mb(self.device)), init_hash=self.init_hash,
+            first_batch_hash=self.first_batch_hash, name=self.cfg.name, run_dir=str(self.run.path))
         self.log.summary(summary)
         if aborted or self.diverged_step is not None:
             return summary
-        self.log.event("end", self.step, final_val_loss=final_val)
+        self.log.event("end", self.step, final_val_loss=summary["final_val_loss"])
         if self.cfg.train.plot and self.world.is_main:
             from llmstable.plot import plot_losses
 
             plot_losses(self.run.path)
         if self.cfg.train.sample_tokens > 0:
-            model = self.sample_model()  # (a collective for sharded engines)
-            if model is not None:
-                from llmstable.generate import sample_text
+            from llmstable.generate import print_sample
 
-                text = sample_text(model, self.data.tokenizer, "The", self.cfg.train.sample_tokens, seed=0)
-                print(f"\n--- sample after {self.step} steps ---\n{text}\n---")
+            print_sample(self.engine, self.cfg, self.data, self.step)  # (a collective when sharded)
         return summary
-
-    def sample_model(self) -> torch.nn.Module | None:
-        """On rank 0, a model to sample from: the trained one, or a whole copy of a sharded one."""
-        if self.engine.holds_whole_model:
-            return self.model if self.world.is_main else None
-        weights = self.engine.full_state_dict()
-        if weights is None:
-            return None
-        import dataclasses
-
-        cfg = dataclasses.replace(self.cfg, stabilizer=dataclasses.replace(self.cfg.stabilizer, quant4=None))
-        model, _ = build_model_and_stabilizers(cfg, self.data.vocab_size)
-        model.load_state_dict(weights)
-        return model.to(self.device)
 
 
 def _step_and_ordinal(path: Path) -> tuple[int, int]:
     state = ckpt.read_state(path)
     return state["step"], int(state["data"]["ordinal"])
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,22 +1,30 @@
-"""Training-step throughput of llmstable's trainer against two baselines, measured in the same process.
+"""Training-step throughput of llmstable's trainer against two baselines, in process and end to end.
 
     python scripts/bench.py [--model tiny_10m] [--seq-len 256] [--micro-batch 8] [--steps 10] [--rounds 3]
+                            [--e2e-steps 40] [--e2e-rounds 2] [--no-e2e]
 
 Contenders, all on the same model shape, batch and AdamW settings:
   llmstable  Trainer.train_step: data loader, forward/backward, clip, fused AdamW (built by build_trainer);
   bare       the same Llama module in a hand-written PyTorch loop on a pre-built batch;
   hf         transformers' LlamaForCausalLM with the same dims in the same plain loop.
 
-Rounds interleave the contenders so that drifting machine load hits each of them alike; the median round counts.
-MFU is model FLOPs per second (6N + attention, PaLM appendix B) over the peak of a large fp32 (CUDA: bf16)
-matmul measured in this run. Prints a table and writes JSON with --json.
+In process, rounds interleave the contenders so that drifting machine load hits each of them alike; the median
+round counts. End to end, each contender is its own process, started as a user would: `llmstable train` through
+the CLI (the default log interval of 10, with its leading indicators, the progress bar and the metrics rows; no
+evaluation or checkpoint before the end), against `python scripts/bench.py --loop bare|hf` (the plain loops,
+with one host sync per step for the loss, as the trainer has). Throughput counts the steps after the first 10
+(compile, allocator and cache warm-up), from the trainer's own metrics rows and the loops' own clocks; the
+median of the rounds counts. MFU is model FLOPs per second (6N + attention, PaLM appendix B) over the peak of a
+large fp32 (CUDA: bf16) matmul measured in this run. Prints tables and writes JSON with --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +86,93 @@ def plain_step_fn(forward, params, batch, accum, device, precision):
     return step
 
 
+WARMUP_STEPS = 10  # end to end: the first metrics row (10 steps) is warm-up
+
+
+def loop_main(args) -> None:
+    """`--loop bare|hf`: a plain loop in this process, as a user would write it; prints its tokens/s as JSON."""
+    from omegaconf import OmegaConf
+
+    from llmstable.config import load_config
+    from llmstable.model import build_model, llama_config
+
+    raw_model = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml"))
+    cfg = load_config({"run_dir": "unused", "model": raw_model, "data": {"seq_len": args.seq_len}})
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    model_cfg = llama_config(cfg.model, 4096)
+    torch.manual_seed(0)
+    if args.loop == "bare":
+        module = build_model(model_cfg, device)
+        forward = module
+    else:
+        module = hf_model(model_cfg).to(device)
+        forward = lambda x: module(x).logits  # noqa: E731
+    params = list(module.parameters())
+    batch = torch.randint(0, model_cfg.vocab_size, (args.micro_batch * args.accum, args.seq_len + 1), device=device)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    t_start = None
+    for step in range(args.e2e_steps):
+        if step == WARMUP_STEPS:
+            t_start = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for x in batch.chunk(args.accum):
+            with autocast_for(device, "auto"):
+                logits = forward(x[:, :-1])
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            (loss / args.accum).backward()
+            total += loss.detach() / args.accum
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.stack([total, norm]).tolist()  # the one host sync per step, as in the trainer
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    elapsed = time.perf_counter() - t_start
+    tokens = (args.e2e_steps - WARMUP_STEPS) * args.micro_batch * args.accum * args.seq_len
+    print(json.dumps({"tokens_per_sec": tokens / elapsed}))
+
+
+def llmstable_e2e(args, run_dir: Path) -> float:
+    """`llmstable train` through the CLI; tokens/s over the metrics rows after the first."""
+    command = [sys.executable, "-m", "llmstable.cli", "train", f"model={args.model}", f"data.seq_len={args.seq_len}",
+               "data.tokenizer.vocab_size=4096", f"train.micro_batch_size={args.micro_batch}",
+               f"train.global_batch_size={args.micro_batch * args.accum}", "train.budget_tokens=null",
+               f"train.max_steps={args.e2e_steps}", "train.eval_interval=1000000", "train.checkpoint_interval=0",
+               "train.sample_tokens=0", "train.plot=false", f"train.device={args.device}", f"run_dir={run_dir}",
+               "resume=never", "run_dir_overwrite=true"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "perf/tokens_per_sec" in r and r["step"] > WARMUP_STEPS]
+    step_tokens = args.micro_batch * args.accum * args.seq_len
+    tokens = seconds = 0.0
+    last_step = WARMUP_STEPS
+    for r in rows:  # each row times the steps since the previous row
+        window = (r["step"] - last_step) * step_tokens
+        tokens, seconds, last_step = tokens + window, seconds + window / r["perf/tokens_per_sec"], r["step"]
+    return tokens / seconds
+
+
+def end_to_end(args) -> dict:
+    """Each contender in its own process, interleaved over rounds; the median round counts."""
+    runs = {"llmstable": [], "bare": [], "hf": []}
+    scratch = Path(tempfile.mkdtemp(prefix="llmstable-bench-e2e-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(args.e2e_rounds):
+        runs["llmstable"].append(llmstable_e2e(args, scratch / "run"))
+        for loop in ("bare", "hf"):
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--loop", loop, "--model", args.model,
+                                  "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+                                  "--accum", str(args.accum), "--e2e-steps", str(args.e2e_steps),
+                                  "--device", args.device], check=True, capture_output=True, text=True, env=env)
+            runs[loop].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_sec"])
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    return {"tokens_per_sec": median, "rounds": runs,
+            "ratio_llmstable_vs_bare": median["llmstable"] / median["bare"],
+            "ratio_llmstable_vs_hf": median["llmstable"] / median["hf"]}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny_10m")
@@ -88,7 +183,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--e2e-steps", type=int, default=40, help="end to end: steps per run (the first 10 warm up)")
+    parser.add_argument("--e2e-rounds", type=int, default=2)
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end comparison")
+    parser.add_argument("--loop", choices=("bare", "hf"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop:
+        return loop_main(args)
 
     run_dir = Path(tempfile.mkdtemp(prefix="llmstable-bench-"))
     cfg = compose_config([
@@ -148,9 +249,19 @@ def main() -> None:
         print(f"{name:<10} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_sec']:>10.0f} {r['mfu'] * 100:>6.1f}%")
     print(f"llmstable / bare = {report['ratio_llmstable_vs_bare']:.3f}   (goal >= 0.97)")
     print(f"llmstable / hf   = {report['ratio_llmstable_vs_hf']:.3f}   (goal >= 1.00)")
+    trainer.log.close()
+    if not args.no_e2e:
+        e2e = end_to_end(args)
+        report["end_to_end"] = e2e
+        print(f"\nend to end ({args.e2e_steps} steps per run, the first {WARMUP_STEPS} excluded, median of "
+              f"{args.e2e_rounds} rounds; each contender its own process):")
+        print(f"{'contender':<10} {'tokens/s':>10}")
+        for name, tps in e2e["tokens_per_sec"].items():
+            print(f"{name:<10} {tps:>10.0f}")
+        print(f"llmstable / bare = {e2e['ratio_llmstable_vs_bare']:.3f}   (goal >= 0.97)")
+        print(f"llmstable / hf   = {e2e['ratio_llmstable_vs_hf']:.3f}   (goal >= 1.00)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    trainer.log.close()
 
 
 if __name__ == "__main__":

@@ -162,3 +162,80 @@ def test_a_checkpoint_becomes_good_after_enough_clean_steps(tiny_config, tmp_pat
 def test_guard_needs_checkpoints_that_live_long_enough_to_become_good(tiny_config):
     with pytest.raises(ConfigError, match=r"train.keep_checkpoints=3 x train.checkpoint_interval=3 must exceed"):
         tiny_config("stabilizer=[spike_guard]")
+
+
+# --- the rollback policy alone: plans from synthetic actions, no training ------------------------------------------
+
+
+def policy(**changes):
+    from llmstable.config import SpikeGuardConfig
+    from llmstable.recovery import Rollback
+
+    return Rollback(SpikeGuardConfig(**changes), global_batch_size=8)
+
+
+def action(kind, lr_cut=False, moment_reset=False):
+    from llmstable.stabilizers import Action
+
+    return Action(kind, [], lr_cut=lr_cut, moment_reset=moment_reset)
+
+
+def test_a_rollback_plan_returns_to_the_good_checkpoint_and_skips_what_was_read_since_plus_a_margin(tmp_path):
+    from llmstable.recovery import Target
+
+    rollback = policy(margin_steps=2)
+    target = Target(tmp_path / "step_00000040", 40, 320)
+    plan = rollback.plan(action("rollback"), consumed_until=400, target=target)
+    assert (plan.kind, plan.target, plan.skip, plan.lr_factor, plan.reset_moments) == (
+        "rollback", target, (320, 416), 1.0, False)
+    rollback.carried_out(plan)
+    ledger = rollback.ledger
+    assert (ledger.spikes, ledger.rollbacks, ledger.skipped_samples, ledger.skip_ranges) == (1, 1, 96, [[320, 416]])
+    # A second rollback to the same checkpoint merges the ranges; skipped_samples counts each range it skipped.
+    plan = rollback.plan(action("rollback", lr_cut=True, moment_reset=True), consumed_until=432, target=target)
+    assert plan.skip == (320, 448) and plan.lr_factor == 0.5 and plan.reset_moments
+    rollback.carried_out(plan)
+    assert ledger.skip_ranges == [[320, 448]] and ledger.lr_scale == 0.5 and ledger.skipped_samples == 96 + 128
+    assert (ledger.rollbacks, ledger.lr_cuts, ledger.moment_resets) == (2, 1, 1)
+
+
+def test_without_a_good_checkpoint_or_when_asked_the_plan_is_an_abort(tmp_path):
+    from llmstable.recovery import Target
+
+    rollback = policy()
+    assert rollback.plan(action("rollback"), 100, None).kind == "abort"
+    assert rollback.plan(action("abort"), 100, Target(tmp_path, 8, 64)).kind == "abort"
+    assert rollback.ledger.spikes == 2 and rollback.ledger.rollbacks == 0
+
+
+def test_checkpoints_become_good_after_enough_clean_steps_and_a_skip_forgets_the_pending_ones():
+    rollback = policy(good_after_steps=5)
+    rollback.saved(0, good=True)  # the initial weights: good from the start, never pending
+    rollback.saved(10, good=False)
+    assert rollback.step_done(14, skipped=False) == []
+    assert rollback.step_done(15, skipped=False) == [10]
+    rollback.saved(20, good=False)
+    assert rollback.step_done(21, skipped=True) == [] and rollback.pending_good == []
+    assert (rollback.ledger.spikes, rollback.ledger.skipped_steps) == (1, 1)
+
+
+def test_resume_restores_the_books_and_a_rollback_keeps_them():
+    from llmstable.recovery import Rollback
+
+    rollback = policy()
+    rollback.ledger.rollbacks, rollback.pending_good = 3, [30]
+    saved = rollback.state_dict()
+    resumed = Rollback(rollback.cfg, 8)
+    resumed.load_state_dict(saved)
+    assert resumed.ledger.rollbacks == 3 and resumed.pending_good == [30]
+    rollback.ledger.rollbacks = 4
+    rollback.load_state_dict({**saved, "pending_good": [10]}, keep_ledger=True)
+    assert rollback.ledger.rollbacks == 4 and rollback.pending_good == [10]
+
+
+def test_without_a_guard_every_checkpoint_is_good_at_once():
+    from llmstable.recovery import Rollback
+
+    rollback = Rollback(None, 8)
+    rollback.saved(10, good=False)
+    assert not rollback.guarded and rollback.pending_good == [] and rollback.step_done(100, skipped=False) == []

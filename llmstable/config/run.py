@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmstable.config.checks import ConfigError, choice, positive  # noqa: F401  (ConfigError: re-exported)
+from llmstable.config.checks import choice, positive
 from llmstable.config.data import DataConfig
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import AdamWConfig, OptimizerConfig

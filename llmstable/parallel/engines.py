@@ -179,28 +179,6 @@ class FSDP2Engine(Engine):
         return {"dcp": load_dcp, "safetensors": load_full_into_sharded}
 
 
-def fused_step(distributed_name: str) -> bool:
-    """Whether the engine of that name updates inside backward (known before it is built: stabilizers are built
-    first, with what they may do)."""
-    return distributed_name == "deepspeed"
-
-
-def build_engine(cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> Engine:
-    """Wrap or shard the model for cfg.distributed and build the optimizer over the result."""
-    name = cfg.distributed.name
-    if name == "fsdp2":
-        model = FSDP2Engine.shard(model, world, cfg.distributed)
-        return FSDP2Engine(world, model, make_optimizer(model))
-    if name == "deepspeed":
-        from llmstable.parallel.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine.build(cfg, world, model, make_optimizer(model), run_dir)
-    optimizer = make_optimizer(model)
-    if name == "ddp":
-        return DDPEngine(world, model, optimizer)
-    return Engine(world, model, optimizer)
-
-
 def cannot_load(directory: Path, fmt: str, engine: str) -> str:
     return (f"{directory} holds a {fmt!r} checkpoint, which distributed={engine} cannot resume: resume it with the "
             f"engine that wrote it (see state.json's engine entry), or start a new run from its weights with "

@@ -32,9 +32,11 @@ def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabi
 
 
 def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int, device: torch.device | str = "cpu",
-                                capabilities: Capabilities = Capabilities()) -> tuple[Llama, list[Stabilizer]]:
-    """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms."""
-    stabilizers = build_stabilizers(cfg.stabilizer, capabilities)
+                                capabilities: Capabilities = Capabilities(),
+                                extra: tuple = ()) -> tuple[Llama, list[Stabilizer]]:
+    """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms. `extra`
+    are stabilizers the caller built (plug-ins outside the package), applied after the configured ones."""
+    stabilizers = [*build_stabilizers(cfg.stabilizer, capabilities), *extra]
     model_cfg = llama_config(cfg.model, vocab_size)
     for stabilizer in stabilizers:
         stabilizer.configure_model(model_cfg)

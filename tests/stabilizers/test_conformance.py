@@ -8,7 +8,7 @@ import torch
 
 from llmstable.compose import CONFIG_DIR
 from llmstable.metrics import read_jsonl
-from llmstable.trainer import train
+from llmstable.trainer import train as train_with
 
 # The canonical tiny settings for each plug-in (what a 6-step run on tiny_1m needs to exercise it).
 TINY_SETTINGS = {
@@ -40,10 +40,23 @@ def loss_rows(run_dir):
             if "train/loss" in r}
 
 
+def hook_stabilizers():
+    """The hook points' test stabilizers (tests/stabilizers/test_hooks.py), all at once, with every optimizer-side
+    stabilizer; a replay at step 6, after the resume point."""
+    from test_hooks import DoubleLoss, HalveGradients, PinFinalNorm, ReplayStep
+
+    return (HalveGradients(), PinFinalNorm(), DoubleLoss(), ReplayStep(at=6))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*TINY_SETTINGS, "combined"])
+@pytest.mark.parametrize("name", [*TINY_SETTINGS, "combined", "hooks"])
 def test_trains_round_trips_and_resumes_bit_identically(name, tiny_config, tmp_path):
-    overrides = COMBINED if name == "combined" else TINY_SETTINGS[name]
+    overrides = {"combined": COMBINED, "hooks": COMBINED}.get(name) or TINY_SETTINGS[name]
+    extra = hook_stabilizers if name == "hooks" else tuple
+
+    def train(cfg):
+        return train_with(cfg, extra_stabilizers=extra())
+
     full = train(tiny_config(*overrides, "train.max_steps=8", run_dir=tmp_path / "full"))
     rows = loss_rows(tmp_path / "full")
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows.values())
