@@ -142,3 +142,20 @@ def test_a_vector_in_the_low_rank_group_is_refused_by_name():
     params[3].grad = torch.ones_like(params[3])
     with pytest.raises(ValueError, match=r"low-rank group.*shape \(32,\)"):
         opt.step()
+
+
+def test_the_builder_puts_the_attention_and_mlp_matrices_in_the_low_rank_group():
+    from llmstable.config import FiraConfig
+    from llmstable.model import Llama, LlamaConfig
+    from llmstable.optimizers import build_optimizer
+
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, intermediate_size=64, n_layers=2, n_heads=4, max_seq_len=8))
+    opt = build_optimizer(FiraConfig(rank=4), model, torch.device("cpu"), total_steps=10)
+    low_rank = [g for g in opt.param_groups if "rank" in g]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(low_rank) == 1 and low_rank[0]["rank"] == 4 and low_rank[0]["alpha"] == 0.25
+    assert sorted(names[id(p)].split(".", 2)[2] for p in low_rank[0]["params"]) == sorted(
+        ["attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+         "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"] * 2)
+    rest = [names[id(p)] for g in opt.param_groups if "rank" not in g for p in g["params"]]
+    assert "tok_embeddings.weight" in rest and "norm.weight" in rest
