@@ -15,16 +15,29 @@ gradient unchanged, as officially.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
 
 from llmstable.stabilizers.hooks import Stabilizer
 
 
 def orthogonalize(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g projected orthogonally to w and rescaled to ||g|| (flattened; returned in g's shape)."""
+    """g projected orthogonally to w and rescaled to ||g|| (flattened; returned in g's shape).
+
+    FSDP2 shards (DTensor) cannot be flattened when unevenly split, so there the dot products are sums of
+    products, which DTensor reduces across the shards (equal to the flat form up to summation order)."""
+    if isinstance(g, DTensor):
+        proj = _replicated((w * g).sum()) / (_replicated((w * w).sum()) + 1e-30)
+        g_orth = g - proj * w
+        return g_orth * (_replicated(torch.linalg.vector_norm(g)) / (_replicated(torch.linalg.vector_norm(g_orth)) + 1e-30))
     w, flat = w.reshape(-1), g.reshape(-1)
     proj = torch.dot(w, flat) / (torch.dot(w, w) + 1e-30)
     g_orth = flat - proj * w
     return (g_orth * (flat.norm(2) / (g_orth.norm(2) + 1e-30))).view_as(g)
+
+
+def _replicated(x: DTensor) -> DTensor:
+    """A scalar reduced over the shards, held whole on every rank (so that scaling a shard keeps it a shard)."""
+    return x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
 
 
 class OrthoGrad(Stabilizer):
