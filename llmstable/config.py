@@ -234,9 +234,11 @@ class FiraConfig(OptimizerConfig):
     update_proj_gap: int = 200  # steps between SVDs of the gradient
     alpha: float = 0.25  # the scale: multiplies the back-projected update (and the part the residual subtracts)
     proj_type: str = "std"  # std | reverse_std | left | right
+    compiled: Any = "auto"  # torch.compile the full-size elementwise work: auto (on CUDA) | true | false
 
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
+        _choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
         for key in ("rank", "update_proj_gap"):
             if getattr(self, key) < 1:
                 problems.append(f"optimizer.{key}={getattr(self, key)} must be >= 1 (the official scripts use "

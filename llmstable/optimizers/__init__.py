@@ -77,7 +77,7 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.
                           update_proj_gap=cfg.update_proj_gap, compiled=compiled)
     if isinstance(cfg, FiraConfig):
         return Fira(fira_param_groups(model, cfg), **common, weight_decay=cfg.weight_decay,
-                    correct_bias=cfg.correct_bias)
+                    correct_bias=cfg.correct_bias, compiled=compiled)
     if isinstance(cfg, S3Config):
         return S3(param_groups(model, cfg.weight_decay), lr=cfg.lr, beta=cfg.beta, p=cfg.p, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, compiled=compiled)

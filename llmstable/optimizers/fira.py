@@ -33,6 +33,10 @@ Deliberate differences, none of which changes a step the official code takes:
   the key, where the official code fails later or silently. proj_type=full (GaLore's two-sided projection) is
   refused: the official Fira fails on it with a shape error (its scaling factor does not fit the full matrix);
 - FSDP2 shards are refused (the SVD needs whole matrices).
+
+`compiled=True` fuses the full-size elementwise work (plain Adam; the residual, its norm, the limiter and the
+update) through `torch.compile` (`adam_step_`, `residual_step_`); the SVD, the projections and the small
+low-rank Adam stay eager. Compiled steps equal the official ones to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from llmstable.optimizers.compile import compile_per_shape
 from llmstable.optimizers.sharding import shard_group
 from llmstable.stabilizers.norm_growth import limit_norm_growth
 
@@ -75,14 +80,35 @@ def project_back(r: torch.Tensor, ortho: torch.Tensor, side: str, alpha: float) 
     return (torch.matmul(ortho, r) if side == "left" else torch.matmul(r, ortho)) * alpha
 
 
-def scaled_residual(g: torch.Tensor, low: torch.Tensor, normalized: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-    """Fira's norm-based scaling: (g - back) * ||normalized|| / (||low|| + 1e-8), per column of a wide low-rank
-    matrix and per row otherwise (the official norm_dim rule)."""
+def scaling_factor(low: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
+    """Fira's norm-based scaling ||normalized|| / (||low|| + 1e-8), per column of a wide low-rank matrix and per
+    row otherwise (the official norm_dim rule), shaped to broadcast over the full matrix."""
     dim = 0 if normalized.shape[0] < normalized.shape[1] else 1
     factor = torch.norm(normalized, dim=dim) / (torch.norm(low, dim=dim) + 1e-8)
-    if dim == 1:
-        factor = factor.unsqueeze(1)
-    return (g - back) * factor
+    return factor.unsqueeze(1) if dim == 1 else factor
+
+
+def adam_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor,
+               beta1: float, beta2: float, eps: float, decay: bool) -> None:
+    """Steps 2 and 5 of a plain-Adam tensor in one pass (for torch.compile); scalars = [step, lr wd]."""
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    p.sub_(scalars[0] * (m / (v.sqrt() + eps)))
+    if decay:
+        p.sub_(scalars[1] * p)
+
+
+def residual_step_(p: torch.Tensor, g: torch.Tensor, back_low: torch.Tensor, back_update: torch.Tensor,
+                   factor: torch.Tensor, prev_norm: torch.Tensor | None, scalars: torch.Tensor,
+                   decay: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3 to 5 of a low-rank matrix in two passes (for torch.compile): the scaled residual, its norm, the
+    limiter, the update and the decay. Returns (the norm to remember, limited?)."""
+    residual = (g - back_low) * factor
+    residual, norm, limited = limit_norm_growth(residual, torch.linalg.vector_norm(residual), prev_norm)
+    p.sub_(scalars[0] * (back_update + residual))
+    if decay:
+        p.sub_(scalars[1] * p)
+    return norm, limited
 
 
 class Fira(Optimizer):
@@ -93,7 +119,8 @@ class Fira(Optimizer):
     the norm-growth limiter scaled down since the last call (counted on the device, read at logging time)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True, no_deprecation_warning: bool = True):
+                 weight_decay: float = 0.0, correct_bias: bool = True, no_deprecation_warning: bool = True,
+                 compiled: bool = False):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
@@ -104,6 +131,7 @@ class Fira(Optimizer):
         for group in self.param_groups:
             if "rank" in group:
                 _check_low_rank_group(group)
+        self.compiled = compiled
         self._limited = torch.zeros((), dtype=torch.int64)
 
     @torch.no_grad()
@@ -125,21 +153,33 @@ class Fira(Optimizer):
                     self._adam_step(p, group)
         return loss
 
+    def _step_size(self, state: dict, group: dict) -> float:
+        beta1, beta2 = group["betas"]
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        return step_size
+
+    def _scalars(self, state: dict, group: dict, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self._step_size(state, group), group["lr"] * group["weight_decay"]], dtype=like.dtype,
+                            device=like.device)
+
     def _adam(self, state: dict, grad: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
-        """Steps 2: the moments of grad, in place; returns N = m / (sqrt(v) + eps) and the step size."""
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
+        """Step 2: the moments of grad, in place; returns N = m / (sqrt(v) + eps) and the step size."""
+        self._init_moments(state, grad)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = v.sqrt().add_(group["eps"])
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        return m / denom, step_size
+        return m / denom, self._step_size(state, group)
+
+    @staticmethod
+    def _init_moments(state: dict, like: torch.Tensor) -> None:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(like)
+            state["exp_avg_sq"] = torch.zeros_like(like)
 
     def _apply(self, p: torch.Tensor, update: torch.Tensor, step_size: float, group: dict) -> None:
         p.add_(update, alpha=-step_size)
@@ -149,6 +189,13 @@ class Fira(Optimizer):
     def _adam_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         state.setdefault("step", 0)
+        if self.compiled:
+            self._init_moments(state, p)
+            state["step"] += 1
+            compile_per_shape(adam_step_)(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                          self._scalars(state, group, p), *group["betas"], group["eps"],
+                                          group["weight_decay"] > 0.0)
+            return
         normalized, step_size = self._adam(state, p.grad, group)
         self._apply(p, normalized, step_size, group)
 
@@ -168,11 +215,17 @@ class Fira(Optimizer):
         low = project(g, ortho, side)
         normalized, step_size = self._adam(state, low, group)  # 2.
         alpha = group["alpha"]
-        residual = scaled_residual(g, low, normalized, project_back(low, ortho, side, alpha))  # 3.
-        norm = torch.norm(residual)  # 4.
-        residual, state["residual_norm"], limited = limit_norm_growth(residual, norm, state.get("residual_norm"))
+        back_low, factor = project_back(low, ortho, side, alpha), scaling_factor(low, normalized)  # 3.
+        if self.compiled:  # 3. to 5. fused
+            state["residual_norm"], limited = compile_per_shape(residual_step_)(
+                p, g, back_low, project_back(normalized, ortho, side, alpha), factor, state.get("residual_norm"),
+                self._scalars(state, group, p), group["weight_decay"] > 0.0)
+        else:
+            residual = (g - back_low) * factor
+            residual, state["residual_norm"], limited = limit_norm_growth(  # 4.
+                residual, torch.norm(residual), state.get("residual_norm"))
+            self._apply(p, project_back(normalized, ortho, side, alpha) + residual, step_size, group)  # 5.
         self._limited = self._limited.to(limited.device) + limited  # no host sync
-        self._apply(p, project_back(normalized, ortho, side, alpha) + residual, step_size, group)  # 5.
 
     def metrics(self) -> dict[str, float]:
         limited = int(self._limited.item())  # host sync, at logging time only

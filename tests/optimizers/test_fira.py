@@ -49,6 +49,13 @@ def test_matches_the_official_package_over_300_steps_with_six_projector_refreshe
     assert opt.metrics()["stab/fira/limited"] > 0  # the limiter acted (on the spikes at least)
 
 
+@pytest.mark.slow
+def test_compiled_steps_match_the_official_package():
+    ours, _, _ = run(lambda g: Fira(g, compiled=True, **HP), 120, gap=20)
+    ref, _, _ = run(official(**HP), 120, gap=20)
+    assert max_diff(ours, ref) < 1e-6
+
+
 def test_matches_the_official_package_without_bias_correction_and_with_rank_above_the_short_side():
     kw = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-8, correct_bias=False)
     ours, _, _ = run(lambda g: Fira(g, **kw), 120, rank=40, gap=7, alpha=1.0)
