@@ -68,9 +68,6 @@ class NormGrowthLimiter(Stabilizer):
                 p.grad.copy_(grad)
             self._limited = self._limited.to(limited.device) + limited  # no host sync
 
-    def on_update(self, model: torch.nn.Module) -> None:
-        """Nothing after the step."""
-
     def metrics(self) -> dict[str, float]:
         limited = int(self._limited.item())  # host sync, at logging time only
         self._limited = torch.zeros_like(self._limited)

@@ -52,6 +52,3 @@ class OrthoGrad(Stabilizer):
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.copy_(orthogonalize(p, p.grad))
-
-    def on_update(self, model: torch.nn.Module) -> None:
-        """Nothing after the step."""
