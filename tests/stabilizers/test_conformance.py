@@ -32,7 +32,7 @@ TINY_SETTINGS = {
     "stabilizer/orthograd": ["stabilizer=[orthograd]"],
 }
 COMBINED = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8",
-            "stabilizer=[zloss,qk_norm,quant4]"]
+            "stabilizer=[zloss,qk_norm,quant4,emb_grad_shrink,orthograd,norm_growth_limiter]"]
 
 
 def test_the_table_covers_every_config_file():
