@@ -22,7 +22,7 @@ Parameters of a group without `rank` get plain Adam (steps 2 and 5 on G). alpha 
 wherever the official `project_back` does, so it also scales the part of G that is subtracted from the residual.
 
 Deliberate differences, none of which changes a step the official code takes:
-- the state holds tensors and plain values only: the projection matrices (`ortho_left`, `ortho_right`), the
+- the state holds tensors and plain values only: the projection matrix (`ortho_left` or `ortho_right`), the
   moments, the last residual norm and the step count, where the official code keeps a projector object; so
   `torch.load(weights_only=True)` reads a checkpoint, and a reloaded optimizer resumes bit-identically;
 - the limiter runs on the device (torch.where) where the official `max(tensor, 1.01)` synced the host per tensor;
@@ -32,6 +32,8 @@ Deliberate differences, none of which changes a step the official code takes:
 - bad settings (a 1-D tensor in the low-rank group, an unknown proj_type, rank < 1) raise a ValueError naming
   the key, where the official code fails later or silently. proj_type=full (GaLore's two-sided projection) is
   refused: the official Fira fails on it with a shape error (its scaling factor does not fit the full matrix);
+- a low-rank group may leave out update_proj_gap, alpha and proj_type (the official GradientProjector's
+  defaults 200, 1.0 and std apply), where the official optimizer raises a KeyError;
 - FSDP2 shards are refused (the SVD needs whole matrices).
 
 `compiled=True` fuses the full-size elementwise work (plain Adam; the residual, its norm, the limiter and the
