@@ -28,7 +28,7 @@ Details the paper's box leaves open, and what is chosen here:
 - weight decay is decoupled (AdamW's form, before the update), not added to the gradient;
 - the ratio n_t / (b_t + eps) is clamped to [-1, 1]. In exact arithmetic this changes nothing (the bound above);
   in fp32 or bf16, |g|^p underflows for large p (|g| = 1e-5 and p = 8 give 1e-40), which would otherwise let a
-  small gradient through at many times lr. For p <= 4 and |g| >= eps it never acts;
+  small gradient through at many times lr. For p <= 4 and |g| >= eps it trims float rounding at most;
 - defaults beta = 0.95 (the issue's) and p = 3 (the issue's, and the transcription's default); lr 1e-3 is ours.
 
 The update of one tensor is `s3_update_`, a pure function of tensors; `compiled=True` runs it through
