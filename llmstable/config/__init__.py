@@ -14,18 +14,20 @@ from llmstable.config.data import DataConfig, TokenizerConfig
 from llmstable.config.loader import load_config, register_schemas, schema_keys, to_dict
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import (
-    AdamW8bitConfig, AdamWConfig, OptimizerConfig, SPAMConfig, StableSPAMConfig, register,
+    AdamW8bitConfig, AdamWConfig, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig, register,
 )
 from llmstable.config.run import (
     DistributedConfig, FaultConfig, LoggingConfig, ScheduleConfig, TrainConfig, TrainLoopConfig,
 )
 from llmstable.config.stabilizer import (
-    QKNormConfig, Quant4Config, SpikeGuardConfig, StabilizerConfig, ZLossConfig,
+    EmbGradShrinkConfig, NormGrowthLimiterConfig, OrthoGradConfig, QKNormConfig, Quant4Config, SpikeGuardConfig,
+    StabilizerConfig, ZLossConfig,
 )
 
 __all__ = [
-    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "DataConfig", "DistributedConfig", "FaultConfig",
-    "LoggingConfig", "ModelConfig", "OptimizerConfig", "QKNormConfig", "Quant4Config", "SPAMConfig",
+    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
+    "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
+    "OrthoGradConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",
     "TrainLoopConfig", "ZLossConfig", "load_config", "register", "register_schemas", "schema_keys", "to_dict",
 ]

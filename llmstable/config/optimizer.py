@@ -133,3 +133,57 @@ class AdamW8bitConfig(OptimizerConfig):
         super().validate(problems)
         choice(problems, "optimizer.backend", self.backend, ("bitsandbytes", "torchao"))
 
+
+@register("fira")
+@dataclass
+class FiraConfig(OptimizerConfig):
+    """Fira (arXiv 2410.01623): low-rank Adam on the attention and MLP matrices plus a norm-scaled full-rank
+    residual with the norm-growth limiter. Class defaults as the official code; lr, rank, update_proj_gap and alpha
+    as the official LLaMA-60M pre-training script (130M and 350M use rank 256, 1B rank 512 and alpha 0.0625)."""
+
+    name: str = "fira"
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    correct_bias: bool = True
+    rank: int = 128  # rank of the projected gradient (clipped to the matrix's shorter side)
+    update_proj_gap: int = 200  # steps between SVDs of the gradient
+    alpha: float = 0.25  # the scale: multiplies the back-projected update (and the part the residual subtracts)
+    proj_type: str = "std"  # std | reverse_std | left | right
+    compiled: Any = "auto"  # torch.compile the full-size elementwise work: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+        for key in ("rank", "update_proj_gap"):
+            if getattr(self, key) < 1:
+                problems.append(f"optimizer.{key}={getattr(self, key)} must be >= 1 (the official scripts use "
+                                f"{'rank 128 to 512' if key == 'rank' else 'update_proj_gap 200'})")
+        if self.alpha <= 0:
+            problems.append(f"optimizer.alpha={self.alpha} must be > 0, e.g. 0.25")
+        if self.proj_type == "full":
+            problems.append("optimizer.proj_type=full does not work with Fira (the official code fails on it with a "
+                            "shape error): use std, reverse_std, left or right")
+        else:
+            choice(problems, "optimizer.proj_type", self.proj_type, ("std", "reverse_std", "left", "right"))
+
+
+@register("s3")
+@dataclass
+class S3Config(OptimizerConfig):
+    """SignSoftSGD, S3 (arXiv 2507.06464): one beta for both moments, a p-th order moment in the denominator, a
+    memory-free Nesterov numerator; every entry moves by at most lr per step (before weight decay)."""
+
+    name: str = "s3"
+    beta: float = 0.95  # the one decay of the numerator's and the denominator's moments
+    p: float = 3.0  # order of the denominator's moment (2: Adam's second moment)
+    nesterov: bool = True
+    compiled: Any = "auto"  # torch.compile the per-tensor update: auto (on CUDA) | true | false
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        if not 0.0 <= self.beta < 1.0:
+            problems.append(f"optimizer.beta={self.beta} must be in [0, 1), e.g. 0.95")
+        if self.p < 1:
+            problems.append(f"optimizer.p={self.p} must be >= 1, e.g. 3")
+        choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))

@@ -246,6 +246,18 @@ class TrainConfig:
         if d.name == "deepspeed" and opt.name == "adamw8bit":
             problems.append("optimizer=adamw8bit is not supported under distributed=deepspeed: use optimizer=adamw, "
                             "or distributed=fsdp2 with optimizer.backend=torchao")
+        if opt.name == "fira" and (d.name == "fsdp2" or (d.name == "deepspeed" and d.zero_stage > 0)):
+            problems.append(
+                f"optimizer=fira cannot run under distributed={d.name}"
+                + (f" with distributed.zero_stage={d.zero_stage}" if d.name == "deepspeed" else "")
+                + ": its projector takes an SVD of each whole gradient matrix, and the optimizer would see shards or "
+                "flat partitions. Use distributed=ddp (or distributed.zero_stage=0)")
+        gradient_hooks = [n for n in ("orthograd", "norm_growth_limiter") if getattr(self.stabilizer, n) is not None]
+        if d.name == "deepspeed" and gradient_hooks:
+            problems.append(
+                f"stabilizer={gradient_hooks} cannot run under distributed=deepspeed: DeepSpeed reduces, clips and "
+                "updates inside backward, so there is no point between the gradients and the update where they could "
+                "act. Use distributed=fsdp2 or distributed=ddp")
         if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
             problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
                             "distributed=fsdp2 (tested) or distributed.zero_stage<=2")

@@ -80,6 +80,40 @@ class SpikeGuardConfig:
 
 
 @dataclass
+class NormGrowthLimiterConfig:
+    """Fira's norm-growth limiter on every gradient (arXiv 2410.01623): per tensor, ||g_t|| <= gamma ||g_{t-1}||."""
+
+    gamma: float = 1.01
+
+    def validate(self, problems: list[str]) -> None:
+        if not self.gamma >= 1.0:
+            problems.append(f"stabilizer.norm_growth_limiter.gamma={self.gamma} must be >= 1, e.g. 1.01")
+
+
+@dataclass
+class OrthoGradConfig:
+    """OrthoGrad (Prieto et al. 2025, arXiv 2501.04697): each gradient projected orthogonal to its weight, then
+    rescaled to its own norm."""
+
+    enabled: bool = True
+
+    def validate(self, problems: list[str]) -> None:
+        pass
+
+
+@dataclass
+class EmbGradShrinkConfig:
+    """Embedding-gradient shrink (GLM-130B, arXiv 2210.02414): the embedding output's gradient times alpha, with
+    the forward values unchanged."""
+
+    alpha: float = 0.1
+
+    def validate(self, problems: list[str]) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            problems.append(f"stabilizer.emb_grad_shrink.alpha={self.alpha} must be in (0, 1], e.g. 0.1")
+
+
+@dataclass
 class StabilizerConfig:
     """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4,spike_guard]. Absent is off."""
 
@@ -87,6 +121,9 @@ class StabilizerConfig:
     qk_norm: QKNormConfig | None = None
     quant4: Quant4Config | None = None
     spike_guard: SpikeGuardConfig | None = None
+    norm_growth_limiter: NormGrowthLimiterConfig | None = None
+    orthograd: OrthoGradConfig | None = None
+    emb_grad_shrink: EmbGradShrinkConfig | None = None
 
     def validate(self, problems: list[str]) -> None:
         for name in self.active():

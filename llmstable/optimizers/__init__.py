@@ -1,16 +1,18 @@
-"""Optimizers: AdamW (the baseline), SPAM, Stable-SPAM and 8-bit AdamW, built from the `optimizer` group."""
+"""Optimizers: AdamW (the baseline), SPAM, Stable-SPAM, Fira, S3 and 8-bit AdamW, built from the `optimizer` group."""
 
 from __future__ import annotations
 
 import torch
 
 from llmstable.config import (
-    AdamW8bitConfig, AdamWConfig, ConfigError, OptimizerConfig, SPAMConfig, StableSPAMConfig,
+    AdamW8bitConfig, AdamWConfig, ConfigError, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig,
 )
+from llmstable.optimizers.fira import Fira
+from llmstable.optimizers.s3 import S3
 from llmstable.optimizers.spam import SPAM
 from llmstable.optimizers.stable_spam import StableSPAM
 
-__all__ = ["SPAM", "StableSPAM", "build_optimizer", "param_groups"]
+__all__ = ["S3", "SPAM", "Fira", "StableSPAM", "build_optimizer", "fira_param_groups", "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -25,13 +27,33 @@ def spam_param_groups(model: torch.nn.Module, weight_decay: float, density: floa
     matrices the official SPAM script makes sparse), when density is set."""
     if density is None:
         return param_groups(model, weight_decay)
-    blocks = [p for n, p in model.named_parameters() if p.dim() == 2 and (".attention." in n or ".feed_forward." in n)]
+    blocks = block_matrices(model)
     ids = {id(p) for p in blocks}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         {"params": blocks, "weight_decay": weight_decay, "density": density},
+    ]
+
+
+def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The attention and MLP projection matrices: what the official SPAM density and GaLore/Fira scripts select
+    (the weights of the linears whose names contain "attn" or "mlp" in HF LLaMA naming)."""
+    return [p for n, p in model.named_parameters() if p.dim() == 2 and (".attention." in n or ".feed_forward." in n)]
+
+
+def fira_param_groups(model: torch.nn.Module, cfg: FiraConfig) -> list[dict]:
+    """As param_groups, with the attention and MLP matrices in Fira's low-rank group (rank, update_proj_gap,
+    alpha, proj_type), as the official pre-training script groups them; embeddings, LM head and norms get Adam."""
+    blocks = block_matrices(model)
+    ids = {id(p) for p in blocks}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"params": blocks, "weight_decay": cfg.weight_decay, "rank": cfg.rank,
+         "update_proj_gap": cfg.update_proj_gap, "alpha": cfg.alpha, "proj_type": cfg.proj_type},
     ]
 
 
@@ -53,6 +75,12 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.
         return StableSPAM(param_groups(model, cfg.weight_decay), **common, amsgrad=cfg.amsgrad, gamma1=cfg.gamma1,
                           gamma2=cfg.gamma2, gamma3=cfg.gamma3, total_T=total_T, eta_min=cfg.eta_min,
                           update_proj_gap=cfg.update_proj_gap, compiled=compiled)
+    if isinstance(cfg, FiraConfig):
+        return Fira(fira_param_groups(model, cfg), **common, weight_decay=cfg.weight_decay,
+                    correct_bias=cfg.correct_bias, compiled=compiled)
+    if isinstance(cfg, S3Config):
+        return S3(param_groups(model, cfg.weight_decay), lr=cfg.lr, beta=cfg.beta, p=cfg.p, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, compiled=compiled)
     if isinstance(cfg, AdamW8bitConfig):
         return _adamw8bit(cfg, model, device, common)
     raise ConfigError([f"optimizer.name={cfg.name!r} has no builder"])

@@ -1,4 +1,5 @@
-"""Stabilizers that act through hooks (see `hooks.Stabilizer`): z-loss, QK-norm, 4-bit weights.
+"""Stabilizers that act through hooks (see `hooks.Stabilizer`): z-loss, QK-norm, 4-bit weights, embedding-gradient
+shrink, OrthoGrad, the norm-growth limiter, the spike guard.
 Optimizer-side stabilizers (SPAM, Stable-SPAM) live in `llmstable.optimizers`."""
 
 from __future__ import annotations
@@ -7,25 +8,38 @@ import torch
 
 from llmstable.config import StabilizerConfig, TrainConfig
 from llmstable.model import Llama, build_model, llama_config
+from llmstable.stabilizers.emb_grad_shrink import EmbGradShrink
 from llmstable.stabilizers.hooks import Action, Capabilities, Stabilizer
+from llmstable.stabilizers.norm_growth import NormGrowthLimiter, limit_norm_growth
+from llmstable.stabilizers.orthograd import OrthoGrad, orthogonalize
 from llmstable.stabilizers.qk_norm import QKNorm
 from llmstable.stabilizers.quant4 import Quant4
 from llmstable.stabilizers.spike import SpikeGuard
 from llmstable.stabilizers.zloss import ZLoss, z_loss
 
-__all__ = ["Action", "Capabilities", "QKNorm", "Quant4", "SpikeGuard", "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "z_loss"]
+__all__ = ["Action", "Capabilities", "EmbGradShrink", "NormGrowthLimiter", "OrthoGrad", "QKNorm", "Quant4", "SpikeGuard",
+           "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "limit_norm_growth",
+           "orthogonalize", "z_loss"]
 
 
 def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabilities()) -> list[Stabilizer]:
     """The active stabilizers, in the fixed order they are applied: architecture first, then model transforms
-    (quantization), then loss hooks. `capabilities` says what the run's engine allows them to ask for."""
+    (quantization, the embedding shrink), then loss hooks, then gradient hooks (OrthoGrad changes each gradient's
+    direction, then the limiter bounds its norm's growth), then the spike guard. `capabilities` says what the run's
+    engine allows them to ask for."""
     out: list[Stabilizer] = []
     if cfg.qk_norm is not None:
         out.append(QKNorm())
     if cfg.quant4 is not None:
         out.append(Quant4(cfg.quant4.group_size, cfg.quant4.act_bits))
+    if cfg.emb_grad_shrink is not None:
+        out.append(EmbGradShrink(cfg.emb_grad_shrink.alpha))
     if cfg.zloss is not None:
         out.append(ZLoss(cfg.zloss.coef))
+    if cfg.orthograd is not None:
+        out.append(OrthoGrad())
+    if cfg.norm_growth_limiter is not None:
+        out.append(NormGrowthLimiter(cfg.norm_growth_limiter.gamma))
     if cfg.spike_guard is not None:
         out.append(SpikeGuard(cfg.spike_guard, capabilities))
     return out

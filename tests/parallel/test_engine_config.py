@@ -24,6 +24,11 @@ def test_every_engine_file_composes(tiny_config, name):
      r"quant4 .*zero_stage=3"),
     (["distributed=ddp", "distributed.deepspeed_config=x.json"], r"distributed.deepspeed_config is set but"),
     (["distributed=deepspeed", "distributed.deepspeed_config=/nonexistent.json"], r"is not a file"),
+    (["distributed=fsdp2", "optimizer=fira"], r"optimizer=fira cannot run under distributed=fsdp2: .*SVD"),
+    (["distributed=deepspeed", "optimizer=fira"], r"optimizer=fira cannot run under distributed=deepspeed with "
+                                                  r"distributed.zero_stage=2"),
+    (["distributed=deepspeed", "stabilizer=[orthograd,norm_growth_limiter]"],
+     r"stabilizer=\['orthograd', 'norm_growth_limiter'\] cannot run under distributed=deepspeed"),
 ])
 def test_impossible_engine_combinations_are_refused_by_name(tiny_config, overrides, match):
     with pytest.raises(ConfigError, match=match):

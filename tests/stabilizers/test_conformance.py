@@ -23,9 +23,16 @@ TINY_SETTINGS = {
     # total_T fixed, so the 5-step run that gets resumed follows the same cosine as the 8-step one.
     "optimizer/stable_spam": ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8"],
     "optimizer/adamw8bit": ["optimizer=adamw8bit"],
+    # rank 8 and a projector refresh every 2 steps, so the resumed part rebuilds it from the checkpointed state.
+    "optimizer/fira": ["optimizer=fira", "optimizer.rank=8", "optimizer.update_proj_gap=2"],
+    "optimizer/s3": ["optimizer=s3", "optimizer.lr=3e-3"],
+    "stabilizer/emb_grad_shrink": ["stabilizer=[emb_grad_shrink]"],
+    # gradient hooks (on_gradients, before clipping)
+    "stabilizer/norm_growth_limiter": ["stabilizer=[norm_growth_limiter]"],
+    "stabilizer/orthograd": ["stabilizer=[orthograd]"],
 }
 COMBINED = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8",
-            "stabilizer=[zloss,qk_norm,quant4]"]
+            "stabilizer=[zloss,qk_norm,quant4,emb_grad_shrink,orthograd,norm_growth_limiter]"]
 
 
 def test_the_table_covers_every_config_file():
