@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,31 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+_verified: dict[tuple, tuple[str | None, float]] = {}  # verify()'s answers by the file stats, and when (below)
+VERIFIED_FOR_S = 300.0
+
+
 def verify(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong, naming the file: the manifest lists
     every file present and every file a loader reads, each listed file matches its size and SHA-256, and
-    state.json is a JSON object with the step and a known format."""
+    state.json is a JSON object with the step and a known format. The answer is remembered for a few minutes
+    (VERIFIED_FOR_S) while no file in the checkpoint changes its size or modification time, so the checks before a
+    run starts and the load that follows hash a large checkpoint once; a rollback hours later hashes it again."""
+    try:
+        key = (str(path.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                          for p in sorted(path.rglob("*")) if p.is_file()))
+    except OSError:
+        key = None
+    now = time.monotonic()
+    if key is not None and key in _verified and now - _verified[key][1] < VERIFIED_FOR_S:
+        return _verified[key][0]
+    answer = _verify(path)
+    if key is not None:
+        _verified[key] = (answer, now)
+    return answer
+
+
+def _verify(path: Path) -> str | None:
     try:
         files = read_manifest(path)["files"]
         state = _check_files(path, files)

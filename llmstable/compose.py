@@ -96,8 +96,11 @@ def group_options(group: str) -> list[str]:
 def _group_problem(item: str, group: str, override) -> str | None:
     if override.is_delete():
         return None
-    value = override.value()
-    chosen = value if isinstance(value, list) else [value]
+    if override.is_sweep_override():  # -m group=a,b: every option of the sweep
+        chosen = list(override.sweep_string_iterator())
+    else:
+        value = override.value()
+        chosen = value if isinstance(value, list) else [value]
     options = group_options(group)
     wrong = [v for v in chosen if v is not None and (not isinstance(v, str) or v not in options)]
     if not wrong:

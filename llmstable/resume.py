@@ -125,11 +125,11 @@ class RunDirectory:
         resume, found = self.cfg.resume, ckpt.list_checkpoints(self.checkpoints)
         if resume == "never":
             if found:
-                readable = [p.name for p in found if problem(p) is None]
-                if readable and not self.cfg.run_dir_overwrite:
+                readable = next((p for p in found if problem(p) is None), None)  # (the newest readable one)
+                if readable is not None and not self.cfg.run_dir_overwrite:
                     raise ConfigError([
-                        f"resume=never, but run_dir={str(self.path)!r} already holds a run (checkpoints "
-                        f"{', '.join(readable)}): starting over there would mix two runs. Use a new run_dir, or add "
+                        f"resume=never, but run_dir={str(self.path)!r} already holds a run (its checkpoints go up to "
+                        f"{readable.name}): starting over there would mix two runs. Use a new run_dir, or add "
                         "run_dir_overwrite=true to move the earlier run aside (nothing is deleted)"])
                 if dry_run:
                     return None

@@ -80,7 +80,11 @@ def train_command(overrides: list[str]) -> int:
             overrides = [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     from llmstable.compose import check_overrides
 
-    sys.argv = ["llmstable train", *check_overrides(overrides)[1]]  # (schema keys as ++key=value, see compose)
+    problems, overrides = check_overrides(overrides)  # (schema keys become ++key=value, see llmstable.compose)
+    if problems:  # (a sweep's overrides, which were not composed above)
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        return EXIT_ERROR
+    sys.argv = ["llmstable train", *overrides]
     hydra_train()
     return 0
 

@@ -43,4 +43,4 @@ def test_train_then_generate_then_export_from_the_command_line(tmp_path):
     exp = run("export", str(tmp_path / "run"), str(tmp_path / "hf"))
     assert exp.returncode == 0 and (tmp_path / "hf" / "config.json").exists()
     again = run("export", str(tmp_path / "run"), str(tmp_path / "hf"))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already holds an export: pass --overwrite" in again.stderr
