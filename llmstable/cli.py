@@ -1,6 +1,7 @@
 """The `llmstable` command: `train` (a Hydra app), `export` and `generate`.
 
     llmstable train [Hydra overrides]          e.g. llmstable train model=tiny_10m train.max_steps=500
+    llmstable prepare out=DIR [data overrides] e.g. llmstable prepare data=c4 out=prepared/c4
     torchrun --nproc_per_node 2 -m llmstable.train distributed=fsdp2 run_dir=runs/x [Hydra overrides]
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100]
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmstable.report import report_command
 
     commands = {"train": train_command, "export": export_command, "generate": generate_command,
-                "compare": compare_command, "report": report_command}
+                "compare": compare_command, "report": report_command, "prepare": prepare_command}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -153,6 +154,25 @@ def train_command(overrides: list[str]) -> int:
             overrides = [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     sys.argv = ["llmstable train", *overrides]
     hydra_train()
+    return 0
+
+
+def prepare_command(args: list[str]) -> int:
+    """Tokenize the `data` config's corpus into token shards in out=DIR (llmstable/data/prepare.py)."""
+    from llmstable.data import DataError
+    from llmstable.data.prepare import prepare_summary
+
+    outs = [a.split("=", 1)[1] for a in args if a.startswith("out=")]
+    if len(outs) != 1 or not outs[0]:
+        print("error: llmstable prepare needs out=DIR once, e.g. llmstable prepare data=c4 out=prepared/c4",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = compose_config([a for a in args if not a.startswith("out=")], run_dir="unused-by-prepare")
+        print(prepare_summary(cfg.data, outs[0], progress=sys.stderr.isatty()))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -64,20 +64,19 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
     with _locked(root):  # one writer; other ranks (or runs) wait, then find the manifest
         ident = json.loads(json.dumps(source_identity(cfg)))
         state = _load_progress(root, ident)
-        if (root / MANIFEST).exists():
-            if _first_damaged_shard(root, state) is None:
-                return root
-            (root / MANIFEST).unlink()
+        complete = (root / MANIFEST).exists()
         for stale in root.glob(".*.tmp*"):  # temporary files of a killed run
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         parts = document_parts(cfg)
         if state["plan"] is None:
-            state["plan"] = _plan(parts, cfg, progress)
+            needs_plan = cfg.tokenizer.kind == "bpe" or any(p.role == "split" for p in parts)
+            state["plan"] = _plan(parts, cfg, progress) if needs_plan else {"forced_val": None, "fingerprint": None}
             write_json_atomic(root / PROGRESS, state)
         tok = _tokenizer_copy(cfg, parts, state["plan"], root)
+        damaged = _drop_damaged_shards(root, state, token_dtype(len(tok)))
+        if complete and damaged is None:
+            return root
+        (root / MANIFEST).unlink(missing_ok=True)  # readers must not trust it while shards are rewritten
         _tokenize(cfg, parts, state, root, tok, progress)
         _write_manifest(root, state, tok, cfg)
     return root
@@ -91,17 +90,19 @@ def prepared_cache_dir(cfg: DataConfig) -> Path:
 
 @contextmanager
 def _locked(root: Path):
+    # A POSIX record lock: released when the process dies, even by kill -9, and not inherited by the forked
+    # workers (an flock would be, and an orphaned worker would keep the directory locked).
     with open(root / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.lockf(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _load_progress(root: Path, ident: dict) -> dict:
     fresh = {"format": FORMAT, "version": VERSION, "source": ident, "plan": None, "shards": [],
-             "fingerprint": [hashlib.sha256().hexdigest()] * 2}
+             "fingerprint": _empty_fingerprint()}
     path = root / PROGRESS
     if not path.exists():
         if any(root.glob("*.bin")):
@@ -118,17 +119,20 @@ def _load_progress(root: Path, ident: dict) -> dict:
     return state
 
 
-def _first_damaged_shard(root: Path, state: dict) -> int | None:
-    """Index of the first shard whose files fail their checks; the shards before it are kept."""
-    manifest = read_manifest(root)
-    dtype = np.dtype(manifest["dtype"])
+def _drop_damaged_shards(root: Path, state: dict, dtype: np.dtype) -> int | None:
+    """Forget the shards from the first one whose files fail their checks (missing, wrong size, wrong SHA-256);
+    the ones before it are kept. Returns its index, or None when every shard is intact."""
     for k, shard in enumerate(state["shards"]):
         entries = [e for e in (shard["train"], shard["val"]) if e]
         if check_shards(root, entries, dtype):
             del state["shards"][k:]
-            state["fingerprint"] = state["shards"][-1]["fingerprint"] if state["shards"] else state["fingerprint"]
+            state["fingerprint"] = state["shards"][-1]["fingerprint"] if k else _empty_fingerprint()
             return k
     return None
+
+
+def _empty_fingerprint() -> list[str]:
+    return [hashlib.sha256().hexdigest()] * 2
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -260,11 +264,23 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_dir: str, dtype: str, val_fraction: float) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
+    _die_with_parent()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     _WORKER.update(backend=tok.backend_tokenizer, eos=tok.eos_token_id, dtype=np.dtype(dtype),
                    val_fraction=val_fraction)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the prepare process dies (kill -9 leaves no orphan tokenizing on)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the orphan exits when it next finds its queue closed
+        pass
 
 
 def tokenize_chunk(texts: list[str], forced_val: list[int], role: str):
@@ -402,3 +418,14 @@ def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
         "train": train, "val": val,
     }
     write_json_atomic(root / MANIFEST, manifest)
+
+
+def prepare_summary(cfg: DataConfig, out: str | Path, progress: bool = True) -> str:
+    """Run `prepare` and describe the result in one paragraph (what `llmstable prepare` prints)."""
+    began = time.perf_counter()
+    root = prepare(cfg, out, progress)
+    m = read_manifest(root)
+    return (f"prepared {root}: {m['train_tokens']:,} training and {m['val_tokens']:,} validation tokens "
+            f"({m['dtype']}, vocabulary {m['vocab_size']}) from {m['corpus']['documents']:,} documents in "
+            f"{len(m['train'])} shard(s), {time.perf_counter() - began:.1f} s. Train on it with: llmstable train "
+            f"data=prepared data.path={root}")
