@@ -43,5 +43,6 @@ def jsonl_dir(tmp_path):
 
 def hf_files_cfg(path, tokenizer_dir, **kw) -> DataConfig:
     kw.setdefault("format", "jsonl")
-    return DataConfig(source="files", path=str(path), seq_len=32,
+    kw.setdefault("seq_len", 32)
+    return DataConfig(source="files", path=str(path),
                       tokenizer=TokenizerConfig(kind="hf", name_or_path=str(tokenizer_dir)), **kw)
