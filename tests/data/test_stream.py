@@ -100,3 +100,23 @@ def test_the_window_order_depends_on_the_seed(jsonl_dir, tokenizer_dir):
     cfg = stream_cfg(jsonl_dir, tokenizer_dir)
     a, b = loader(cfg, seed=0).next_batch(8)[0], loader(cfg, seed=1).next_batch(8)[0]
     assert not torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_rank_streaming_follows_the_one_process_curve_and_its_checkpoint_resumes_on_one(tmp_path, tokenizer_dir,
+                                                                                           jsonl_dir):
+    from tests.conftest import TINY
+    from tests.parallel.launch import run_ranks
+    from tests.parallel.test_distributed import assert_close, losses, rewind
+
+    stream = ["data=local_files", f"data.path={jsonl_dir}/*.json.gz", "data.format=jsonl", "data.streaming=true",
+              "data.tokenizer.kind=hf", f"data.tokenizer.name_or_path={tokenizer_dir}", "data.stream_lanes=2",
+              "data.shuffle_buffer=6", "data.val_fraction=0.1"]
+    common = [*TINY, *stream, "train.max_steps=6", "train.checkpoint_interval=3"]
+    single, two = tmp_path / "single", tmp_path / "two"
+    run_ranks(1, [*common, "distributed=single"], single)
+    run_ranks(2, [*common, "distributed=ddp"], two)  # each rank reads the files of its own lane
+    assert_close(losses(two), losses(single))
+    rewind(two, 3)  # the lanes' cursors were gathered from both ranks into the step-3 checkpoint
+    run_ranks(1, [*common, "distributed=single"], two)
+    assert_close(losses(two), losses(two, first=True), steps=range(4, 7))
