@@ -138,24 +138,22 @@ def _empty_fingerprint() -> list[str]:
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
-def _documents(part: DocumentPart, cfg: DataConfig, state: dict | None):
-    """(text, stream) pairs of one part's non-empty documents, resumed from a `state_dict()`; read errors name
-    the part."""
+def _documents(part: DocumentPart, cfg: DataConfig, state: dict | None, batch_size: int = 256):
+    """(texts, stream) pairs: batches of one part's non-empty documents, resumed from a `state_dict()` (taken
+    between batches); read errors name the part."""
     ds = part.open()
     if state is not None:
         ds.load_state_dict(state)
     count = 0
     try:
-        for row in ds:
-            if part.field not in row:
+        for batch in ds.iter(batch_size=batch_size):  # Arrow batches: about twice as fast as row by row
+            if part.field not in batch:
                 raise DataError(
                     f"data.text_field={part.field!r} is not a column of {part.name}; its columns are "
-                    f"{list(row)}. Set data.text_field to the column that holds the text."
+                    f"{list(batch)}. Set data.text_field to the column that holds the text."
                 )
-            text = row[part.field]
-            count += 1
-            if text and text.strip():
-                yield text, ds
+            count += len(batch[part.field])
+            yield [t for t in batch[part.field] if t and t.strip()], ds
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable input
@@ -169,14 +167,14 @@ def _chunks(parts: list[DocumentPart], cfg: DataConfig, start: dict, forced: int
         part = parts[i]
         texts, forced_here, size = [], [], 0
         resume = start["state"] if i == start["part"] else None
-        for text, ds in _documents(part, cfg, resume):
+        for batch, ds in _documents(part, cfg, resume):
             if part.role == "val" and size >= val_cap_bytes:
                 break  # a Hub validation split: keep only what evaluation can use
-            if doc == forced:
-                forced_here.append(len(texts))
-            texts.append(text)
-            size += len(text)
-            doc += 1
+            if forced is not None and doc <= forced < doc + len(batch):
+                forced_here.append(len(texts) + forced - doc)
+            texts.extend(batch)
+            size += sum(map(len, batch))
+            doc += len(batch)
             if size >= CHUNK_BYTES and part.role != "val":
                 yield Chunk(texts, forced_here, part.role, {"part": i, "state": ds.state_dict(), "docs": doc})
                 texts, forced_here, size = [], [], 0
@@ -195,7 +193,7 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
         for part in parts:
             if part.role == "val":
                 continue
-            for text, _ in _documents(part, cfg, None):
+            for text in (t for batch, _ in _documents(part, cfg, None) for t in batch):
                 h = document_hash(text)
                 held = part.role == "split" and is_validation(h, cfg.val_fraction)
                 n_val += held
@@ -243,7 +241,7 @@ def _tokenizer_copy(cfg: DataConfig, parts: list[DocumentPart], plan: dict, root
             for part in parts:
                 if part.role == "val":
                     continue
-                for text, _ in _documents(part, cfg, None):
+                for text in (t for batch, _ in _documents(part, cfg, None) for t in batch):
                     held = part.role == "split" and (doc == plan["forced_val"]
                                                      or is_validation(document_hash(text), cfg.val_fraction))
                     doc += 1
