@@ -66,6 +66,12 @@ def data_overrides(corpus: Path, tokenizer: Path) -> list[str]:
             f"data.tokenizer.name_or_path={tokenizer}"]
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of every finished child process and its descendants (prepare's workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bench_throughput(corpus: Path, tokenizer: Path, work: Path) -> dict:
     from tokenizers import Tokenizer
 
@@ -80,14 +86,18 @@ def bench_throughput(corpus: Path, tokenizer: Path, work: Path) -> dict:
                 "began = time.perf_counter()\n"
                 "for i in range(0, len(texts), 1000): tok.encode_batch(texts[i:i + 1000], add_special_tokens=False)\n"
                 "print(time.perf_counter() - began)")
+        cpu = children_cpu_s()
         seconds = float(subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), text=True,
                                        capture_output=True, check=True, env=ENV).stdout)
         results[f"encode_batch_mb_s_parallelism_{threads}"] = round(megabytes / seconds, 2)
+        results[f"encode_batch_process_cpu_s_parallelism_{threads}"] = round(children_cpu_s() - cpu, 1)
     del texts, tok
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), children_cpu_s()
     subprocess.run([sys.executable, "-m", "llmstable.cli", "prepare", *data_overrides(corpus, tokenizer),
                     f"out={work / 'throughput'}"], check=True, env=ENV, capture_output=True)
     results["prepare_mb_s"] = round(megabytes / (time.perf_counter() - began), 2)
+    # CPU seconds (process start included, as for the loop) show the overhead apart from the other load
+    results["prepare_cpu_s"] = round(children_cpu_s() - cpu, 1)
     results["ratio_vs_one_core"] = round(results["prepare_mb_s"] / results["encode_batch_mb_s_parallelism_false"], 2)
     results["ratio_vs_encode_batch_default"] = round(
         results["prepare_mb_s"] / results["encode_batch_mb_s_parallelism_true"], 2)

@@ -216,3 +216,24 @@ def test_the_cli_needs_out_and_prints_how_to_train(tmp_path, tokenizer_dir, json
             "data.tokenizer.kind=hf", f"data.tokenizer.name_or_path={tokenizer_dir}", f"out={tmp_path / 'cli'}"]
     assert main(args) == 0
     assert f"data=prepared data.path={tmp_path / 'cli'}" in capsys.readouterr().out
+
+
+def test_zst_jsonl_and_parquet_prepare_to_the_same_shards_as_gzip(tmp_path, tokenizer_dir, jsonl_dir):
+    import gzip
+
+    import pandas as pd
+    import zstandard
+
+    rows = [json.loads(line) for f in sorted(jsonl_dir.glob("*.json.gz")) for line in gzip.open(f, "rt")][:60]
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "pq").mkdir()
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "zst" / "all.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    pd.DataFrame(rows).to_parquet(tmp_path / "pq" / "all.parquet")
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "all.jsonl.gz", "wt") as f:
+        f.write(text.decode())
+    sums = [checksums(prepare(hf_files_cfg(tmp_path / sub / pattern, tokenizer_dir, format=fmt), tmp_path / f"o{sub}",
+                              progress=False))
+            for sub, pattern, fmt in (("gz", "*.gz", "jsonl"), ("zst", "*.zst", "jsonl"), ("pq", "*.parquet", "parquet"))]
+    assert sums[0] == sums[1] == sums[2] and sums[0]
