@@ -46,6 +46,7 @@ from llmstable.data.shards import (
 )
 
 PROGRESS = "progress.json"
+NO_PLAN = {"forced_val": None, "fingerprint": None}
 CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize the pickling
 
 
@@ -68,9 +69,8 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
         for stale in root.glob(".*.tmp*"):  # temporary files of a killed run
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         parts = document_parts(cfg)
-        if state["plan"] is None:
-            needs_plan = cfg.tokenizer.kind == "bpe" or any(p.role == "split" for p in parts)
-            state["plan"] = _plan(parts, cfg, progress) if needs_plan else {"forced_val": None, "fingerprint": None}
+        if state["plan"] is None:  # a BPE needs the plan first; with a given tokenizer it is rarely needed
+            state["plan"] = _plan(parts, cfg, progress) if cfg.tokenizer.kind == "bpe" else NO_PLAN
             write_json_atomic(root / PROGRESS, state)
         tok = _tokenizer_copy(cfg, parts, state["plan"], root)
         damaged = _drop_damaged_shards(root, state, token_dtype(len(tok)))
@@ -78,6 +78,14 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
             return root
         (root / MANIFEST).unlink(missing_ok=True)  # readers must not trust it while shards are rewritten
         _tokenize(cfg, parts, state, root, tok, progress)
+        if state["plan"] == NO_PLAN and any(p.role == "split" for p in parts) and not any(
+                s["val_docs"] for s in state["shards"]):
+            # No document fell in validation (a small corpus): plan which one to hold out, and start again.
+            state.update(plan=_plan(parts, cfg, progress), shards=[], fingerprint=_empty_fingerprint())
+            for shard in root.glob("*.bin"):
+                shard.unlink()
+            write_json_atomic(root / PROGRESS, state)
+            _tokenize(cfg, parts, state, root, tok, progress)
         _write_manifest(root, state, tok, cfg)
     return root
 
@@ -132,7 +140,7 @@ def _drop_damaged_shards(root: Path, state: dict, dtype: np.dtype) -> int | None
 
 
 def _empty_fingerprint() -> list[str]:
-    return [hashlib.sha256().hexdigest()] * 2
+    return [""] * 2
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     n_train = n_val = 0
-    fingerprints = [hashlib.sha256(), hashlib.sha256()]
+    fingerprints = _empty_fingerprint()
     smallest = (None, -1)
     with tqdm(desc="prepare: hashing", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
         doc = 0
@@ -198,7 +206,7 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
                 held = part.role == "split" and is_validation(h, cfg.val_fraction)
                 n_val += held
                 n_train += not held
-                fingerprints[held].update(h.encode())
+                fingerprints[held] = chain(fingerprints[held], h)
                 if part.role == "split" and (smallest[0] is None or h < smallest[0]):
                     smallest = (h, doc)
                 doc += 1
@@ -214,7 +222,12 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
                 f"{origin} has 1 document(s), too few to hold one out for validation and train on the rest: add "
                 "documents or use a corpus split into several files"
             )
-    return {"forced_val": forced, "fingerprint": _fingerprint(*(f.hexdigest() for f in fingerprints))}
+    return {"forced_val": forced, "fingerprint": _fingerprint(*fingerprints)}
+
+
+def chain(fingerprint: str, doc_hash: str) -> str:
+    """The running fingerprint after one more document: it depends on the documents and their order only."""
+    return hashlib.sha256(f"{fingerprint}{doc_hash}".encode()).hexdigest()
 
 
 def _fingerprint(train_hex: str, val_hex: str) -> str:
@@ -350,10 +363,10 @@ class _ShardRun:
 
     def __init__(self, root: Path, dtype: np.dtype, index: int, state: dict):
         self.root, self.dtype, self.index, self.state = root, dtype, index, state
-        self.fingerprint = [hashlib.sha256(), hashlib.sha256()]  # chained on each shard's running digest
+        self.fingerprint = list(state["fingerprint"])  # the running [train, val] fingerprints (see chain)
         self.total_tokens = sum(s["train"]["tokens"] for s in state["shards"] if s["train"])
         self.writers: tuple[ShardWriter, ShardWriter] | None = None
-        self.docs, self.end = 0, None
+        self.docs, self.val_docs, self.end = 0, 0, None
 
     @property
     def tokens(self) -> int:
@@ -363,14 +376,14 @@ class _ShardRun:
         if self.writers is None:
             self.writers = tuple(ShardWriter(self.root / f"{name}-{self.index:05d}.bin", self.dtype)
                                  for name in ("train", "val"))
-            self.fingerprint = [hashlib.sha256(h.encode()) for h in self.state["fingerprint"]]
         self.writers[0].append(train)
         self.writers[1].append(val)
         self.total_tokens += len(train)
-        for digest, hashes in zip(self.fingerprint, (train_hashes, val_hashes)):
+        for k, hashes in enumerate((train_hashes, val_hashes)):
             for h in hashes:
-                digest.update(h.encode())
+                self.fingerprint[k] = chain(self.fingerprint[k], h)
         self.docs += len(train_hashes) + len(val_hashes)
+        self.val_docs += len(val_hashes)
         self.end = end
 
     def close(self) -> None:
@@ -384,11 +397,11 @@ class _ShardRun:
             else:
                 writer.abort()
                 entries.append(None)
-        self.state["fingerprint"] = [d.hexdigest() for d in self.fingerprint]
-        self.state["shards"].append({"train": entries[0], "val": entries[1], "docs": self.docs, "end": self.end,
-                                     "fingerprint": self.state["fingerprint"]})
+        self.state["fingerprint"] = list(self.fingerprint)
+        self.state["shards"].append({"train": entries[0], "val": entries[1], "docs": self.docs,
+                                     "val_docs": self.val_docs, "end": self.end, "fingerprint": self.fingerprint})
         write_json_atomic(self.root / PROGRESS, self.state)
-        self.writers, self.docs, self.index = None, 0, self.index + 1
+        self.writers, self.docs, self.val_docs, self.index = None, 0, 0, self.index + 1
 
     def abort(self) -> None:
         if self.writers:
@@ -404,8 +417,7 @@ def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
     val = [s["val"] for s in state["shards"] if s["val"]]
     if not train:
         raise DataError(f"{_origin(cfg)} holds no text: every document is empty. Point data.path at non-empty files.")
-    plan = state["plan"]
-    fingerprint = plan["fingerprint"] if plan["fingerprint"] else _fingerprint(*state["fingerprint"])
+    fingerprint = _fingerprint(*state["fingerprint"])
     manifest = {
         "format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tok)).name,
         "vocab_size": len(tok), "eos_id": tok.eos_token_id,

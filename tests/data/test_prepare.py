@@ -237,3 +237,17 @@ def test_zst_jsonl_and_parquet_prepare_to_the_same_shards_as_gzip(tmp_path, toke
                               progress=False))
             for sub, pattern, fmt in (("gz", "*.gz", "jsonl"), ("zst", "*.zst", "jsonl"), ("pq", "*.parquet", "parquet"))]
     assert sums[0] == sums[1] == sums[2] and sums[0]
+
+
+def test_a_corpus_with_no_document_in_validation_holds_out_the_smallest_hash_as_before(tmp_path, tokenizer_dir):
+    for i in range(4):
+        (tmp_path / f"d{i}.txt").write_text(f"Document number {i} of four. " * 30)
+    cfg = hf_files_cfg(tmp_path / "*.txt", tokenizer_dir, format="text")
+    reference = load_corpus(cfg)  # the in-memory split, which holds out the document with the smallest hash
+    assert len(reference.val) == 1
+    prepared = PreparedCorpus(prepare(cfg, tmp_path / "out", progress=False))
+    tok = prepared.tokenizer
+    assert np.array_equal(prepared.val.slice(0, len(prepared.val)),
+                          np.concatenate(list(encode_stream(tok, reference.val["text"]))))
+    assert np.array_equal(prepared.train.slice(0, len(prepared.train)),
+                          np.concatenate(list(encode_stream(tok, reference.train["text"]))))
