@@ -125,10 +125,10 @@ class DataConfig:
             problems.append(f"data.workers={self.workers} must be >= 1, or null for one per core")
         if self.shard_tokens < 1024:
             problems.append(f"data.shard_tokens={self.shard_tokens} must be >= 1024, e.g. 67108864 (the default)")
-        _positive(problems, "data.stream_lanes", self.stream_lanes)
-        if self.source == "prepared" and self.tokenizer.kind == "hf" and not self.tokenizer.name_or_path:
-            return  # a prepared directory carries its own tokenizer
-        self.tokenizer.validate(problems)
+        if self.stream_lanes < 1:
+            problems.append(f"data.stream_lanes={self.stream_lanes} must be >= 1, e.g. the number of ranks")
+        if not (self.source == "prepared" and self.tokenizer.kind == "hf" and not self.tokenizer.name_or_path):
+            self.tokenizer.validate(problems)  # (a prepared directory carries its own tokenizer)
 
 
 @dataclass

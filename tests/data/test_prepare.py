@@ -251,3 +251,16 @@ def test_a_corpus_with_no_document_in_validation_holds_out_the_smallest_hash_as_
                           np.concatenate(list(encode_stream(tok, reference.val["text"]))))
     assert np.array_equal(prepared.train.slice(0, len(prepared.train)),
                           np.concatenate(list(encode_stream(tok, reference.train["text"]))))
+
+
+def test_bad_data_settings_name_the_key_the_value_and_the_fix(tmp_path):
+    from llmstable.cli import compose_config
+    from llmstable.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_config(["data.workers=0", "data.shard_tokens=10", "data.stream_lanes=0", "data=prepared",
+                        "data.path=", "data.streaming=true"], run_dir=tmp_path)
+    for expected in ("data.workers=0 must be >= 1", "data.shard_tokens=10 must be >= 1024",
+                     "data.stream_lanes=0 must be >= 1", "data.path is required when data.source=prepared",
+                     "data.streaming=true needs data.source=files or hub; data.source=prepared"):
+        assert expected in str(err.value)
