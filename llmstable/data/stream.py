@@ -48,6 +48,10 @@ class LaneStream:
     def __next__(self) -> np.ndarray:
         return next(self._blocks)
 
+    def _encode(self, texts: list[str]):
+        backend = self.tok.backend_tokenizer
+        return getattr(backend, "encode_batch_fast", backend.encode_batch)(texts, add_special_tokens=False)
+
     def _generate(self) -> Iterator[np.ndarray]:
         c, buffer, filled = dict(self.cursor), [], 0
         while True:  # epochs
@@ -59,9 +63,9 @@ class LaneStream:
                 after, read = ds.state_dict(), read + len(texts)
                 rng = np.random.default_rng([self.seed, c["epoch"], self.lane, c["window"]])
                 texts = [texts[i] for i in rng.permutation(len(texts))]
-                for first in range(c["doc"], len(texts), ENCODE_BATCH):
-                    encoded = self.tok.backend_tokenizer.encode_batch(texts[first: first + ENCODE_BATCH],
-                                                                      add_special_tokens=False)
+                first, size = c["doc"], 1
+                while first < len(texts):  # batches of 1, 2, 4 ... documents: the first block comes quickly
+                    encoded = self._encode(texts[first: first + size])
                     for i, enc in enumerate(encoded, start=first):
                         ids = np.asarray([*enc.ids, self.tok.eos_token_id], dtype=np.int64)
                         pos = c["token"] if i == c["doc"] else 0
@@ -73,6 +77,7 @@ class LaneStream:
                                 block, buffer, filled = np.concatenate(buffer), [], 0
                                 self.cursor = _normalized(c, state, after, i, pos, len(ids), len(texts))
                                 yield block
+                    first, size = first + len(encoded), min(2 * size, ENCODE_BATCH)
                 c.update(state=after, window=c["window"] + 1, doc=0, token=0)
                 state = after
             if read == 0 and fresh:
