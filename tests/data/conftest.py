@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmstable.config import DataConfig, TokenizerConfig
+from llmstable.config import TokenizerConfig
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +39,3 @@ def jsonl_dir(tmp_path):
                 for start in range(0, 6000, 2000):
                     out.write(json.dumps({"text": text[start:start + 2000], "url": fileid}) + "\n")
     return root
-
-
-def hf_files_cfg(path, tokenizer_dir, **kw) -> DataConfig:
-    kw.setdefault("format", "jsonl")
-    kw.setdefault("seq_len", 32)
-    return DataConfig(source="files", path=str(path),
-                      tokenizer=TokenizerConfig(kind="hf", name_or_path=str(tokenizer_dir)), **kw)

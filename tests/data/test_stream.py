@@ -9,7 +9,7 @@ import torch
 
 from llmstable.data import DataError, build_data
 from llmstable.data.stream import StreamError, StreamingSampleLoader
-from tests.data.conftest import hf_files_cfg
+from tests.data.corpora import hf_files_cfg
 
 
 class CountingTokenizer:
