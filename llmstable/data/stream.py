@@ -117,7 +117,10 @@ class StreamingSampleLoader:
             from datasets.distributed import split_dataset_by_node
 
             cursor = self._cursors.get(lane)
-            stream = LaneStream(lambda: split_dataset_by_node(self.docs, rank=lane, world_size=self.lanes), self.tok, self.seq_len, self.seed, lane, self.window,
+            def open_lane():  # this lane's files only
+                return split_dataset_by_node(self.docs, rank=lane, world_size=self.lanes)
+
+            stream = LaneStream(open_lane, self.tok, self.seq_len, self.seed, lane, self.window,
                                 cursor and cursor["cursor"])
             self._streams[lane] = (stream, cursor["index"] if cursor else 0)
         return self._streams[lane][0]

@@ -139,7 +139,8 @@ def test_a_full_disk_is_a_named_error_leaves_no_half_shard_and_a_rerun_completes
 
     monkeypatch.setattr(ShardWriter, "append", append_until_full)
     out = tmp_path / "full"
-    with pytest.raises(PrepareDiskFull, match=r"disk is full: writing .*/train-\d{5}\.bin needed about .* MB more and .* MB are free"):
+    pattern = r"disk is full: writing .*/train-\d{5}\.bin needed about .* MB more and .* MB are free"
+    with pytest.raises(PrepareDiskFull, match=pattern):
         prepare(cfg, out, progress=False)
     finished = {e["train"]["file"] for e in json.loads((out / "progress.json").read_text())["shards"]}
     visible = {p.name for p in out.glob("train-*.bin")}
@@ -248,9 +249,9 @@ def test_zst_jsonl_and_parquet_prepare_to_the_same_shards_as_gzip(tmp_path, toke
     (tmp_path / "gz").mkdir()
     with gzip.open(tmp_path / "gz" / "all.jsonl.gz", "wt") as f:
         f.write(text.decode())
+    inputs = (("gz", "*.gz", "jsonl"), ("zst", "*.zst", "jsonl"), ("pq", "*.parquet", "parquet"))
     sums = [checksums(prepare(hf_files_cfg(tmp_path / sub / pattern, tokenizer_dir, format=fmt), tmp_path / f"o{sub}",
-                              progress=False))
-            for sub, pattern, fmt in (("gz", "*.gz", "jsonl"), ("zst", "*.zst", "jsonl"), ("pq", "*.parquet", "parquet"))]
+                              progress=False)) for sub, pattern, fmt in inputs]
     assert sums[0] == sums[1] == sums[2] and sums[0]
 
 
