@@ -2,10 +2,10 @@
 
 Three passes, each reading the corpus as a stream, so memory does not grow with it:
 
-1. **plan** (when documents are held out by hash, or a BPE is trained): hash every document, count the training
-   and validation documents, and compute the corpus fingerprint. A corpus so small that no document falls in
-   validation holds out the one with the smallest hash, as it always has; the plan knows which before anything is
-   tokenized.
+1. **plan** (only when a BPE is trained, which needs the training documents first): hash every document, count
+   the training and validation documents, and compute the corpus fingerprint. A corpus so small that no document
+   falls in validation holds out the one with the smallest hash, as it always has; with a given tokenizer this is
+   found out after pass 3, which then plans and runs again (cheap: such a corpus is tiny).
 2. **tokenizer**: load it, or train the byte-level BPE on the training documents (cached by fingerprint), and save
    a copy into the output directory.
 3. **tokenize**: the main process reads documents in order and cuts them into chunks of about 1 MB of text; a pool
