@@ -1,6 +1,7 @@
 """The `llmstable` command: `train` (a Hydra app), `export` and `generate`.
 
     llmstable train [Hydra overrides]          e.g. llmstable train model=tiny_10m train.max_steps=500
+    llmstable prepare out=DIR [data overrides] e.g. llmstable prepare data=c4 out=prepared/c4
     torchrun --nproc_per_node 2 -m llmstable.train distributed=fsdp2 run_dir=runs/x [Hydra overrides]
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite] [--trust-checkpoint]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100] [--trust-checkpoint]
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmstable.train import train_command
 
     commands = {"train": train_command, "export": export_command, "generate": generate_command,
-                "compare": compare_command, "report": report_command}
+                "compare": compare_command, "report": report_command, "prepare": prepare_command}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -33,6 +34,26 @@ def main(argv: list[str] | None = None) -> int:
 
 TRUST_HELP = ("also read a DCP or DeepSpeed checkpoint written under another account (its files are unpickled, "
               "which can run code: only for checkpoints from someone you trust)")
+
+
+def prepare_command(args: list[str]) -> int:
+    """Tokenize the `data` config's corpus into token shards in out=DIR (llmstable/data/prepare.py)."""
+    from llmstable.compose import compose_config
+    from llmstable.data import DataError
+    from llmstable.data.prepare import prepare_summary
+
+    outs = [a.split("=", 1)[1] for a in args if a.startswith("out=")]
+    if len(outs) != 1 or not outs[0]:
+        print("error: llmstable prepare needs out=DIR once, e.g. llmstable prepare data=c4 out=prepared/c4",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = compose_config([a for a in args if not a.startswith("out=")], run_dir="unused-by-prepare")
+        print(prepare_summary(cfg.data, outs[0], progress=sys.stderr.isatty()))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def export_command(args: list[str]) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from llmstable import checkpoint as ckpt
-from llmstable.config import ConfigError, TrainConfig, to_dict
+from llmstable.config import ConfigError, TrainConfig, load_config, to_dict
 
 log = logging.getLogger("llmstable")
 
@@ -38,7 +38,8 @@ HARMLESS = (
     "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
-    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "stabilizer.spike_guard", "name",
+    "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "data.workers", "data.shard_tokens",
+    "stabilizer.spike_guard", "name",
     "stabilizer.zloss", "distributed.",  # the engine may change: the checkpoint loader says which formats it reads
 )
 
@@ -181,6 +182,10 @@ class RunDirectory:
         """The harmless config changes since checkpoint `path`, also logged to the console and train.log; the
         others are refused unless resume_force=true."""
         stored = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        try:  # keys added to the schema since the checkpoint was written count as their defaults
+            stored = to_dict(load_config(stored))
+        except ConfigError:
+            pass  # (a config the current schema refuses: compare it as written)
         harmless, breaking = config_changes(stored, to_dict(self.cfg))
         if breaking and not self.cfg.resume_force:
             raise ConfigError([f"cannot resume {path} with a changed config: {c}" for c in breaking] + [

