@@ -126,7 +126,7 @@ class Rollback:
 
 
 def _add_range(ranges: list, start: int, end: int) -> list:
-    from llmstable.data.loader import SkipList
+    from llmstable.data.packing import SkipList
 
     skip = SkipList(ranges)
     skip.add(start, end)

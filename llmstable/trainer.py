@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
-from llmstable.data.loader import SkipList
+from llmstable.data.packing import SkipList
 from llmstable.evaluate import training_loss, validation_loss
 from llmstable.faults import FaultInjector
 from llmstable.indicators import UpdateNorm

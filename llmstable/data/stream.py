@@ -27,7 +27,7 @@ import torch
 
 from llmstable.config import DataConfig
 from llmstable.data.corpus import DataError
-from llmstable.data.loader import SkipList
+from llmstable.data.packing import SkipList
 
 ENCODE_BATCH = 64  # documents per tokenizer call
 
@@ -191,7 +191,7 @@ def build_stream_data(cfg: DataConfig, seed: int, min_train_blocks: int):
     """A DataBundle whose train loader streams (module doc); validation blocks are the first val_max_blocks of
     the validation documents, read once at start."""
     from llmstable.data.corpus import cache_root, load_corpus
-    from llmstable.data.loader import DataBundle, encode_stream, pack_stream
+    from llmstable.data.packing import DataBundle, encode_stream, pack_stream
     from llmstable.data.tokenizer import build_tokenizer
 
     if cfg.tokenizer.kind == "bpe":
