@@ -315,7 +315,9 @@ class Trainer:
         the LR and reset the moments; or abort (raise SpikeAbort, leaving the good checkpoint intact)."""
         spike_step, spike_tokens = self.step + 1, self.tokens + self.cfg.tokens_per_step
         good = self.run.latest_good()
-        target = Target(good, *self.world.broadcast(_step_and_ordinal(good) if self.world.is_main else None)) if good else None
+        target = None
+        if good is not None:  # (rank 0 reads the checkpoint's step and data position; every rank gets them)
+            target = Target(good, *self.world.broadcast(_step_and_ordinal(good) if self.world.is_main else None))
         plan = self.rollback.plan(action, self.data.train.ordinal, target)
         self.log_spikes(spike_step, spike_tokens, action)
         ledger, guard = self.rollback.ledger, self.cfg.stabilizer.spike_guard

@@ -3,6 +3,7 @@
 replay of the step (`Action("replay")` + `on_replay`). Each is checked by what it does to a real tiny run against
 the same run without it (same initial weights, same data)."""
 
+import pytest
 import torch
 
 from llmstable import checkpoint as ckpt
@@ -76,8 +77,19 @@ def rows(run):
 STEPS = ["train.max_steps=4", "train.checkpoint_interval=2", "train.max_norm=null"]
 
 
-def test_on_gradients_changes_the_gradients_before_clipping_and_the_norm(tiny_config, tmp_path):
-    plain = rows_of(tiny_config, tmp_path / "plain")
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The same run without any test stabilizer (shared by the tests below)."""
+    from conftest import TINY
+    from llmstable.compose import compose_config
+
+    run = tmp_path_factory.mktemp("hooks") / "plain"
+    train(compose_config([*TINY, *STEPS], run_dir=run))
+    return run
+
+
+def test_on_gradients_changes_the_gradients_before_clipping_and_the_norm(tiny_config, tmp_path, plain_run):
+    plain = rows(plain_run)
     hook = HalveGradients()
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(hook,))
     halved = rows(tmp_path / "hook")
@@ -86,32 +98,26 @@ def test_on_gradients_changes_the_gradients_before_clipping_and_the_norm(tiny_co
     assert halved[1]["train/loss"] == plain[1]["train/loss"]  # same weights at step 1
 
 
-def rows_of(tiny_config, run):
-    train(tiny_config(*STEPS, run_dir=run))
-    return rows(run)
-
-
-def test_on_update_acts_after_each_applied_update(tiny_config, tmp_path):
-    train(tiny_config(*STEPS, run_dir=tmp_path / "plain"))
+def test_on_update_acts_after_each_applied_update(tiny_config, tmp_path, plain_run):
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(PinFinalNorm(),))
     from safetensors.torch import load_file
 
-    plain = load_file(str(ckpt.latest_valid(tmp_path / "plain" / "checkpoints") / "model.safetensors"))
+    plain = load_file(str(ckpt.latest_valid(plain_run / "checkpoints") / "model.safetensors"))
     pinned = load_file(str(ckpt.latest_valid(tmp_path / "hook" / "checkpoints") / "model.safetensors"))
     assert torch.equal(pinned["norm.weight"], torch.ones_like(pinned["norm.weight"]))
     assert not torch.equal(plain["norm.weight"], torch.ones_like(plain["norm.weight"]))
 
 
-def test_a_loss_provider_replaces_the_cross_entropy(tiny_config, tmp_path):
-    plain = rows_of(tiny_config, tmp_path / "plain")
+def test_a_loss_provider_replaces_the_cross_entropy(tiny_config, tmp_path, plain_run):
+    plain = rows(plain_run)
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(DoubleLoss(),))
     doubled = rows(tmp_path / "hook")
     assert doubled[1]["train/loss"] == 2.0 * plain[1]["train/loss"]
     assert doubled[1]["optim/grad_norm"] == 2.0 * plain[1]["optim/grad_norm"]
 
 
-def test_a_replayed_step_recomputes_the_same_result_and_the_run_goes_on_unchanged(tiny_config, tmp_path):
-    plain = rows_of(tiny_config, tmp_path / "plain")
+def test_a_replayed_step_recomputes_the_same_result_and_the_run_goes_on_unchanged(tiny_config, tmp_path, plain_run):
+    plain = rows(plain_run)
     hook = ReplayStep(at=3)
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(hook,))
     ((step, first, replayed),) = hook.seen
