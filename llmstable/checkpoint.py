@@ -197,8 +197,8 @@ def verify(path: Path) -> str | None:
     (VERIFIED_FOR_S) while no file in the checkpoint changes its size or modification time, so the checks before a
     run starts and the load that follows hash a large checkpoint once; a rollback hours later hashes it again."""
     try:
-        key = (str(path.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                                          for p in sorted(path.rglob("*")) if p.is_file()))
+        stats = [(str(p), p.stat()) for p in sorted(path.rglob("*")) if p.is_file()]
+        key = (str(path.resolve()), tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
     except OSError:
         key = None
     now = time.monotonic()
