@@ -193,6 +193,8 @@ class Trainer:
         extra = {}
         if action is None and not engine.fused_step:
             update_norm = UpdateNorm(self.model) if indicators else None
+            for stabilizer in self.stabilizers:
+                stabilizer.before_update(self.model)
             engine.step()
             for stabilizer in self.stabilizers:
                 stabilizer.on_update(self.model)

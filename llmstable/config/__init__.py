@@ -20,14 +20,14 @@ from llmstable.config.run import (
     DistributedConfig, FaultConfig, LoggingConfig, ScheduleConfig, TrainConfig, TrainLoopConfig,
 )
 from llmstable.config.stabilizer import (
-    EmbGradShrinkConfig, NormGrowthLimiterConfig, OrthoGradConfig, QKNormConfig, Quant4Config, SpikeGuardConfig,
-    StabilizerConfig, ZLossConfig,
+    EmbGradShrinkConfig, NormGrowthLimiterConfig, OrthoGradConfig, QKClipConfig, QKNormConfig, Quant4Config,
+    SpikeGuardConfig, StabilizerConfig, UpdateClipConfig, ZLossConfig,
 )
 
 __all__ = [
     "AdamW8bitConfig", "AdamWConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
-    "OrthoGradConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
+    "OrthoGradConfig", "QKClipConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",
-    "TrainLoopConfig", "ZLossConfig", "load_config", "register", "register_schemas", "schema_keys", "to_dict",
+    "TrainLoopConfig", "UpdateClipConfig", "ZLossConfig", "load_config", "register", "register_schemas", "schema_keys", "to_dict",
 ]

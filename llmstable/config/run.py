@@ -252,12 +252,13 @@ class TrainConfig:
                 + (f" with distributed.zero_stage={d.zero_stage}" if d.name == "deepspeed" else "")
                 + ": its projector takes an SVD of each whole gradient matrix, and the optimizer would see shards or "
                 "flat partitions. Use distributed=ddp (or distributed.zero_stage=0)")
-        gradient_hooks = [n for n in ("orthograd", "norm_growth_limiter") if getattr(self.stabilizer, n) is not None]
+        gradient_hooks = [n for n in ("orthograd", "norm_growth_limiter", "update_clip", "qk_clip")
+                          if getattr(self.stabilizer, n) is not None]
         if d.name == "deepspeed" and gradient_hooks:
             problems.append(
                 f"stabilizer={gradient_hooks} cannot run under distributed=deepspeed: DeepSpeed reduces, clips and "
-                "updates inside backward, so there is no point between the gradients and the update where they could "
-                "act. Use distributed=fsdp2 or distributed=ddp")
+                "updates inside backward, so there is no point between the gradients and the update, or right after "
+                "the update, where they could act. Use distributed=fsdp2 or distributed=ddp")
         if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
             problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
                             "distributed=fsdp2 (tested) or distributed.zero_stage<=2")

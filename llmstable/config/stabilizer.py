@@ -114,6 +114,43 @@ class EmbGradShrinkConfig:
 
 
 @dataclass
+class UpdateClipConfig:
+    """Update clipping (anchors: Levanter's clip_update_norm and update-RMS clipping, marin#1368): per tensor, an
+    update whose RMS exceeds k times the mean of its last `window` update RMS values is scaled down to it."""
+
+    k: float = 2.0
+    window: int = 128  # Levanter's rolling_interval_length in Marin's 32B runs
+    min_history: int = 16  # updates in the window before anything is clipped
+
+    def validate(self, problems: list[str]) -> None:
+        if not self.k > 1.0:
+            problems.append(f"stabilizer.update_clip.k={self.k} must be > 1, e.g. 2.0")
+        if self.window <= 0:
+            problems.append(f"stabilizer.update_clip.window={self.window} must be > 0, e.g. 128")
+        if not 0 < self.min_history <= max(self.window, 1):
+            problems.append(f"stabilizer.update_clip.min_history={self.min_history} must be in [1, window="
+                            f"{self.window}], e.g. 16")
+
+
+@dataclass
+class QKClipConfig:
+    """QK-clip (MuonClip, Kimi K2, arXiv 2507.20534): a head whose largest attention logit of the step exceeds tau
+    gets its W_q and W_k rows scaled by (tau / max)^alpha and (tau / max)^(1 - alpha) after the update."""
+
+    tau: float = 100.0
+    alpha: float = 0.5  # the share of the rescale given to W_q
+    interval: int = 1  # measure and clip every interval-th update
+
+    def validate(self, problems: list[str]) -> None:
+        if not self.tau > 0:
+            problems.append(f"stabilizer.qk_clip.tau={self.tau} must be > 0, e.g. 100")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"stabilizer.qk_clip.alpha={self.alpha} must be in [0, 1], e.g. 0.5")
+        if self.interval < 1:
+            problems.append(f"stabilizer.qk_clip.interval={self.interval} must be >= 1")
+
+
+@dataclass
 class StabilizerConfig:
     """The `stabilizer` group: any subset, e.g. stabilizer=[zloss,qk_norm,quant4,spike_guard]. Absent is off."""
 
@@ -124,10 +161,15 @@ class StabilizerConfig:
     norm_growth_limiter: NormGrowthLimiterConfig | None = None
     orthograd: OrthoGradConfig | None = None
     emb_grad_shrink: EmbGradShrinkConfig | None = None
+    update_clip: UpdateClipConfig | None = None
+    qk_clip: QKClipConfig | None = None
 
     def validate(self, problems: list[str]) -> None:
         for name in self.active():
             getattr(self, name).validate(problems)
+        if self.qk_clip is not None and self.qk_norm is not None:
+            problems.append("stabilizer=[qk_norm,qk_clip]: QK-clip rescales W_q and W_k, which changes nothing after "
+                            "QK-norm's RMSNorm (and QK-norm already bounds the logits); choose one of them")
 
     def active(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

@@ -1,5 +1,5 @@
 """Stabilizers that act through hooks (see `hooks.Stabilizer`): z-loss, QK-norm, 4-bit weights, embedding-gradient
-shrink, OrthoGrad, the norm-growth limiter, the spike guard.
+shrink, OrthoGrad, the norm-growth limiter, update clipping, QK-clip, the spike guard.
 Optimizer-side stabilizers (SPAM, Stable-SPAM) live in `llmstable.optimizers`."""
 
 from __future__ import annotations
@@ -12,21 +12,25 @@ from llmstable.stabilizers.emb_grad_shrink import EmbGradShrink
 from llmstable.stabilizers.hooks import Action, Capabilities, Stabilizer
 from llmstable.stabilizers.norm_growth import NormGrowthLimiter, limit_norm_growth
 from llmstable.stabilizers.orthograd import OrthoGrad, orthogonalize
+from llmstable.stabilizers.qk_clip import QKClip, max_attention_logits, qk_clip_scales
 from llmstable.stabilizers.qk_norm import QKNorm
 from llmstable.stabilizers.quant4 import Quant4
 from llmstable.stabilizers.spike import SpikeGuard
+from llmstable.stabilizers.update_clip import UpdateClip, update_clip_scale
 from llmstable.stabilizers.zloss import ZLoss, z_loss
 
-__all__ = ["Action", "Capabilities", "EmbGradShrink", "NormGrowthLimiter", "OrthoGrad", "QKNorm", "Quant4", "SpikeGuard",
-           "Stabilizer", "ZLoss", "build_model_and_stabilizers", "build_stabilizers", "limit_norm_growth",
-           "orthogonalize", "z_loss"]
+__all__ = ["Action", "Capabilities", "EmbGradShrink", "NormGrowthLimiter", "OrthoGrad", "QKClip", "QKNorm", "Quant4",
+           "SpikeGuard", "Stabilizer", "UpdateClip", "ZLoss", "build_model_and_stabilizers", "build_stabilizers",
+           "limit_norm_growth", "max_attention_logits", "orthogonalize", "qk_clip_scales", "update_clip_scale",
+           "z_loss"]
 
 
 def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabilities()) -> list[Stabilizer]:
     """The active stabilizers, in the fixed order they are applied: architecture first, then model transforms
-    (quantization, the embedding shrink), then loss hooks, then gradient hooks (OrthoGrad changes each gradient's
-    direction, then the limiter bounds its norm's growth), then the spike guard. `capabilities` says what the run's
-    engine allows them to ask for."""
+    (quantization, the embedding shrink, then QK-clip's measuring hooks on the final modules), then loss hooks, then
+    gradient hooks (OrthoGrad changes each gradient's direction, then the limiter bounds its norm's growth), then
+    the update hooks (update clipping bounds what the optimizer did, then QK-clip rescales the attention heads),
+    then the spike guard. `capabilities` says what the run's engine allows them to ask for."""
     out: list[Stabilizer] = []
     if cfg.qk_norm is not None:
         out.append(QKNorm())
@@ -40,6 +44,11 @@ def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabi
         out.append(OrthoGrad())
     if cfg.norm_growth_limiter is not None:
         out.append(NormGrowthLimiter(cfg.norm_growth_limiter.gamma))
+    if cfg.update_clip is not None:
+        c = cfg.update_clip
+        out.append(UpdateClip(c.k, c.window, c.min_history))
+    if cfg.qk_clip is not None:
+        out.append(QKClip(cfg.qk_clip.tau, cfg.qk_clip.alpha, cfg.qk_clip.interval))
     if cfg.spike_guard is not None:
         out.append(SpikeGuard(cfg.spike_guard, capabilities))
     return out

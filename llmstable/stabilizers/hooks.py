@@ -1,7 +1,9 @@
 """The stabilizer hook base class. Every hook does nothing by default; a stabilizer overrides the few it needs.
 
 Stabilizers are built before the engine, and are told then what the run allows (`Capabilities`), so that none is
-changed afterwards. Hooks fire in this order, on every rank alike, and never call torch.distributed themselves:
+changed afterwards. Hooks fire in this order, on every rank alike, and never call torch.distributed themselves,
+with one documented exception: a value that only exists per rank (QK-clip's attention-logit maxima, measured on
+each rank's own share of the batch) is all-reduced in `on_gradients`, which every rank reaches alike:
 
 - `configure_model(model_cfg)`: once, before the model is built; may change the architecture config.
 - `transform_model(model)`: once, after the model is built and before the optimizer sees its parameters; may swap
@@ -25,6 +27,9 @@ changed afterwards. Hooks fire in this order, on every rank alike, and never cal
   replay). The step goes on with the replayed gradients and values. A stabilizer that may ask for a replay sets
   `replays = True` (the trainer then keeps a replay point each step: the data position and the RNG states); it
   may only ask where `Capabilities.can_replay`.
+- `before_update(model)`: every optimizer step whose update is about to be applied, right before it (after the
+  step-check hooks let it through): the weights are still those the gradients were taken at. For a stabilizer
+  that needs the update itself (update clipping keeps a copy of the weights here). Not called under a fused step.
 - `on_update(model)`: every optimizer step whose update was applied, right after it (update clipping, weight
   rescaling such as QK-clip). Like `on_gradients`, not called under a fused step.
 - `metrics()`: at logging intervals; returns `stab/<name>/...` values (this is where a stabilizer may sync).
@@ -103,6 +108,9 @@ class Stabilizer:
     def on_replay(self, step: int, first: dict[str, float], replayed: dict[str, float]) -> Action | None:
         """After the replay this stabilizer asked for: None, or an action for the trainer (not a replay)."""
         return None
+
+    def before_update(self, model: torch.nn.Module) -> None:
+        """Each optimizer step whose update is about to be applied, right before it."""
 
     def on_update(self, model: torch.nn.Module) -> None:
         """Each applied optimizer step, right after the update."""

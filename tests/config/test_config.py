@@ -65,7 +65,8 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
                 "llama_130m, llama_1b, llama_350m, llama_60m, tiny_10m, tiny_1m", tmp_path=tmp_path)
     # In a list, the wrong option is named, with every option of the group.
     check_error(["stabilizer=[zloss,foo]"], "stabilizer=[zloss,foo]: 'foo' is not an option of the stabilizer "
-                "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_norm, quant4, spike_guard, zloss", tmp_path=tmp_path)
+                "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_clip, qk_norm, quant4, spike_guard, "
+                "update_clip, zloss", tmp_path=tmp_path)
 
 
 def test_an_override_that_does_not_parse_is_named(tmp_path):

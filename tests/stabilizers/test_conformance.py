@@ -30,9 +30,19 @@ TINY_SETTINGS = {
     # gradient hooks (on_gradients, before clipping)
     "stabilizer/norm_growth_limiter": ["stabilizer=[norm_growth_limiter]"],
     "stabilizer/orthograd": ["stabilizer=[orthograd]"],
+    # update hooks (before_update / on_update): a window of 2 from the first update and a tight k, so that the
+    # warm-up's growing updates get clipped; tau low enough that tiny_1m's heads get rescaled.
+    "stabilizer/update_clip": ["stabilizer=[update_clip]", "stabilizer.update_clip.window=2",
+                               "stabilizer.update_clip.min_history=1", "stabilizer.update_clip.k=1.05"],
+    "stabilizer/qk_clip": ["stabilizer=[qk_clip]", "stabilizer.qk_clip.tau=0.3"],
 }
+UPDATE_CLIP = TINY_SETTINGS["stabilizer/update_clip"][1:]
 COMBINED = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8",
-            "stabilizer=[zloss,qk_norm,quant4,emb_grad_shrink,orthograd,norm_growth_limiter]"]
+            "stabilizer=[zloss,qk_norm,quant4,emb_grad_shrink,orthograd,norm_growth_limiter,update_clip]", *UPDATE_CLIP]
+# QK-clip excludes QK-norm, so the run with the hook points' test stabilizers takes it in QK-norm's place.
+COMBINED_QK_CLIP = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8",
+                    "stabilizer=[zloss,qk_clip,quant4,emb_grad_shrink,orthograd,norm_growth_limiter,update_clip]",
+                    "stabilizer.qk_clip.tau=0.3", *UPDATE_CLIP]
 
 
 def test_the_table_covers_every_config_file():
@@ -42,7 +52,8 @@ def test_the_table_covers_every_config_file():
 
 
 def loss_rows(run_dir):
-    keep = ("train/loss", "optim/grad_norm", "train/z_loss", "stab/spam/clipped", "stab/stable_spam/clipped")
+    keep = ("train/loss", "optim/grad_norm", "train/z_loss", "stab/spam/clipped", "stab/stable_spam/clipped",
+            "stab/update_clip/clipped", "stab/qk_clip/clipped_heads", "stab/qk_clip/max_logit")
     return {r["step"]: {k: r[k] for k in keep if k in r} for r in read_jsonl(run_dir / "metrics.jsonl")
             if "train/loss" in r}
 
@@ -58,7 +69,7 @@ def hook_stabilizers():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*TINY_SETTINGS, "combined", "hooks"])
 def test_trains_round_trips_and_resumes_bit_identically(name, tiny_config, tmp_path):
-    overrides = {"combined": COMBINED, "hooks": COMBINED}.get(name) or TINY_SETTINGS[name]
+    overrides = {"combined": COMBINED, "hooks": COMBINED_QK_CLIP}.get(name) or TINY_SETTINGS[name]
     extra = hook_stabilizers if name == "hooks" else tuple
 
     def train(cfg):
@@ -70,6 +81,9 @@ def test_trains_round_trips_and_resumes_bit_identically(name, tiny_config, tmp_p
     assert rows[8]["train/loss"] < rows[1]["train/loss"]  # it trains
     if "zloss" in " ".join(overrides):
         assert all(r["train/z_loss"] > 0 for r in rows.values())
+    for plugin, metric in (("update_clip", "stab/update_clip/clipped"), ("qk_clip", "stab/qk_clip/clipped_heads")):
+        if plugin in " ".join(overrides):  # the tiny settings make it act
+            assert sum(r[metric] for r in rows.values()) > 0, (name, metric)
     # Stop after 5 steps with the last checkpoint at 3, then resume with the full budget.
     train(tiny_config(*overrides, "train.max_steps=5", run_dir=tmp_path / "part"))
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_00000005")
