@@ -1,5 +1,6 @@
-"""The gradient hooks and S3 over FSDP2 shards (2 CPU ranks, gloo) equal the same code over whole tensors: the
-per-tensor norms and dot products are reduced across the shards by DTensor, unevenly split tensors included."""
+"""The gradient and update hooks and S3 over FSDP2 shards (2 CPU ranks, gloo) equal the same code over whole tensors:
+the per-tensor norms and dot products are reduced across the shards by DTensor, unevenly split tensors included.
+QK-clip measured on each rank's half of a batch rescales like one process that saw all of it."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def worker(rank: int, init_file: str, results) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from llmstable.optimizers import S3
-    from llmstable.stabilizers import NormGrowthLimiter, OrthoGrad
+    from llmstable.stabilizers import NormGrowthLimiter, OrthoGrad, UpdateClip
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
@@ -54,6 +55,22 @@ def worker(rank: int, init_file: str, results) -> None:
             for p, q in zip(whole.parameters(), sharded.parameters()):
                 rel = ((p.grad - q.grad.full_tensor()).abs().max() / p.grad.abs().max()).item()
                 worst[name] = max(worst[name], rel)
+    # Update clipping: the same updates applied to whole tensors and to shards, clipped alike.
+    whole, sharded = Params(), fully_shard(Params(), mesh=mesh)
+    c_whole, c_sharded = UpdateClip(k=1.5, window=3, min_history=1), UpdateClip(k=1.5, window=3, min_history=1)
+    for step in range(1, 7):
+        set_grads(whole, step, False)
+        set_grads(sharded, step, True)
+        for model, hook in ((whole, c_whole), (sharded, c_sharded)):
+            hook.before_update(model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(1e-2 * p.grad * (10 if step == 5 else 1))  # a spike at step 5
+            hook.on_update(model)
+    worst["update_clip"] = max((p - q.full_tensor()).abs().max().item()
+                               for p, q in zip(whole.parameters(), sharded.parameters()))
+    worst["update_clip_clipped"] = c_sharded.metrics()["stab/update_clip/clipped"]
+    worst["qk_clip"] = qk_clip_over_ranks(rank, mesh)
     whole, sharded = Params(), fully_shard(Params(), mesh=mesh)
     o_whole, o_sharded = S3(whole.parameters(), lr=1e-2), S3(sharded.parameters(), lr=1e-2)
     for step in range(1, 5):
@@ -66,6 +83,44 @@ def worker(rank: int, init_file: str, results) -> None:
     dist.destroy_process_group()
 
 
+def qk_clip_over_ranks(rank: int, mesh) -> float:
+    """Each rank measures its own half of the batch; after the all-reduce in on_gradients both rescale like one
+    process that saw the whole batch, whole weights (DDP's case) and FSDP2 shards alike. Returns the largest
+    difference of the rescaled W_q, W_k against the one-process result."""
+    from torch.distributed.fsdp import fully_shard
+
+    from llmstable.model import Llama, LlamaConfig
+    from llmstable.stabilizers import QKClip
+
+    def build():
+        torch.manual_seed(0)
+        return Llama(LlamaConfig(vocab_size=50, dim=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 max_seq_len=8, init_std=0.3))
+
+    idx = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for kind in ("one_process", "replicated", "sharded"):
+        hook = QKClip(tau=0.5)
+        model = hook.transform_model(build())
+        if kind == "sharded":
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        batch = idx if kind == "one_process" else idx[2 * rank: 2 * rank + 2]
+        with torch.no_grad():
+            model(batch)
+        if kind == "one_process":  # no collective: every rank computes the whole batch alone
+            hook._step_max, hook._running = hook._running, None
+        else:
+            hook.on_gradients(model)
+        hook.on_update(model)
+        results[kind] = [w.full_tensor() if hasattr(w, "full_tensor") else w.detach().clone()
+                         for layer in model.layers for w in (layer.attention.wq.weight, layer.attention.wk.weight)]
+        assert hook.metrics()["stab/qk_clip/clipped_heads"] > 0
+    return max((a - b).abs().max().item() for kind in ("replicated", "sharded")
+               for a, b in zip(results["one_process"], results[kind]))
+
+
 def test_hooks_and_s3_over_fsdp2_shards_equal_whole_tensors():
     with tempfile.TemporaryDirectory() as tmp:
         results = mp.Manager().dict()
@@ -73,3 +128,5 @@ def test_hooks_and_s3_over_fsdp2_shards_equal_whole_tensors():
     for rank in (0, 1):
         assert results[rank]["orthograd"] < 1e-6 and results[rank]["norm_growth_limiter"] < 1e-6, results[rank]
         assert results[rank]["s3"] == 0.0  # elementwise: the shards are the whole computation
+        assert results[rank]["update_clip"] < 1e-6 and results[rank]["update_clip_clipped"] > 0, results[rank]
+        assert results[rank]["qk_clip"] < 1e-6, results[rank]
