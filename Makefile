@@ -35,9 +35,10 @@ test-all: $(STAMP) ## Every CPU test, including the long suites
 test-gpu: $(STAMP) ## The GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu $(ARGS)
 
-bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; SPAM/Stable-SPAM step vs torch AdamW
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps vs torch AdamW; hook costs; data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
+	$(BIN)/python scripts/bench_hooks.py
 	$(MAKE) bench-data
 
 bench-data: $(STAMP) ## Data: prepare throughput vs a one-process encode_batch loop, flat memory, resume cost
