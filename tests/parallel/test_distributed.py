@@ -150,7 +150,7 @@ def test_fsdp2_and_single_process_checkpoints_resume_each_other(tmp_path, saved,
 def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path, engine):
     guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=5", "stabilizer.spike_guard.window=8",
              "stabilizer.spike_guard.good_after_steps=3", "stabilizer.spike_guard.skip_steps=0",
-             "stabilizer.spike_guard.metrics=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
+             "stabilizer.spike_guard.watch=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
              "fault.nan_steps=[12]"]
     single, two = tmp_path / "single", tmp_path / "two"
     run_ranks(1, [*TINY, *STEPS, *guard], single)
