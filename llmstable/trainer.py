@@ -282,12 +282,7 @@ class Trainer:
         out: dict[str, float] = {}
         for stabilizer in self.stabilizers:
             out.update(stabilizer.metrics())
-        out.update(self.engine.optimizer_metrics())
-        if self.rollback.guarded:
-            ledger = self.rollback.ledger
-            out.update({"stab/spike/spikes": ledger.spikes, "stab/spike/rollbacks": ledger.rollbacks,
-                        "stab/spike/skipped_steps": ledger.skipped_steps})
-        return out
+        return {**out, **self.engine.optimizer_metrics(), **self.rollback.metrics()}
 
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every

@@ -24,6 +24,8 @@ import torch
 
 from llmstable.indicators import full, layer_grad_norms
 
+MIN_BASELINE = 8  # clean steps of history a block's mean and std are taken over, before the recent ones
+
 
 def block_update_norms(model: torch.nn.Module, before: list[list[torch.Tensor]]) -> torch.Tensor:
     """The norm of each block's weight change since `before` (one list of tensors per block), on the device."""
@@ -38,11 +40,12 @@ def first_mover(history: torch.Tensor, recent: torch.Tensor, k_std: float) -> tu
     """(block, index into `recent` where it first crossed, ratios of the last row) from per-block norms.
 
     history: (H, L) clean steps before the recent ones; recent: (R, L), the spike step last. A block crosses when
-    its norm exceeds mean + k_std * std of its own history (std floored at 1% of the mean)."""
+    its norm exceeds mean + k_std * std of its own history (std floored at 5% of the mean, so a block must move by
+    a third at the default k_std of 6)."""
     last = recent[-1]
     if history.shape[0] >= 2:
         mean, std = history.mean(0), history.std(0)
-        std = torch.maximum(std, 0.01 * mean.abs())
+        std = torch.maximum(std, 0.05 * mean.abs())
         excess = (recent - mean) / std  # (R, L) in standard deviations of each block's own history
         crossed = excess > k_std
         if bool(crossed.any()):
@@ -84,7 +87,8 @@ class SpikeLocalizer:
         if self._current is None:
             return {}
         rows = [h.to(self._current.device) for h in self._history]
-        split = max(len(rows) - (self.recent - 1), 0)
+        # the last recent - 1 clean steps are candidates for "moved first" when enough history is left before them
+        split = len(rows) - (self.recent - 1) if len(rows) >= self.recent - 1 + MIN_BASELINE else len(rows)
         history = torch.stack(rows[:split]) if split else self._current.new_zeros((0, self._current.numel()))
         recent = torch.stack([*rows[split:], self._current])
         block, index, ratios = first_mover(history, recent, self.k_std)
