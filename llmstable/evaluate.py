@@ -3,6 +3,8 @@ cross-entropy), and the mean loss over a fixed set of held-out blocks."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,7 @@ def validation_metrics(forward, blocks: torch.Tensor, micro_batch_size: int, dev
         sums += torch.stack([ce, own(logits, batch[:, 1:]).float() if own else ce]) * len(batch)
     softmax_ce, loss = (sums / len(blocks)).tolist()  # host sync, once per evaluation
     nll = loss if name == "stablemax" else softmax_ce  # the NLL of the distribution the model samples from
-    out = {"val/loss": loss, "val/ppl": float(torch.tensor(min(nll, 50.0)).exp())}
+    out = {"val/loss": loss, "val/ppl": math.exp(min(nll, 50.0))}
     if own is not None:
         out["val/softmax_ce"] = softmax_ce
     return out
