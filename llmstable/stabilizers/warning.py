@@ -16,7 +16,8 @@ the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two sig
   lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we.
 
 A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
-factor for `warn_lr_steps` steps. The double backward needs attention's math kernel (the fused CPU and CUDA
+factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
+still remembers the first, large gradients, and the proxy is high for every block. The double backward needs attention's math kernel (the fused CPU and CUDA
 kernels have no second derivative), so the first forward of a curvature step runs on it.
 """
 
@@ -149,7 +150,7 @@ class PrecondWarning:
             if ratio > 1 and "signal" not in fields:
                 fields.update(signal="precond_curvature", value=lam, threshold=2 / self._lr)
         self._fractions, self._lambda = None, None
-        if not fields:
+        if not fields or step <= self.cfg.min_history:  # (v still remembers the first, large gradients: no alarm)
             return None
         self.warnings += 1
         if self.cfg.warn_lr_factor < 1:

@@ -63,7 +63,7 @@ def test_the_preconditioner_is_one_over_sqrt_v_hat_plus_eps():
 
 
 def test_a_stale_block_warns_at_logged_steps_and_lowers_the_lr_for_a_few_steps():
-    cfg = SpikeGuardConfig(watch=["loss", "precond"], warn_lr_factor=0.5, warn_lr_steps=3)
+    cfg = SpikeGuardConfig(watch=["loss", "precond"], warn_lr_factor=0.5, warn_lr_steps=3, min_history=2)
     model = TwoBlocks()
     opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95))
     for p in model.parameters():
