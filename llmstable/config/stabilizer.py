@@ -50,7 +50,7 @@ class SpikeGuardConfig:
     # g^2 < precond_rho * v_hat, logged steps) and precond_curvature (Bai et al.'s predictor, every
     # curvature_interval steps) give early warnings (`spike_warning` events) instead (arXiv 2506.04805).
     watch: list = field(default_factory=lambda: ["loss", "grad_norm"])
-    metrics: list | None = None  # the former name of watch (refused with a pointer to watch)
+    metrics: list | None = None  # the former name of watch, still read (configs and checkpoints written before)
     window: int = 128  # clean values in the rolling window
     k_std: float = 6.0  # a value above mean + k_std * std of the window is a spike
     min_history: int = 32  # clean values needed before the window and EMA rules act (non-finite always acts)
@@ -71,10 +71,12 @@ class SpikeGuardConfig:
     replay: bool = False  # recompute a spiky step from the same state before acting (silent-data-corruption check)
     max_sdc: int = 3  # stop (exit code 4) at this many replays that did not reproduce
 
+    def __post_init__(self) -> None:
+        if self.metrics is not None:  # the former name: it set the spike metrics, so it stands in for those
+            self.watch = [*self.metrics, *(m for m in self.watch if m not in ("loss", "grad_norm"))]
+            self.metrics = None
+
     def validate(self, problems: list[str]) -> None:
-        if self.metrics is not None:
-            problems.append(f"stabilizer.spike_guard.metrics={self.metrics} was renamed: use "
-                            f"stabilizer.spike_guard.watch={self.metrics}")
         for metric in self.watch:
             if metric not in WATCHABLE:
                 problems.append(f"stabilizer.spike_guard.watch has {metric!r}; allowed: {', '.join(WATCHABLE)}")

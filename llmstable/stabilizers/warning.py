@@ -108,7 +108,8 @@ class PrecondWarning:
 
     def begin_step(self, step: int, logged: bool) -> None:
         self._logged, self._fractions, self._lambda = logged, None, None
-        self._curvature_due = self.curvature and step % self.cfg.curvature_interval == 0 and step > 1
+        self._curvature_due = (self.curvature and self.optimizer is not None and step > 1
+                               and step % self.cfg.curvature_interval == 0)
         if self._curvature_due:  # the math kernel has a second derivative; exited after the HVP
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -116,7 +117,7 @@ class PrecondWarning:
             self._math.__enter__()
 
     def on_loss(self, loss: torch.Tensor) -> None:
-        if not self._curvature_due or self.optimizer is None:
+        if not self._curvature_due:
             return
         self._curvature_due = False
         try:
