@@ -18,6 +18,7 @@ GUARD = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=3", "st
          "train.checkpoint_interval=4", "train.keep_checkpoints=3"]
 
 
+@pytest.mark.slow
 def test_the_replay_tells_a_transient_fault_from_a_data_spike(tiny_config, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_config(*GUARD, "fault.sdc_at_step=9", "fault.corrupt_batch_steps=[11]", run_dir=run))
