@@ -2,12 +2,12 @@
 
 Build first, then run: `build_trainer` constructs every part with small builders; `Trainer.__init__` only
 assigns; `Trainer.fit` runs the loop, which reads straight down:
-  1. set the learning rate;
+  1. set the learning rate (times the stabilizers' `lr_factor`), then `begin_step`;
   2. forward and loss for each micro-batch, then the loss hooks, then backward;
   3. the gradient hooks, clip, read loss and gradient norm (the one host sync per step), the step-check hooks,
      then the optimizer step unless a hook asked to skip it, then the update hooks;
   4. carry out a rollback or abort if a hook asked for one;
-  5. log, evaluate and checkpoint at their intervals.
+  5. log (with what the stabilizers noted: `events`), evaluate and checkpoint at their intervals.
 The parts around the loop live beside it: the run directory, resume choice, saving and restoring in
 llmstable.resume; the rollback policy in llmstable.recovery. A rollback is a resume from the last good checkpoint
 plus a data skip: both go through `Trainer.restore`.

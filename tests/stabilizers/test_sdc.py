@@ -49,3 +49,21 @@ def test_replays_that_keep_differing_stop_the_run_with_a_message_to_check_the_ma
     later.suspects = 1
     later.load_state_dict({"suspects": 0})  # a rollback restores an older count: suspects never go back
     assert later.suspects == 1
+
+
+@pytest.mark.slow
+def test_llmstable_train_exits_4_at_max_sdc_suspects_and_says_to_check_the_machine(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    guard = [o for o in GUARD if "max_sdc" not in o and "max_steps" not in o]
+    result = subprocess.run(
+        [sys.executable, "-m", "llmstable.cli", "train", *TINY, *guard, "train.max_steps=10",
+         "stabilizer.spike_guard.max_sdc=1", "fault.sdc_at_step=9", f"run_dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert "suspected hardware fault" in result.stderr and "Check the machine" in result.stderr
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    assert [(e["step"], e["action"]) for e in events if e["event"] == "sdc_suspect"] == [(9, "stop")]
