@@ -37,7 +37,8 @@ Four small hooks serve the diagnostics (StableMax's collapse monitor, the precon
 - `events()`: after every counted step (and once when the run stops): what the stabilizer has to write to
   events.jsonl since the last call, as (event, step, fields).
 
-`state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume.
+`state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume. A hook that concludes the
+machine itself computes wrongly raises `SuspectedHardwareFault` (`llmstable train` exits with code 4).
 """
 
 from __future__ import annotations
