@@ -130,7 +130,8 @@ def main(argv: list[str]) -> int:
           f"{onsets[0] if onsets else None}: {onsets}")
     print(f"first crossings: {first}")
     leads = [x for x in stale_lead if x is not None]
-    print(f"stale share > 0.5 crossed before {len(leads)} of {len(onsets)} spikes, median {sorted(leads)[len(leads) // 2] if leads else None} steps before")
+    median = sorted(leads)[len(leads) // 2] if leads else None
+    print(f"stale share > 0.5 crossed before {len(leads)} of {len(onsets)} spikes, median {median} steps before")
     print(f"lambda_grad * eta / 2 in the second half: median {sorted(late)[len(late) // 2]:.1f} (Adam with momentum "
           f"settles at (1 + beta1) / (1 - beta1) = 19)")
     print(f"plot: {out_dir / 'warning.png'}")

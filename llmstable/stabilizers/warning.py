@@ -17,8 +17,9 @@ the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two sig
 
 A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
 factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
-still remembers the first, large gradients, and the proxy is high for every block. The double backward needs attention's math kernel (the fused CPU and CUDA
-kernels have no second derivative), so the first forward of a curvature step runs on it.
+still remembers the first, large gradients, and the proxy is high for every block. The double backward needs
+attention's math kernel (the fused CPU and CUDA kernels have no second derivative), so the first forward of a
+curvature step runs on it.
 """
 
 from __future__ import annotations
