@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu bench bench-data demo-spike compare clean
+.PHONY: help venv train test test-all test-gpu bench bench-data demo-spike demo-warning compare clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,7 @@ bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer s
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
 	$(BIN)/python scripts/bench_hooks.py
+	$(BIN)/python scripts/bench_warning.py
 	$(MAKE) bench-data
 
 bench-data: $(STAMP) ## Data: prepare throughput vs a one-process encode_batch loop, flat memory, resume cost
@@ -46,6 +47,9 @@ bench-data: $(STAMP) ## Data: prepare throughput vs a one-process encode_batch l
 
 demo-spike: $(STAMP) ## Train with injected spikes; the spike guard rolls back and skips the data (plot in the run dir)
 	$(BIN)/llmstable train experiment=demo_spike $(ARGS)
+
+demo-warning: $(STAMP) ## AdamW spiking by itself; the preconditioner warning rises first (warning.png in the run dir)
+	$(BIN)/python scripts/demo_warning.py $(ARGS)
 
 compare: $(STAMP) ## AdamW vs SPAM vs Stable-SPAM on a tiny model, then the report (runs/compare/quick_cpu)
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)

@@ -7,6 +7,7 @@
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100] [--trust-checkpoint]
     llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
     llmstable report SWEEP_DIR
+    llmstable spikes RUN_DIR                   the run's spikes: step, metric, value, threshold, action, layer, skipped
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     from llmstable.report import report_command
     from llmstable.train import train_command
 
+    from llmstable.spikes import spikes_command
+
     commands = {"train": train_command, "export": export_command, "generate": generate_command,
-                "compare": compare_command, "report": report_command, "prepare": prepare_command}
+                "compare": compare_command, "report": report_command, "prepare": prepare_command,
+                "spikes": spikes_command}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -58,7 +62,7 @@ def prepare_command(args: list[str]) -> int:
 
 def export_command(args: list[str]) -> int:
     from llmstable.checkpoint import CheckpointError
-    from llmstable.export import ExportError, export_hf
+    from llmstable.export import LOGITS_NOTE, ExportError, export_hf
 
     parser = argparse.ArgumentParser(prog="llmstable export", description="Write a Hugging Face LlamaForCausalLM folder.")
     parser.add_argument("path", help="a run directory or a checkpoint directory")
@@ -72,6 +76,8 @@ def export_command(args: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {ns.path} -> {out}")
+    if (out / LOGITS_NOTE).is_file():
+        print((out / LOGITS_NOTE).read_text(), file=sys.stderr)
     return 0
 
 
@@ -90,11 +96,16 @@ def generate_command(args: list[str]) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ns = parser.parse_args(args)
     try:
-        model, tokenizer, _ = load_trained(ns.path, trusted=ns.trust_checkpoint)
+        model, tokenizer, cfg = load_trained(ns.path, trusted=ns.trust_checkpoint)
     except (ExportError, ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(sample_text(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed))
+    if cfg.loss.name != "cross_entropy":
+        from llmstable.stabilizers.losses import LOGITS_MEAN
+
+        print(f"(loss={cfg.loss.name}: sampling from {LOGITS_MEAN[cfg.loss.name]})", file=sys.stderr)
+    print(sample_text(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed,
+                      loss=cfg.loss.name))
     return 0
 
 

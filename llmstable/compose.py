@@ -22,7 +22,7 @@ from pathlib import Path
 from llmstable.config import ConfigError, TrainConfig, load_config, schema_keys
 
 CONFIG_DIR = Path(os.environ.get("LLMSTABLE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "distributed", "arm", "experiment")
+GROUPS = ("model", "data", "optimizer", "schedule", "loss", "stabilizer", "fault", "distributed", "arm", "experiment")
 
 
 def register_resolvers() -> None:

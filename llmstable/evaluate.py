@@ -3,6 +3,8 @@ cross-entropy), and the mean loss over a fixed set of held-out blocks."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,13 +27,26 @@ def training_loss(stabilizers, logits: torch.Tensor, targets: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def validation_loss(forward, blocks: torch.Tensor, micro_batch_size: int, device: torch.device,
-                    precision: str) -> torch.Tensor:
-    """The mean cross-entropy over `blocks` (n, seq_len + 1), in micro-batches; a device tensor (no sync)."""
-    losses, count = [], 0
+def validation_metrics(forward, blocks: torch.Tensor, micro_batch_size: int, device: torch.device, precision: str,
+                       loss_cfg=None) -> dict[str, float]:
+    """One evaluation as a metrics row's values: `val/loss` is the loss the run trains on, `val/ppl` the
+    perplexity of the distribution the model samples from (StableMax for loss=stablemax, else the softmax), and a
+    run whose loss is not the cross-entropy also gets `val/softmax_ce`, the softmax cross-entropy of the same
+    logits, so runs stay comparable. One host sync."""
+    from llmstable.stabilizers.losses import loss_function
+
+    name = getattr(loss_cfg, "name", "cross_entropy")
+    own = loss_function(loss_cfg) if name != "cross_entropy" else None
+    sums = torch.zeros(2, device=device)
     for i in range(0, len(blocks), micro_batch_size):
         batch = blocks[i: i + micro_batch_size].to(device)
         with autocast_for(device, precision):
-            losses.append(cross_entropy(forward(batch[:, :-1]), batch[:, 1:]) * len(batch))
-        count += len(batch)
-    return torch.stack(losses).sum() / count
+            logits = forward(batch[:, :-1])
+        ce = cross_entropy(logits, batch[:, 1:])
+        sums += torch.stack([ce, own(logits, batch[:, 1:]).float() if own else ce]) * len(batch)
+    softmax_ce, loss = (sums / len(blocks)).tolist()  # host sync, once per evaluation
+    nll = loss if name == "stablemax" else softmax_ce  # the NLL of the distribution the model samples from
+    out = {"val/loss": loss, "val/ppl": math.exp(min(nll, 50.0))}
+    if own is not None:
+        out["val/softmax_ce"] = softmax_ce
+    return out

@@ -29,6 +29,7 @@ from llmstable.parallel.weights import read_weights
 from llmstable.stabilizers import build_model_and_stabilizers
 
 EXPORT_MARKER = ".llmstable-export"  # written into every exported folder; --overwrite replaces only such folders
+LOGITS_NOTE = "LOGITS.md"  # written beside the weights when the run's loss was not the softmax cross-entropy
 
 
 class ExportError(RuntimeError):
@@ -159,8 +160,9 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, tr
     out_dir = Path(out_dir)
     checkpoint = resolve_checkpoint(path)
     check_target(Path(path), checkpoint, out_dir, overwrite)
-    model, tokenizer, _ = load_trained(checkpoint, trusted)
+    model, tokenizer, cfg = load_trained(checkpoint, trusted)
     hf = AutoModelForCausalLM.from_config(hf_config(model, tokenizer))
+    hf.config.llmstable_loss = cfg.loss.name  # saved in config.json: what the logits mean (see LOGITS.md)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [m for m in missing if not (model.cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -172,6 +174,8 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, tr
         hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(checkpoint.resolve())}) + "\n")
+        if cfg.loss.name != "cross_entropy":
+            (tmp / LOGITS_NOTE).write_text(logits_note(cfg.loss.name))
         if out_dir.exists():  # an earlier export (checked above), or an empty folder
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.rename(out_dir, old)
@@ -183,3 +187,19 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, tr
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"could not write the export to {out_dir}: {err}; nothing was replaced") from err
     return out_dir
+
+
+def logits_note(loss: str) -> str:
+    """What the exported logits mean for a run trained with a loss other than the softmax cross-entropy."""
+    from llmstable.stabilizers.losses import LOGITS_MEAN
+
+    if loss == "stablemax":
+        return ("# These logits are StableMax scores\n\n"
+                f"This model was trained with loss=stablemax: {LOGITS_MEAN[loss]}.\n\n"
+                "transformers applies a softmax to them (generate, pipelines, perplexity), which is a different "
+                "distribution: the most likely token is the same (both are increasing in the score, so greedy "
+                "decoding and top-k sets agree), but sampled text and probabilities are not what the model was "
+                "trained for, and a softmax perplexity of this model means little. Sample with `llmstable generate` "
+                "(StableMax), or apply p = s(x) / sum s(x) to the logits yourself.\n")
+    return (f"# These logits were trained with loss={loss}\n\n{LOGITS_MEAN[loss]}. transformers applies a softmax "
+            "to them; the model's softmax cross-entropy is reported in validation as val/softmax_ce.\n")

@@ -20,12 +20,31 @@ class FaultInjector:
         self.cfg, self.vocab_size = cfg, vocab_size
         self.here = cfg.rank is None or cfg.rank == rank  # faults may hit one rank only (not the LR: it is global)
         self.fired: set[int] = set()  # steps whose faults have fired; kept across rollbacks by the trainer
+        self._sdc_armed = False  # the next forward of block sdc_layer is scaled (set per micro-batch)
+        self._sdc_done: int | None = None  # the step the SDC fault hit: a replay of that step runs clean
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Hook the silent-data-corruption fault onto block `sdc_layer` (only when fault.sdc_at_step is set): a
+        forward hook that scales that block's output once, as a transient hardware fault would."""
+        if self.cfg.sdc_at_step is None or not self.here:
+            return
+
+        def corrupt(module, args, output):
+            if not self._sdc_armed:
+                return None
+            self._sdc_armed = False
+            return output * self.cfg.sdc_scale
+
+        model.layers[self.cfg.sdc_layer].register_forward_hook(corrupt)
 
     def _due(self, steps: list, step: int) -> bool:
         return step in steps and step not in self.fired
 
     def batch(self, step: int, batch: torch.Tensor) -> torch.Tensor:
-        """Random tokens instead of the batch at corrupt_batch_steps."""
+        """Random tokens instead of the batch at corrupt_batch_steps. Also arms the SDC fault for this micro-batch's
+        forward at sdc_at_step: the first forward of that step only, never its replay nor a rolled-back rerun."""
+        if self.here and self.cfg.sdc_at_step == step and step not in self.fired and self._sdc_done != step:
+            self._sdc_armed, self._sdc_done = True, step
         if not (self.here and self._due(self.cfg.corrupt_batch_steps, step)):
             return batch
         gen = torch.Generator().manual_seed(step)

@@ -15,7 +15,8 @@ def final_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
-    """Train and validation loss against tokens, with spikes, rollbacks and skipped data marked ->
+    """Train and validation loss against tokens, with spikes (and the block each came from), rollbacks and skipped
+    data marked ->
     RUN_DIR/loss.png (or `out`)."""
     import matplotlib
 
@@ -40,6 +41,9 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
             continue
         if e["event"] == "spike":
             marks["spike"] = ax.axvline(e["tokens"], color="red", linestyle="--", linewidth=0.8, alpha=0.7)
+            if e.get("layer") is not None:  # the block that moved first (llmstable.stabilizers.localize)
+                ax.annotate(f"L{e['layer']}", (e["tokens"], 0.02), xycoords=("data", "axes fraction"), ha="left",
+                            fontsize=7, color="red")
         elif e["event"] == "rollback":
             marks["rollback"] = ax.axvspan(e["to_tokens"], e["tokens"], color="orange", alpha=0.2)
         elif e["event"] == "skip_step":

@@ -115,6 +115,14 @@ class Rollback:
             ledger.moment_resets += 1
         self.pending_good.clear()
 
+    def metrics(self) -> dict[str, float]:
+        """The spike counters for a metrics row (none without a guard)."""
+        if not self.guarded:
+            return {}
+        ledger = self.ledger
+        return {"stab/spike/spikes": ledger.spikes, "stab/spike/rollbacks": ledger.rollbacks,
+                "stab/spike/skipped_steps": ledger.skipped_steps}
+
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "pending_good": list(self.pending_good)}
 

@@ -3,7 +3,8 @@
 
 Exit codes: 0 done (or already complete); 2 a config, data or checkpoint error (the message names the key or
 file and the fix); 3 the spike guard aborted (the last good checkpoint is intact); 5 a checkpoint could not be
-written (disk full or another OSError: the partial write was removed and the earlier checkpoints are intact).
+written (disk full or another OSError: the partial write was removed and the earlier checkpoints are intact); 4 the
+spike guard's replays point at the machine (`stabilizer.spike_guard.max_sdc` silent-data-corruption suspects).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from llmstable.compose import CONFIG_DIR, compose_config, register_resolvers
 from llmstable.config import ConfigError, load_config
 from llmstable.parallel.world import launched_world_size
 
-EXIT_ERROR, EXIT_ABORTED, EXIT_WRITE_FAILED = 2, 3, 5
+EXIT_ERROR, EXIT_ABORTED, EXIT_HARDWARE, EXIT_WRITE_FAILED = 2, 3, 4, 5
 
 
 def train_command(overrides: list[str]) -> int:
@@ -47,6 +48,7 @@ def train_command(overrides: list[str]) -> int:
 
         from llmstable.checkpoint import CheckpointError, CheckpointWriteError
         from llmstable.data import DataError
+        from llmstable.stabilizers.hooks import SuspectedHardwareFault
         from llmstable.trainer import SpikeAbort, train
 
         container = OmegaConf.to_container(raw, resolve=True)
@@ -60,6 +62,9 @@ def train_command(overrides: list[str]) -> int:
         except (ConfigError, DataError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_ERROR)
+        except SuspectedHardwareFault as err:
+            print(f"stopped: suspected hardware fault: {err}", file=sys.stderr)
+            sys.exit(EXIT_HARDWARE)
         except SpikeAbort as err:
             print(f"aborted: {err}", file=sys.stderr)
             from hydra.types import RunMode

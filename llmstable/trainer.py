@@ -2,12 +2,12 @@
 
 Build first, then run: `build_trainer` constructs every part with small builders; `Trainer.__init__` only
 assigns; `Trainer.fit` runs the loop, which reads straight down:
-  1. set the learning rate;
+  1. set the learning rate (times the stabilizers' `lr_factor`), then `begin_step`;
   2. forward and loss for each micro-batch, then the loss hooks, then backward;
   3. the gradient hooks, clip, read loss and gradient norm (the one host sync per step), the step-check hooks,
      then the optimizer step unless a hook asked to skip it, then the update hooks;
   4. carry out a rollback or abort if a hook asked for one;
-  5. log, evaluate and checkpoint at their intervals.
+  5. log (with what the stabilizers noted: `events`), evaluate and checkpoint at their intervals.
 The parts around the loop live beside it: the run directory, resume choice, saving and restoring in
 llmstable.resume; the rollback policy in llmstable.recovery. A rollback is a resume from the last good checkpoint
 plus a data skip: both go through `Trainer.restore`.
@@ -31,7 +31,7 @@ from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.packing import SkipList
-from llmstable.evaluate import training_loss, validation_loss
+from llmstable.evaluate import training_loss, validation_metrics
 from llmstable.faults import FaultInjector
 from llmstable.indicators import UpdateNorm
 from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
@@ -42,6 +42,8 @@ from llmstable.resume import RunDirectory
 from llmstable.runtime import autocast_for, memory_mb, rng_state, seed_everything, set_rng_state
 from llmstable.schedule import lr_factor
 from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stabilizers
+from llmstable.stabilizers.hooks import log_stabilizer_events
+from llmstable.stabilizers.hooks import lr_factor as stabilizer_lr_factor
 
 
 class SpikeAbort(RuntimeError):
@@ -56,6 +58,7 @@ def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
         try:
             summary = trainer.fit()
         finally:
+            log_stabilizer_events(trainer.log, trainer.stabilizers)  # what was noted before an abort
             trainer.log.close()
     except BaseException:
         world.close(clean=False)  # no barrier: the other ranks may be gone or stuck in a collective
@@ -104,6 +107,9 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
                           lambda m: build_optimizer(cfg.optimizer, m, device, cfg.total_steps), run.path)
     log = RunLog(run.path, cfg.logging, to_dict(cfg)) if world.is_main else QuietLog()
     faults = FaultInjector(cfg.fault, data.vocab_size, world.rank)
+    faults.attach(engine.model)
+    for stabilizer in stabilizers:
+        stabilizer.bind_optimizer(engine.base_optimizer)
     rollback = Rollback(cfg.stabilizer.spike_guard, cfg.train.global_batch_size)
     return Trainer(cfg, engine, stabilizers, data, log, faults, run, rollback, resume_from, init_hash, sizes)
 
@@ -147,7 +153,8 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         self.meter.restart(self.tokens)
         while self.step < total:
-            lr = cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
+            lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
+                  * stabilizer_lr_factor(self.stabilizers, self.step + 1))
             lr = self.faults.lr(self.step + 1, lr)
             if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
                 self.log.event("disk_warning", self.step + 1, message=warning)
@@ -187,6 +194,8 @@ class Trainer:
         and the worst layer's gradient norm."""
         engine = self.engine
         engine.set_lr(lr)
+        for stabilizer in self.stabilizers:
+            stabilizer.begin_step(self.step + 1, indicators)
         replay_point = (self.data.train.state_dict(), rng_state()) if self.replays else None
         values = self.gradients()
         action = self.check_step(values, replay_point)
@@ -275,24 +284,19 @@ class Trainer:
         out: dict[str, float] = {}
         for stabilizer in self.stabilizers:
             out.update(stabilizer.metrics())
-        out.update(self.engine.optimizer_metrics())
-        if self.rollback.guarded:
-            ledger = self.rollback.ledger
-            out.update({"stab/spike/spikes": ledger.spikes, "stab/spike/rollbacks": ledger.rollbacks,
-                        "stab/spike/skipped_steps": ledger.skipped_steps})
-        return out
+        return {**out, **self.engine.optimizer_metrics(), **self.rollback.metrics()}
 
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
         rank: so every rank makes the same forward calls and holds the same value)."""
         self.model.eval()
         blocks = self.data.val_blocks[: self.cfg.train.eval_samples]
-        val_loss = validation_loss(self.forward, blocks, self.cfg.train.micro_batch_size, self.device,
-                                   self.cfg.train.precision).item()  # host sync, once per evaluation
+        values = validation_metrics(self.forward, blocks, self.cfg.train.micro_batch_size, self.device,
+                                    self.cfg.train.precision, self.cfg.loss)  # host sync, once per evaluation
         self.model.train()
+        val_loss = values["val/loss"]
         self.val_history.append((self.step, val_loss))
-        self.log.metrics({"step": self.step, "tokens": self.tokens, "val/loss": val_loss,
-                          "val/ppl": float(np.exp(min(val_loss, 50.0)))})
+        self.log.metrics({"step": self.step, "tokens": self.tokens, **values})
         self.log.event("eval", self.step, val_loss=val_loss)
         return val_loss
 
@@ -301,6 +305,7 @@ class Trainer:
     def after_step(self, action) -> None:
         for event in self.engine.optimizer_events():
             self.log.event(event.pop("event"), self.step, **event)
+        log_stabilizer_events(self.log, self.stabilizers)  # warnings, SDC suspects
         if action is not None:  # a skipped update
             self.log_spikes(self.step, self.tokens, action)
             self.log.event("skip_step", self.step, tokens=self.tokens)
@@ -310,7 +315,7 @@ class Trainer:
     def log_spikes(self, step: int, tokens: int, action) -> None:
         for d in action.detections:
             self.log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold,
-                           rule=d.rule)
+                           rule=d.rule, **d.details)  # details: the layer it came from (llmstable.stabilizers.localize)
 
     def recover(self, action, loss: float, grad_norm: float) -> None:
         """Carry out the rollback policy's plan: restore the last good checkpoint, skip the data since, maybe cut

@@ -16,7 +16,7 @@ from llmstable.trainer import SpikeAbort, train
 LONG = ["train.max_steps=120", "train.eval_interval=60", "train.checkpoint_interval=10", "train.log_interval=10"]
 GUARD = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=16", "stabilizer.spike_guard.window=32",
          "stabilizer.spike_guard.good_after_steps=5", "stabilizer.spike_guard.skip_steps=0",
-         "stabilizer.spike_guard.metrics=[loss]", "stabilizer.spike_guard.lr_cut_after=0",
+         "stabilizer.spike_guard.watch=[loss]", "stabilizer.spike_guard.lr_cut_after=0",
          "stabilizer.spike_guard.moment_reset_after=0"]
 KEYS = ("train/loss", "optim/lr", "optim/grad_norm")
 

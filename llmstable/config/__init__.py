@@ -12,6 +12,7 @@ default (the YAML files in `configs/` only choose and change values, see tests/c
 from llmstable.config.checks import ConfigError
 from llmstable.config.data import DataConfig, TokenizerConfig
 from llmstable.config.loader import load_config, register_schemas, schema_keys, to_dict
+from llmstable.config.loss import CrossEntropyConfig, LossConfig, SphericalZConfig, StableMaxConfig
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import (
     AdamW8bitConfig, AdamWConfig, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig, register,
@@ -21,11 +22,12 @@ from llmstable.config.run import (
 )
 from llmstable.config.stabilizer import (
     EmbGradShrinkConfig, NormGrowthLimiterConfig, OrthoGradConfig, QKClipConfig, QKNormConfig, Quant4Config,
-    SpikeGuardConfig, StabilizerConfig, UpdateClipConfig, ZLossConfig,
+    SoftmaxCollapseConfig, SpikeGuardConfig, StabilizerConfig, UpdateClipConfig, ZLossConfig,
 )
 
 __all__ = [
-    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
+    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "CrossEntropyConfig", "LossConfig", "SoftmaxCollapseConfig",
+    "SphericalZConfig", "StableMaxConfig", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
     "OrthoGradConfig", "QKClipConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from llmstable.config.checks import choice, positive
 from llmstable.config.data import DataConfig
+from llmstable.config.loss import CrossEntropyConfig, LossConfig
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import AdamWConfig, OptimizerConfig
 from llmstable.config.stabilizer import StabilizerConfig
@@ -27,6 +28,9 @@ class FaultConfig:
     kill_at_step: int | None = None  # SIGKILL the process after this step
     kill_in_checkpoint_at_step: int | None = None  # SIGKILL halfway through writing this step's checkpoint
     disk_full_at_step: int | None = None  # raise ENOSPC (disk full) halfway through writing this step's checkpoint
+    sdc_at_step: int | None = None  # scale one block's activations in one forward pass of this step (a transient fault)
+    sdc_layer: int = 0  # the block whose output sdc_at_step scales
+    sdc_scale: float = -1000.0  # the factor (a sign and exponent corruption: a clear loss spike through RMSNorm)
     rank: int | None = None  # distributed runs: the one rank that batch, loss, NaN and kill faults hit; null: every rank
 
     def validate(self, problems: list[str]) -> None:
@@ -34,10 +38,14 @@ class FaultConfig:
             values = getattr(self, key)
             if not all(isinstance(s, int) and s > 0 for s in values):
                 problems.append(f"fault.{key}={values} must be a list of step numbers >= 1")
+        if self.sdc_at_step is not None and self.sdc_at_step < 1:
+            problems.append(f"fault.sdc_at_step={self.sdc_at_step} must be a step number >= 1, or null")
+        if self.sdc_layer < 0:
+            problems.append(f"fault.sdc_layer={self.sdc_layer} must be >= 0 (a block index)")
 
     def active(self) -> bool:
         return any([self.loss_scale_steps, self.lr_scale_steps, self.corrupt_batch_steps, self.nan_steps,
-                    self.kill_at_step, self.kill_in_checkpoint_at_step, self.disk_full_at_step])
+                    self.kill_at_step, self.kill_in_checkpoint_at_step, self.disk_full_at_step, self.sdc_at_step])
 
 
 @dataclass
@@ -169,6 +177,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=AdamWConfig)
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
+    loss: LossConfig = field(default_factory=CrossEntropyConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -186,7 +195,7 @@ class TrainConfig:
             problems.append(f"run_dir_overwrite=true starts the run over, but resume={self.resume!r}: add "
                             "resume=never to start over (the earlier run is moved aside), or drop run_dir_overwrite")
         for group in (self.model, self.data, self.optimizer, self.schedule, self.train, self.logging,
-                      self.stabilizer, self.fault, self.distributed):
+                      self.stabilizer, self.loss, self.fault, self.distributed):
             group.validate(problems)
         self.validate_distributed(problems)
         quant, m = self.stabilizer.quant4, self.model
@@ -200,6 +209,11 @@ class TrainConfig:
                         f"stabilizer.quant4.group_size={quant.group_size} does not divide the {size} weights of a "
                         f"layer ({key}): choose a group size that divides {math.gcd(*sizes.values())}"
                     )
+        if self.fault.sdc_at_step is not None and self.fault.sdc_layer >= self.model.n_layers:
+            problems.append(f"fault.sdc_layer={self.fault.sdc_layer} is not a block of a {self.model.n_layers}-layer "
+                            f"model: choose 0 to {self.model.n_layers - 1}")
+        if self.stabilizer.spike_guard is not None:
+            self.stabilizer.spike_guard.validate_run(self.optimizer.name, self.distributed.name, problems)
         if self.data.seq_len > self.model.max_seq_len:
             problems.append(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}: "

@@ -46,7 +46,11 @@ class Quant4Config:
 class SpikeGuardConfig:
     """The spike guard (llmstable.stabilizers.spike): detection rules and the escalation ladder."""
 
-    metrics: list = field(default_factory=lambda: ["loss", "grad_norm"])  # what is watched: loss, grad_norm
+    # What is watched: loss and grad_norm are checked for spikes every step; precond (the share of coordinates whose
+    # g^2 < precond_rho * v_hat, logged steps) and precond_curvature (Bai et al.'s predictor, every
+    # curvature_interval steps) give early warnings (`spike_warning` events) instead (arXiv 2506.04805).
+    watch: list = field(default_factory=lambda: ["loss", "grad_norm"])
+    metrics: list | None = None  # the former name of watch, still read (configs and checkpoints written before)
     window: int = 128  # clean values in the rolling window
     k_std: float = 6.0  # a value above mean + k_std * std of the window is a spike
     min_history: int = 32  # clean values needed before the window and EMA rules act (non-finite always acts)
@@ -59,11 +63,34 @@ class SpikeGuardConfig:
     moment_reset_after: int = 3  # from this rollback on, also zero the optimizer moments (0: never)
     max_rollbacks: int = 5  # one more spike after this many rollbacks aborts the run
     good_after_steps: int = 20  # clean steps after a checkpoint that make it "good" (a rollback target)
+    precond_rho: float = 0.01  # precond: a coordinate is stale when g^2 < precond_rho * v_hat
+    precond_frac: float = 0.5  # precond: warn when the stale share of any block exceeds this
+    curvature_interval: int = 100  # precond_curvature: steps between Hessian-vector products
+    warn_lr_factor: float = 1.0  # on a warning, multiply the LR by this for warn_lr_steps steps (1.0: only log)
+    warn_lr_steps: int = 10
+    replay: bool = False  # recompute a spiky step from the same state before acting (silent-data-corruption check)
+    max_sdc: int = 3  # stop (exit code 4) at this many replays that did not reproduce
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:  # the former name: it set the spike metrics, so it stands in for those
+            self.watch = [*self.metrics, *(m for m in self.watch if m not in ("loss", "grad_norm"))]
+            self.metrics = None
 
     def validate(self, problems: list[str]) -> None:
-        for metric in self.metrics:
-            if metric not in ("loss", "grad_norm"):
-                problems.append(f"stabilizer.spike_guard.metrics has {metric!r}; allowed: loss, grad_norm")
+        for metric in self.watch:
+            if metric not in WATCHABLE:
+                problems.append(f"stabilizer.spike_guard.watch has {metric!r}; allowed: {', '.join(WATCHABLE)}")
+        if not self.spike_metrics():
+            problems.append(f"stabilizer.spike_guard.watch={self.watch} watches neither loss nor grad_norm: add one, "
+                            "e.g. watch=[loss,grad_norm,precond]")
+        for key in ("precond_rho", "curvature_interval", "warn_lr_steps", "max_sdc"):
+            if not getattr(self, key) > 0:
+                problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be > 0")
+        if not 0 < self.precond_frac < 1:
+            problems.append(f"stabilizer.spike_guard.precond_frac={self.precond_frac} must be in (0, 1), e.g. 0.5")
+        if not 0 < self.warn_lr_factor <= 1:
+            problems.append(f"stabilizer.spike_guard.warn_lr_factor={self.warn_lr_factor} must be in (0, 1]; 1.0 "
+                            "only logs the warning")
         for key in ("window", "min_history", "good_after_steps"):
             if getattr(self, key) <= 0:
                 problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be > 0")
@@ -77,6 +104,43 @@ class SpikeGuardConfig:
             problems.append(f"stabilizer.spike_guard.lr_cut_factor={self.lr_cut_factor} must be in (0, 1), e.g. 0.5")
         if self.min_history > self.window:
             problems.append(f"stabilizer.spike_guard.min_history={self.min_history} must be <= window={self.window}")
+
+    def spike_metrics(self) -> list[str]:
+        """The watched metrics that are checked for spikes every step (the others give early warnings)."""
+        return [m for m in self.watch if m in ("loss", "grad_norm")]
+
+    def validate_run(self, optimizer: str, engine: str, problems: list[str]) -> None:
+        """What the warnings and the replay need from the optimizer and the engine."""
+        warnings = [m for m in self.watch if m.startswith("precond")]
+        if warnings and optimizer not in ADAM_LIKE:
+            problems.append(f"stabilizer.spike_guard.watch={warnings} reads Adam's second moment, which "
+                            f"optimizer={optimizer} does not keep: use one of {', '.join(ADAM_LIKE)} or drop it")
+        if warnings and engine not in ("single", "ddp"):
+            problems.append(f"stabilizer.spike_guard.watch={warnings} needs whole gradients and optimizer states "
+                            f"beside each other, which distributed={engine} shards or fuses: use distributed=ddp "
+                            "or single, or drop it")
+        if "precond_curvature" in self.watch and engine != "single":
+            problems.append("stabilizer.spike_guard.watch=[precond_curvature] takes a Hessian-vector product on this "
+                            "rank's micro-batch, so ranks would disagree: use it with distributed=single, or watch "
+                            "precond (the proxy) instead")
+        if self.replay and engine == "deepspeed":
+            problems.append("stabilizer.spike_guard.replay=true cannot run under distributed=deepspeed, which "
+                            "updates inside backward before a step could be replayed: use ddp or fsdp2")
+
+
+WATCHABLE = ("loss", "grad_norm", "precond", "precond_curvature")
+ADAM_LIKE = ("adamw", "spam", "stable_spam")
+
+
+@dataclass
+class SoftmaxCollapseConfig:
+    """The softmax-collapse monitor (Prieto et al. 2025, arXiv 2501.04697): the share of positions whose fp32
+    softmax probability of the target is exactly 1 (so its gradient is exactly 0), at logged steps."""
+
+    enabled: bool = True
+
+    def validate(self, problems: list[str]) -> None:
+        pass
 
 
 @dataclass
@@ -161,6 +225,7 @@ class StabilizerConfig:
     norm_growth_limiter: NormGrowthLimiterConfig | None = None
     orthograd: OrthoGradConfig | None = None
     emb_grad_shrink: EmbGradShrinkConfig | None = None
+    softmax_collapse: SoftmaxCollapseConfig | None = None
     update_clip: UpdateClipConfig | None = None
     qk_clip: QKClipConfig | None = None
 

@@ -1,5 +1,6 @@
-"""Stabilizers that act through hooks (see `hooks.Stabilizer`): z-loss, QK-norm, 4-bit weights, embedding-gradient
-shrink, OrthoGrad, the norm-growth limiter, update clipping, QK-clip, the spike guard.
+"""Stabilizers that act through hooks (see `hooks.Stabilizer`): the replacing losses (StableMax, spherical Z-loss) and
+the softmax-collapse monitor, z-loss, QK-norm, 4-bit weights, embedding-gradient shrink, OrthoGrad, the norm-growth
+limiter, update clipping, QK-clip, the spike guard (with its early warning, SDC replay and spike localisation).
 Optimizer-side stabilizers (SPAM, Stable-SPAM) live in `llmstable.optimizers`."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from llmstable.config import StabilizerConfig, TrainConfig
 from llmstable.model import Llama, build_model, llama_config
 from llmstable.stabilizers.emb_grad_shrink import EmbGradShrink
 from llmstable.stabilizers.hooks import Action, Capabilities, Stabilizer
+from llmstable.stabilizers.losses import ReplacingLoss, SoftmaxCollapse
 from llmstable.stabilizers.norm_growth import NormGrowthLimiter, limit_norm_growth
 from llmstable.stabilizers.orthograd import OrthoGrad, orthogonalize
 from llmstable.stabilizers.qk_clip import QKClip, max_attention_logits, qk_clip_scales
@@ -20,9 +22,9 @@ from llmstable.stabilizers.update_clip import UpdateClip, update_clip_scale
 from llmstable.stabilizers.zloss import ZLoss, z_loss
 
 __all__ = ["Action", "Capabilities", "EmbGradShrink", "NormGrowthLimiter", "OrthoGrad", "QKClip", "QKNorm", "Quant4",
-           "SpikeGuard", "Stabilizer", "UpdateClip", "ZLoss", "build_model_and_stabilizers", "build_stabilizers",
-           "limit_norm_growth", "max_attention_logits", "orthogonalize", "qk_clip_scales", "update_clip_scale",
-           "z_loss"]
+           "ReplacingLoss", "SoftmaxCollapse", "SpikeGuard", "Stabilizer", "UpdateClip", "ZLoss",
+           "build_model_and_stabilizers", "build_stabilizers", "limit_norm_growth", "max_attention_logits",
+           "orthogonalize", "qk_clip_scales", "update_clip_scale", "z_loss"]
 
 
 def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabilities()) -> list[Stabilizer]:
@@ -32,6 +34,8 @@ def build_stabilizers(cfg: StabilizerConfig, capabilities: Capabilities = Capabi
     the update hooks (update clipping bounds what the optimizer did, then QK-clip rescales the attention heads),
     then the spike guard. `capabilities` says what the run's engine allows them to ask for."""
     out: list[Stabilizer] = []
+    if cfg.softmax_collapse is not None:  # first: it reads the targets in compute_loss, before a loss provider
+        out.append(SoftmaxCollapse())
     if cfg.qk_norm is not None:
         out.append(QKNorm())
     if cfg.quant4 is not None:
@@ -60,6 +64,8 @@ def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int, device: torch
     """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms. `extra`
     are stabilizers the caller built (plug-ins outside the package), applied after the configured ones."""
     stabilizers = [*build_stabilizers(cfg.stabilizer, capabilities), *extra]
+    if cfg.loss.name != "cross_entropy":  # the replacing loss goes before any other compute_loss
+        stabilizers.insert(int(cfg.stabilizer.softmax_collapse is not None), ReplacingLoss(cfg.loss))
     model_cfg = llama_config(cfg.model, vocab_size)
     for stabilizer in stabilizers:
         stabilizer.configure_model(model_cfg)

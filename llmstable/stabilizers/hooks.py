@@ -34,7 +34,16 @@ each rank's own share of the batch) is all-reduced in `on_gradients`, which ever
   rescaling such as QK-clip). Like `on_gradients`, not called under a fused step.
 - `metrics()`: at logging intervals; returns `stab/<name>/...` values (this is where a stabilizer may sync).
 
-`state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume.
+Four small hooks serve the diagnostics (StableMax's collapse monitor, the preconditioner warning, the SDC replay):
+- `bind_optimizer(optimizer)`: once, after the engine and optimizer are built (read-only use of its state).
+- `begin_step(step, logged)`: every optimizer step, before the LR is applied and the forward runs; `logged` says
+  whether this step writes a metrics row, so a monitor can measure at logged steps only.
+- `lr_factor(step)`: every optimizer step, when the LR is set; the product over the stabilizers multiplies it.
+- `events()`: after every counted step (and once when the run stops): what the stabilizer has to write to
+  events.jsonl since the last call, as (event, step, fields).
+
+`state_dict()` / `load_state_dict()` carry whatever the stabilizer needs for an exact resume. A hook that concludes the
+machine itself computes wrongly raises `SuspectedHardwareFault` (`llmstable train` exits with code 4).
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ class Detection:
     value: float
     threshold: float
     rule: str  # non_finite | window | ema_ratio | a stabilizer's own
+    details: dict = field(default_factory=dict)  # extra fields for the `spike` event (e.g. the layer it came from)
 
 
 @dataclass
@@ -119,8 +129,43 @@ class Stabilizer:
         """At logging time: metrics since the last call."""
         return {}
 
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Once, after the optimizer is built: a stabilizer that reads its state keeps a reference."""
+
+    def begin_step(self, step: int, logged: bool) -> None:
+        """Each optimizer step, before its forward: the step number and whether it writes a metrics row."""
+
+    def lr_factor(self, step: int) -> float:
+        """Each optimizer step: a factor on the LR (1.0 leaves it alone)."""
+        return 1.0
+
+    def events(self) -> list[tuple[str, int, dict]]:
+        """After each counted step: (event, step, fields) to write to events.jsonl since the last call."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class SuspectedHardwareFault(RuntimeError):
+    """A stabilizer concluded that the machine computes wrongly (e.g. too many replays that did not reproduce):
+    the run stops (`llmstable train` exits with code 4) and the message says to check the machine."""
+
+
+def log_stabilizer_events(log, stabilizers) -> None:
+    """Write what the stabilizers noted since the last call to events.jsonl (the trainer calls it after every
+    counted step, and once when the run stops, so nothing noted before an abort is lost)."""
+    for stabilizer in stabilizers:
+        for event, step, fields in stabilizer.events():
+            log.event(event, step, **fields)
+
+
+def lr_factor(stabilizers, step: int) -> float:
+    """The product of the stabilizers' LR factors for `step`."""
+    factor = 1.0
+    for stabilizer in stabilizers:
+        factor *= stabilizer.lr_factor(step)
+    return factor

@@ -21,19 +21,19 @@ def test_every_model_file_composes_and_builds(name, tmp_path):
     assert model.num_params() > 0
 
 
-@pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "fault", "experiment", "arm"])
+@pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "loss", "fault", "experiment", "arm"])
 def test_every_group_option_composes_and_validates(group, tmp_path):
     for name in options(group):
         overrides = [f"{group}={name}"] + (["data.path=corpus/*.txt"] if name == "local_files" else [])
         cfg = compose_config(overrides, run_dir=tmp_path)
-        if group in ("data", "optimizer", "schedule"):
+        if group in ("data", "optimizer", "schedule", "loss"):
             assert getattr(cfg, group).name == name
         if group == "fault":
             assert cfg.fault.active() == (name != "none")
         if group == "arm":
             assert cfg.name == name
-        if group == "experiment":
-            assert cfg.stabilizer.spike_guard is not None and cfg.fault.active()
+        if group == "experiment":  # (demo_warning waits for a spike of its own: no fault)
+            assert cfg.stabilizer.spike_guard is not None and (cfg.fault.active() or name == "demo_warning")
 
 
 def test_the_schema_lists_every_key_of_the_main_config(tmp_path):
@@ -65,8 +65,8 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
                 "llama_130m, llama_1b, llama_350m, llama_60m, tiny_10m, tiny_1m", tmp_path=tmp_path)
     # In a list, the wrong option is named, with every option of the group.
     check_error(["stabilizer=[zloss,foo]"], "stabilizer=[zloss,foo]: 'foo' is not an option of the stabilizer "
-                "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_clip, qk_norm, quant4, spike_guard, "
-                "update_clip, zloss", tmp_path=tmp_path)
+                "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_clip, qk_norm, quant4, "
+                "softmax_collapse, spike_guard, update_clip, zloss", tmp_path=tmp_path)
 
 
 def test_an_override_that_does_not_parse_is_named(tmp_path):
@@ -145,3 +145,25 @@ def test_unknown_sweep_or_arm_is_refused_with_the_options():
         load_sweep(["compare=nope"], CONFIG_DIR)
     with pytest.raises(ConfigError, match=r"compare.arms has 'lion'.*stable_spam"):
         load_sweep(["compare=quick_cpu", "compare.arms=[adamw,lion]"], CONFIG_DIR)
+
+
+def test_the_diagnostics_keys_are_checked_with_the_key_and_the_fix(tmp_path):
+    guard = "stabilizer=[spike_guard]"
+    check_error([guard, "stabilizer.spike_guard.watch=[loss,precnd]"], "stabilizer.spike_guard.watch has 'precnd'",
+                "allowed: loss, grad_norm, precond, precond_curvature", tmp_path=tmp_path)
+    renamed = compose_config([guard, "stabilizer.spike_guard.metrics=[loss]"], run_dir=tmp_path)  # the former name
+    assert renamed.stabilizer.spike_guard.watch == ["loss"] and renamed.stabilizer.spike_guard.metrics is None
+    check_error([guard, "stabilizer.spike_guard.watch=[precond]"], "watches neither loss nor grad_norm",
+                tmp_path=tmp_path)
+    check_error([guard, "optimizer=s3", "stabilizer.spike_guard.watch=[loss,precond]"], "optimizer=s3",
+                "adamw, spam, stable_spam", tmp_path=tmp_path)
+    check_error([guard, "distributed=fsdp2", "stabilizer.spike_guard.watch=[loss,precond_curvature]"],
+                "distributed=fsdp2", tmp_path=tmp_path)
+    check_error([guard, "stabilizer.spike_guard.warn_lr_factor=2"], "warn_lr_factor=2.0 must be in (0, 1]",
+                tmp_path=tmp_path)
+    check_error([guard, "stabilizer.spike_guard.max_sdc=0"], "stabilizer.spike_guard.max_sdc=0 must be > 0",
+                tmp_path=tmp_path)
+    check_error(["fault.sdc_at_step=3", "fault.sdc_layer=9"], "fault.sdc_layer=9", "choose 0 to 3", tmp_path=tmp_path)
+    check_error(["loss=spherical_z", "loss.a=0"], "loss.a=0.0 must be > 0", tmp_path=tmp_path)
+    check_error(["loss=stablemax", "loss.a=1"], "unknown key loss.a", tmp_path=tmp_path)
+    check_error(["loss=softmax"], "'softmax' is not an option of the loss group", "stablemax", tmp_path=tmp_path)

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from llmstable.compose import CONFIG_DIR, compose_config
 from llmstable.config import (
-    DataConfig, DistributedConfig, FaultConfig, ModelConfig, OptimizerConfig, ScheduleConfig, StabilizerConfig,
-    TokenizerConfig, load_config, to_dict,
+    DataConfig, DistributedConfig, FaultConfig, LossConfig, ModelConfig, OptimizerConfig, ScheduleConfig,
+    StabilizerConfig, TokenizerConfig, load_config, to_dict,
 )
 from llmstable.stabilizers.spike import SpikeDetector
 
@@ -18,6 +18,8 @@ from llmstable.stabilizers.spike import SpikeDetector
 def schema_of(group, name, values):
     if group == "optimizer":
         return OptimizerConfig.variant(values["name"])
+    if group == "loss":
+        return LossConfig.variant(values["name"])
     if group == "stabilizer":
         hint = typing.get_type_hints(StabilizerConfig)[name]
         return next(a for a in typing.get_args(hint) if a is not type(None))
@@ -36,7 +38,8 @@ def defaults(cls):
             for k, v in out.items()}
 
 
-GROUP_FILES = [(g, p.stem) for g in ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "distributed")
+GROUP_FILES = [(g, p.stem) for g in ("model", "data", "optimizer", "schedule", "stabilizer", "fault", "distributed",
+                                     "loss")
                for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 
 

@@ -162,7 +162,7 @@ def test_fsdp2_and_single_process_checkpoints_resume_each_other(tmp_path, saved,
 def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path, engine):
     guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=5", "stabilizer.spike_guard.window=8",
              "stabilizer.spike_guard.good_after_steps=3", "stabilizer.spike_guard.skip_steps=0",
-             "stabilizer.spike_guard.metrics=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
+             "stabilizer.spike_guard.watch=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
              "fault.nan_steps=[12]"]
     single, two = tmp_path / "single", tmp_path / "two"
     run_ranks(1, [*TINY, *STEPS, *guard], single)
@@ -226,3 +226,20 @@ def test_zloss_qk_norm_and_4bit_weights_follow_the_single_process_curve(tmp_path
     assert_close(losses(run), losses(single), rtol=1e-4)
     z = [r["train/z_loss"] for r in read_jsonl(run / "metrics.jsonl") if "train/z_loss" in r]
     assert z and all(v > 0 for v in z)
+
+
+def test_a_transient_fault_on_one_rank_is_replayed_on_both_and_a_data_spike_still_rolls_back(tmp_path):
+    """The SDC replay on 2 ranks (DDP): rank 0 alone corrupts one forward pass at step 9; both ranks replay, see a
+    different result, log `sdc_suspect` and skip no data; random tokens at step 11 reproduce and are rolled back."""
+    guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=3", "stabilizer.spike_guard.window=6",
+             "stabilizer.spike_guard.k_std=2", "stabilizer.spike_guard.good_after_steps=2",
+             "stabilizer.spike_guard.skip_steps=0", "stabilizer.spike_guard.watch=[loss]",
+             "stabilizer.spike_guard.replay=true", "train.max_steps=12", "train.checkpoint_interval=4",
+             "fault.sdc_at_step=9", "fault.corrupt_batch_steps=[11]", "fault.rank=0"]
+    run = tmp_path / "two"
+    run_ranks(2, [*TINY, "train.log_interval=1", *guard, "distributed=ddp"], run)
+    events = read_jsonl(run / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "sdc_suspect"] == [9]
+    assert [(e["step"], e["to_step"]) for e in events if e["event"] == "rollback"] == [(11, 8)]
+    assert [e["step"] for e in events if e["event"] == "skip_data"] == [11]
+    assert json.loads((run / "summary.json").read_text())["rollbacks"] == 1

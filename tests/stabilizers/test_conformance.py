@@ -15,8 +15,12 @@ TINY_SETTINGS = {
     "stabilizer/zloss": ["stabilizer=[zloss]"],
     "stabilizer/qk_norm": ["stabilizer=[qk_norm]"],
     "stabilizer/quant4": ["stabilizer=[quant4]", "stabilizer.quant4.act_bits=8"],
+    # with every diagnostic on: the early warning (both signals, LR lowering), the SDC replay, localisation
     "stabilizer/spike_guard": ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=3",
-                               "stabilizer.spike_guard.window=6", "stabilizer.spike_guard.good_after_steps=2"],
+                               "stabilizer.spike_guard.window=6", "stabilizer.spike_guard.good_after_steps=2",
+                               "stabilizer.spike_guard.watch=[loss,grad_norm,precond,precond_curvature]",
+                               "stabilizer.spike_guard.curvature_interval=2", "stabilizer.spike_guard.replay=true",
+                               "stabilizer.spike_guard.warn_lr_factor=0.5", "stabilizer.spike_guard.precond_frac=0.2"],
     "optimizer/adamw": ["optimizer=adamw"],
     "optimizer/spam": ["optimizer=spam", "optimizer.DeltaT=4", "optimizer.warmup_steps=2",
                        "optimizer.grad_accu_steps=1", "optimizer.density=0.5"],
@@ -35,8 +39,14 @@ TINY_SETTINGS = {
     "stabilizer/update_clip": ["stabilizer=[update_clip]", "stabilizer.update_clip.window=2",
                                "stabilizer.update_clip.min_history=1", "stabilizer.update_clip.k=1.05"],
     "stabilizer/qk_clip": ["stabilizer=[qk_clip]", "stabilizer.qk_clip.tau=0.3"],
+    # losses that replace the cross-entropy (compute_loss), each with the softmax-collapse monitor
+    "loss/stablemax": ["loss=stablemax", "stabilizer=[softmax_collapse]"],
+    "loss/spherical_z": ["loss=spherical_z", "stabilizer=[softmax_collapse]"],
 }
 UPDATE_CLIP = TINY_SETTINGS["stabilizer/update_clip"][1:]
+# Config files the entries above exercise without an entry of their own.
+COVERED_ELSEWHERE = {"loss/cross_entropy": "every entry (the default loss)",
+                     "stabilizer/softmax_collapse": "loss/stablemax, loss/spherical_z"}
 COMBINED = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "optimizer.total_T=8",
             "stabilizer=[zloss,qk_norm,quant4,emb_grad_shrink,orthograd,norm_growth_limiter,update_clip]", *UPDATE_CLIP]
 # QK-clip excludes QK-norm, so the run with the hook points' test stabilizers takes it in QK-norm's place.
@@ -46,14 +56,15 @@ COMBINED_QK_CLIP = ["optimizer=stable_spam", "optimizer.update_proj_gap=4", "opt
 
 
 def test_the_table_covers_every_config_file():
-    files = {f"{p.parent.name}/{p.stem}" for group in ("stabilizer", "optimizer")
+    files = {f"{p.parent.name}/{p.stem}" for group in ("stabilizer", "optimizer", "loss")
              for p in (CONFIG_DIR / group).glob("*.yaml")}
-    assert files == set(TINY_SETTINGS)
+    assert files == set(TINY_SETTINGS) | set(COVERED_ELSEWHERE)
 
 
 def loss_rows(run_dir):
     keep = ("train/loss", "optim/grad_norm", "train/z_loss", "stab/spam/clipped", "stab/stable_spam/clipped",
-            "stab/update_clip/clipped", "stab/qk_clip/clipped_heads", "stab/qk_clip/max_logit")
+            "stab/update_clip/clipped", "stab/qk_clip/clipped_heads", "stab/qk_clip/max_logit",
+            "stab/softmax_collapse", "stab/precond/stale_frac", "stab/precond/curvature", "optim/lr")
     return {r["step"]: {k: r[k] for k in keep if k in r} for r in read_jsonl(run_dir / "metrics.jsonl")
             if "train/loss" in r}
 

@@ -1,0 +1,132 @@
+"""Losses that replace the softmax cross-entropy (the `loss` group), what their logits mean, and the
+softmax-collapse monitor.
+
+- StableMax (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697): the logits
+  are scores x with p_i = s(x_i) / sum_j s(x_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x + eps) for x < 0. As in the
+  official code, the scores are taken to float64 before s, with eps = 1e-30 in the x < 0 branch only.
+- Spherical Z-loss (de Brebisson and Vincent 2016, arXiv 1604.08859): each position's logits are standardised,
+  z = (o - mean(o)) / std(o) (the population std, over the vocabulary), and loss = softplus(a (b - z_target)) / a.
+  It defines no distribution of its own; the logits are read as softmax logits for sampling and for the
+  cross-entropy that evaluation reports beside it.
+- The softmax-collapse monitor (Prieto et al. 2025, section 3): the share of positions whose fp32 softmax
+  probability of the target is exactly 1.0, where the cross-entropy's gradient is exactly zero.
+
+Both losses act through the `compute_loss` hook; the monitor through `begin_step` / `on_loss` / `metrics`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmstable.stabilizers.hooks import Stabilizer
+
+# What the logits mean, by loss: said in validation rows, in the exported folder and by `generate`.
+LOGITS_MEAN = {
+    "cross_entropy": "softmax logits: p = softmax(logits)",
+    "stablemax": ("StableMax scores: p_i = s(x_i) / sum_j s(x_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x) for "
+                  "x < 0 (arXiv 2501.04697); a softmax over them is NOT the distribution the model was trained for"),
+    "spherical_z": ("logits trained with the spherical Z-loss (arXiv 1604.08859), which defines no distribution; "
+                    "they are read as softmax logits"),
+}
+
+
+def stablemax_s(x: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """s(x): x + 1 for x >= 0, 1 / (1 - x + eps) for x < 0 (elementwise, any dtype). Each branch sees only its own
+    half of the line (clamped), so the branch not taken never divides by zero, in values or in gradients."""
+    negative = x < 0
+    return torch.where(negative, 1.0 / (1.0 - x.clamp(max=0) + eps), x.clamp(min=0) + 1.0)
+
+
+def log_stablemax(x: torch.Tensor, eps: float = 1e-30, dim: int = -1) -> torch.Tensor:
+    """log(s(x) / sum s(x)) over `dim`, in float64 (the official code's precision)."""
+    s = stablemax_s(x.to(torch.float64), eps)
+    return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """Mean -log StableMax probability of the targets, computed in float64 and returned as fp32 (the loop's
+    accumulator dtype; the cast is after the mean, so gradients are the float64 ones). logits (..., V)."""
+    logp = log_stablemax(logits.reshape(-1, logits.shape[-1]), eps)
+    return -logp.gather(-1, targets.reshape(-1, 1)).mean().float()
+
+
+def stablemax_probs(logits: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """The StableMax distribution over the last dim, in float64 (for sampling)."""
+    s = stablemax_s(logits.to(torch.float64), eps)
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def spherical_z_loss(logits: torch.Tensor, targets: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """Mean over positions of softplus(a (b - z_target)) / a, z the position's logits standardised over the
+    vocabulary (population std), in fp32. The std is floored at 1e-12 so a position with equal logits is finite."""
+    o = logits.float().reshape(-1, logits.shape[-1])
+    mean = o.mean(dim=-1, keepdim=True)
+    std = o.var(dim=-1, correction=0, keepdim=True).sqrt().clamp_min(1e-12)
+    z_target = (o.gather(-1, targets.reshape(-1, 1)) - mean) / std
+    return (F.softplus(a * (b - z_target)) / a).mean()
+
+
+def softmax_collapse_fraction(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The share of positions whose fp32 softmax probability of the target is exactly 1.0 (a device tensor)."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    return (probs.gather(-1, targets.unsqueeze(-1)) == 1.0).float().mean()
+
+
+def loss_function(cfg):
+    """The training loss of a `loss` config: (logits, targets) -> scalar tensor."""
+    from llmstable.evaluate import cross_entropy
+
+    if cfg.name == "stablemax":
+        return lambda logits, targets: stablemax_cross_entropy(logits, targets, cfg.eps)
+    if cfg.name == "spherical_z":
+        return lambda logits, targets: spherical_z_loss(logits, targets, cfg.a, cfg.b)
+    return cross_entropy
+
+
+class ReplacingLoss(Stabilizer):
+    """Hook `compute_loss`: every micro-batch, the configured loss (StableMax or the spherical Z-loss) in place of
+    the softmax cross-entropy; `train/loss` then logs this loss."""
+
+    name = "loss"
+
+    def __init__(self, cfg):
+        self.cfg, self.fn = cfg, loss_function(cfg)
+
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.fn(logits, targets)
+
+
+class SoftmaxCollapse(Stabilizer):
+    """The softmax-collapse monitor (arXiv 2501.04697): at logged steps (`begin_step`), `on_loss` measures every
+    micro-batch's collapsed share on the device; `metrics` reports the mean as `stab/softmax_collapse` (its one host
+    sync, at logging time). Other steps cost nothing."""
+
+    name = "softmax_collapse"
+
+    def __init__(self):
+        self._logged = False
+        self._targets: torch.Tensor | None = None
+        self._sum, self._count = None, 0
+
+    def begin_step(self, step: int, logged: bool) -> None:
+        self._logged = logged
+
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self._targets = targets  # (kept for on_loss, which sees the logits but not the targets)
+        return None
+
+    def on_loss(self, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        if self._logged and self._targets is not None:
+            share = softmax_collapse_fraction(logits, self._targets)
+            self._sum = share if self._sum is None else self._sum + share
+            self._count += 1
+        self._targets = None
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        if not self._count:
+            return {}
+        value = self._sum.item() / self._count  # host sync, at logging time only
+        self._sum, self._count = None, 0
+        return {"stab/softmax_collapse": value}

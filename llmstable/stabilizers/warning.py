@@ -1,0 +1,175 @@
+"""Spike early warning from Adam's preconditioner (Bai et al. 2025, "Adaptive Preconditioners Trigger Loss Spikes
+in Adam", arXiv 2506.04805).
+
+Their mechanism: once g^2 << v for most coordinates, v only decays (at the rate beta2) and stops tracking the
+gradient; the preconditioned Hessian H_hat = diag(1 / (sqrt(v_hat) + eps)) H then grows until its curvature along
+the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two signals:
+
+- the proxy (`watch=[..., precond]`, at logged steps, cheap): per block, the share of coordinates whose
+  g^2 < rho * v_hat, with v_hat = v / (1 - beta2^k) Adam's bias-corrected second moment before this step's update
+  and rho = `precond_rho` (0.01: for a gradient that v tracks, g ~ N(0, v), that share is P(|z| < 0.1) = 8%; a
+  share above `precond_frac` = 0.5 means v has lost track of most of the block). These two thresholds are ours:
+  the paper states the regime (g^2 << v), not a number;
+- the paper's predictor (`watch=[..., precond_curvature]`, every `curvature_interval` steps): the
+  gradient-directional curvature of the preconditioned Hessian, lambda = g^T H_hat g / g^T g = (P g)^T (H g) / |g|^2,
+  from one Hessian-vector product H g on the step's first micro-batch, against 2/eta (logged as the ratio
+  lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we.
+
+A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
+factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
+still remembers the first, large gradients, and the proxy is high for every block. The double backward needs
+attention's math kernel (the fused CPU and CUDA kernels have no second derivative), so the first forward of a
+curvature step runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def adam_v_hat(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    """Adam's bias-corrected second moment of parameter p before this step's update, or None (no state yet, or a
+    state shaped unlike p, as SPAM's sparse masks are)."""
+    state = optimizer.state.get(p, {})
+    v = state.get("exp_avg_sq")
+    if not isinstance(v, torch.Tensor) or v.shape != p.shape or "step" not in state:
+        return None
+    k = float(state["step"])
+    beta2 = next(g["betas"][1] for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    return v / (1.0 - beta2 ** k) if k > 0 else None
+
+
+def stale_counts(grad: torch.Tensor, v_hat: torch.Tensor, rho: float) -> torch.Tensor:
+    """How many coordinates have g^2 < rho * v_hat (a device scalar)."""
+    return (grad.float().square() < rho * v_hat.float()).sum()
+
+
+def block_stale_fractions(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rho: float) -> torch.Tensor | None:
+    """The stale share of each transformer block (device tensor (L,)), or None before Adam has any state."""
+    out = []
+    for layer in model.layers:
+        stale, total = 0, 0
+        for p in layer.parameters():
+            v_hat = adam_v_hat(optimizer, p) if p.grad is not None else None
+            if v_hat is not None:
+                stale, total = stale + stale_counts(p.grad, v_hat, rho), total + p.numel()
+        if not total:
+            return None
+        out.append(stale / total)
+    return torch.stack(out).float()
+
+
+def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor]) -> torch.Tensor:
+    """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params` (one Hessian-vector
+    product). Keeps the loss's graph (a later backward still works)."""
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    hvp = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs],
+                              grad_outputs=[g.detach() for _, g in pairs], retain_graph=True, allow_unused=True)
+    num = loss.new_zeros((), dtype=torch.float32)
+    den = loss.new_zeros((), dtype=torch.float32)
+    by_param = {id(p): c for p, c in zip(params, precond)}
+    for (p, g), hg in zip(pairs, hvp):
+        g = g.detach().float()
+        if hg is not None:
+            num = num + (by_param[id(p)].float() * g * hg.float()).sum()
+        den = den + g.square().sum()
+    return num / den.clamp_min(1e-30)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer) -> tuple[list, list] | None:
+    """(params, 1 / (sqrt(v_hat) + eps)) for every parameter with Adam state, or None before the first step."""
+    params, precond = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            v_hat = adam_v_hat(optimizer, p)
+            if v_hat is not None:
+                params.append(p)
+                precond.append(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8)))
+    return (params, precond) if params else None
+
+
+class PrecondWarning:
+    """The early warning, owned by the spike guard: `begin_step`, `on_loss` (the predictor), `on_gradients` (the
+    proxy), then `check(step)` after the step's values are known, which returns the warning's fields or None."""
+
+    def __init__(self, cfg, proxy: bool, curvature: bool):
+        self.cfg, self.proxy, self.curvature = cfg, proxy, curvature
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._logged, self._curvature_due = False, False
+        self._math: contextlib.AbstractContextManager | None = None
+        self._fractions: torch.Tensor | None = None  # (L,) this logged step's stale shares (device)
+        self._lambda: torch.Tensor | None = None  # this curvature step's lambda (device)
+        self._lr = 0.0
+        self.lower_until = 0  # the LR is lowered through this step (checkpointed)
+        self.warnings = 0  # (checkpointed; never goes back on a rollback)
+        self._metrics: dict[str, float] = {}
+
+    def begin_step(self, step: int, logged: bool) -> None:
+        self._logged, self._fractions, self._lambda = logged, None, None
+        self._curvature_due = (self.curvature and self.optimizer is not None and step > 1
+                               and step % self.cfg.curvature_interval == 0)
+        if self._curvature_due:  # the math kernel has a second derivative; exited after the HVP
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            self._math = sdpa_kernel([SDPBackend.MATH])
+            self._math.__enter__()
+
+    def on_loss(self, loss: torch.Tensor) -> None:
+        if not self._curvature_due:
+            return
+        self._curvature_due = False
+        try:
+            found = adam_preconditioner(self.optimizer)
+            if found is not None:
+                self._lambda = directional_curvature(loss, *found).detach()
+                self._lr = float(self.optimizer.param_groups[0]["lr"])
+        finally:
+            self._math.__exit__(None, None, None)
+            self._math = None
+
+    def on_gradients(self, model: torch.nn.Module) -> None:
+        if self.proxy and self._logged and self.optimizer is not None and self._fractions is None:
+            self._fractions = block_stale_fractions(model, self.optimizer, self.cfg.precond_rho)
+
+    def check(self, step: int) -> dict | None:
+        """After the step's gradients: the warning's fields if a signal crossed, else None. Host syncs only at
+        logged steps (the proxy) and curvature steps (the predictor)."""
+        fields = {}
+        if self._fractions is not None:
+            fractions = self._fractions.tolist()  # host sync, at logged steps only
+            self._metrics.update({f"stab/precond/stale_frac/layer_{i}": f for i, f in enumerate(fractions)})
+            self._metrics["stab/precond/stale_frac"] = max(fractions)
+            if max(fractions) > self.cfg.precond_frac:
+                fields.update(signal="precond", value=max(fractions), threshold=self.cfg.precond_frac,
+                              layer=fractions.index(max(fractions)))
+        if self._lambda is not None:
+            lam = float(self._lambda)  # host sync, every curvature_interval steps
+            ratio = lam * self._lr / 2
+            self._metrics.update({"stab/precond/curvature": lam, "stab/precond/curvature_ratio": ratio})
+            if ratio > 1 and "signal" not in fields:
+                fields.update(signal="precond_curvature", value=lam, threshold=2 / self._lr)
+        self._fractions, self._lambda = None, None
+        if not fields or step <= self.cfg.min_history:  # (v still remembers the first, large gradients: no alarm)
+            return None
+        self.warnings += 1
+        if self.cfg.warn_lr_factor < 1:
+            self.lower_until = step + self.cfg.warn_lr_steps
+            fields.update(lr_factor=self.cfg.warn_lr_factor, until_step=self.lower_until)
+        return fields
+
+    def lr_factor(self, step: int) -> float:
+        return self.cfg.warn_lr_factor if step <= self.lower_until else 1.0
+
+    def metrics(self) -> dict[str, float]:
+        out, self._metrics = {**self._metrics, "stab/spike/warnings": self.warnings}, {}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"lower_until": self.lower_until, "warnings": self.warnings}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lower_until = state.get("lower_until", 0)
+        self.warnings = max(self.warnings, state.get("warnings", 0))  # a counter: a rollback does not undo it
