@@ -14,7 +14,8 @@ from llmstable.config.data import DataConfig, TokenizerConfig
 from llmstable.config.loader import load_config, register_schemas, schema_keys, to_dict
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import (
-    AdamW8bitConfig, AdamWConfig, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig, register,
+    AdamMiniConfig, AdamW8bitConfig, AdamWConfig, FiraConfig, LionConfig, MuonConfig, OptimizerConfig, S3Config,
+    SOAPConfig, SPAMConfig, StableSPAMConfig, register,
 )
 from llmstable.config.run import (
     DistributedConfig, FaultConfig, LoggingConfig, ScheduleConfig, TrainConfig, TrainLoopConfig,
@@ -25,7 +26,7 @@ from llmstable.config.stabilizer import (
 )
 
 __all__ = [
-    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
+    "AdamMiniConfig", "AdamW8bitConfig", "AdamWConfig", "LionConfig", "MuonConfig", "SOAPConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
     "OrthoGradConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",
