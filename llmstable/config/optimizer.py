@@ -202,6 +202,7 @@ class MuonConfig(OptimizerConfig):
     nesterov: bool = True
     ns_steps: int = 5  # Newton-Schulz iterations
     adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (0.2*sqrt(max(A,B))) | original (sqrt(max(1,A/B)))
+    ns_dtype: str = "auto"  # Newton-Schulz in: auto (fp32 on CPU, torch's bf16 elsewhere) | bf16 | fp32
 
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
@@ -210,6 +211,7 @@ class MuonConfig(OptimizerConfig):
         if not 1 <= self.ns_steps < 100:
             problems.append(f"optimizer.ns_steps={self.ns_steps} must be in [1, 100), e.g. 5")
         choice(problems, "optimizer.adjust_lr_fn", self.adjust_lr_fn, ("match_rms_adamw", "original"))
+        choice(problems, "optimizer.ns_dtype", self.ns_dtype, ("auto", "bf16", "fp32"))
 
 
 @register("lion")

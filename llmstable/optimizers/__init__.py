@@ -88,7 +88,7 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.
     if isinstance(cfg, AdamW8bitConfig):
         return _adamw8bit(cfg, model, device, common)
     if isinstance(cfg, MuonConfig):
-        return _muon(cfg, model)
+        return _muon(cfg, model, device)
     if isinstance(cfg, (LionConfig, SOAPConfig, AdamMiniConfig)):
         return _library(cfg, model)
     raise ConfigError([f"optimizer.name={cfg.name!r} has no builder"])
@@ -105,7 +105,7 @@ def _adamw8bit(cfg: AdamW8bitConfig, model, device, common) -> torch.optim.Optim
     return AdamW8bit(groups, **common)
 
 
-def _muon(cfg: MuonConfig, model: torch.nn.Module) -> MuonWithAdamW:
+def _muon(cfg: MuonConfig, model: torch.nn.Module, device: torch.device) -> MuonWithAdamW:
     """Muon on the attention and MLP matrices; AdamW on the rest (embeddings and LM head decayed, norms not)."""
     blocks = block_matrices(model)
     ids = {id(p) for p in blocks}
@@ -114,7 +114,8 @@ def _muon(cfg: MuonConfig, model: torch.nn.Module) -> MuonWithAdamW:
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     return MuonWithAdamW(blocks, adamw_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                          ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, weight_decay=cfg.weight_decay,
-                         betas=cfg.betas, eps=cfg.eps)
+                         betas=cfg.betas, eps=cfg.eps,
+                         ns_dtype=("fp32" if device.type == "cpu" else "bf16") if cfg.ns_dtype == "auto" else cfg.ns_dtype)
 
 
 def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
