@@ -60,6 +60,7 @@ class SweepConfig:
             problems.append(f"compare.parallel={self.parallel} must be >= 1 (runs at a time), e.g. 2")
         if self.threads_per_run is not None and self.threads_per_run < 1:
             problems.append(f"compare.threads_per_run={self.threads_per_run} must be >= 1, or null for the default")
+        problems[:] = list(dict.fromkeys(problems))  # (a shared compare.lrs is checked once per arm)
 
     def check_grid(self, problems: list[str], arm: str, arm_file: dict) -> None:
         grid, key = self.grid_of(arm, arm_file)
@@ -101,9 +102,11 @@ def load_sweep(args: list[str], config_dir: Path) -> tuple[SweepConfig, list[str
                               OmegaConf.load(config_dir / "compare" / f"{name}.yaml"), OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
+        given = next((a.split("=", 1)[1] for a in dotlist if a.split("=", 1)[0] == key), None)
         valid = ", ".join(f"compare.{f.name}" for f in fields(SweepConfig))
-        raise ConfigError([f"compare.{key}: {str(err).splitlines()[0]}; valid keys and types are those of "
-                           f"configs/compare/*.yaml ({valid})"]) from None
+        raise ConfigError([f"compare.{key}{'=' + given if given is not None else ''}: {str(err).splitlines()[0]}. "
+                           f"Give a key and a value of the kind configs/compare/*.yaml use (lists in brackets, e.g. "
+                           f"compare.seeds=[0,1]); the keys: {valid}"]) from None
     sweep = SweepConfig(**OmegaConf.to_container(raw))
     arm_files = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) or {}
                  for p in sorted((config_dir / "arm").glob("*.yaml"))}
