@@ -46,7 +46,7 @@ bench-data: $(STAMP) ## Data: prepare throughput vs a one-process encode_batch l
 demo-spike: $(STAMP) ## Train with injected spikes; the spike guard rolls back and skips the data (plot in the run dir)
 	$(BIN)/llmstable train experiment=demo_spike $(ARGS)
 
-compare: $(STAMP) ## AdamW vs SPAM vs Stable-SPAM on a tiny model, then the report (runs/compare/quick_cpu)
+compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, each LR-tuned, 2 seeds; report in runs/compare/quick_cpu
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
 
 clean: ## Remove the virtualenv and local run outputs
