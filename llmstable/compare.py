@@ -156,7 +156,8 @@ def compare_command(args: list[str]) -> int:
                       f"its grid; adding {', '.join(f'{x:g}' for x in arm['extend_with'])}", file=sys.stderr)
                 if code := launch(sweep, train_overrides, root, [arm["arm"]], arm["extend_with"]):
                     return code
-    best = next(a["best_lr"] for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline)
+    best = next((a["best_lr"] for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline),
+                None)  # (None when every LR of the baseline diverged: no budgets to run, the report says why)
     if budgets and best is not None:
         if code := launch(sweep, train_overrides, root, [sweep.baseline], [best], (f"{key}={','.join(budgets)}",),
                           f"{BUDGET_TAG}${{{key}}}"):
