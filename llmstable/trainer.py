@@ -130,7 +130,7 @@ class Trainer:
         self.val_history: list[tuple[int, float]] = []
         self.init_hash: str | None = None  # of the initial weights, and of the first batch: arms compare them
         self.first_batch_hash: str | None = None
-        self.initial_loss: float | None = None  # the first step's loss, on the initial weights (compare's LR sensitivity)
+        self.initial_loss: float | None = None  # the first step's loss, on the initial weights (compare uses it)
         self.diverged_step: int | None = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -26,7 +26,8 @@ from llmstable.config.stabilizer import (
 )
 
 __all__ = [
-    "AdamMiniConfig", "AdamW8bitConfig", "AdamWConfig", "LionConfig", "MuonConfig", "SOAPConfig", "ConfigError", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
+    "AdamMiniConfig", "AdamW8bitConfig", "AdamWConfig", "LionConfig", "MuonConfig", "SOAPConfig", "ConfigError",
+    "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
     "OrthoGradConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",

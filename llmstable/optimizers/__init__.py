@@ -110,12 +110,12 @@ def _muon(cfg: MuonConfig, model: torch.nn.Module, device: torch.device) -> Muon
     blocks = block_matrices(model)
     ids = {id(p) for p in blocks}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    ns_dtype = ("fp32" if device.type == "cpu" else "bf16") if cfg.ns_dtype == "auto" else cfg.ns_dtype
     adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     return MuonWithAdamW(blocks, adamw_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                          ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, weight_decay=cfg.weight_decay,
-                         betas=cfg.betas, eps=cfg.eps,
-                         ns_dtype=("fp32" if device.type == "cpu" else "bf16") if cfg.ns_dtype == "auto" else cfg.ns_dtype)
+                         betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype)
 
 
 def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -69,8 +69,8 @@ def conclusions(study: dict, rows: list[dict]) -> str:
     decided = [f"{a['arm']} {a['verdict']}" for a in arms if a["verdict"] in ("better", "worse")]
     extrapolated = [a["arm"] for a in arms if a["speedup_status"] == "extrapolated"]
     text = (f"This study trained {len(rows)} runs of a {fmt(float(params)) if params else '?'}-parameter model on "
-            f"{fmt(float(study['budget_tokens']))} tokens each, {len(arms)} arms, {seeds} seed(s) per setting, each arm "
-            f"at the best LR of its own grid. It can say which arm reached the lower validation loss at this scale and "
+            f"{fmt(float(study['budget_tokens']))} tokens per grid run, {len(arms)} arms, {seeds} seed(s) per setting, "
+            f"each arm at the best LR of its own grid. It can say which arm reached the lower validation loss at this scale and "
             f"budget, and by how much, paired by seed: ")
     text += (", ".join(decided) + " than the baseline at 95% confidence. " if decided else
              "no arm is distinguishable from the baseline at 95% confidence. ")
