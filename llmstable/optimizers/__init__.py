@@ -129,7 +129,8 @@ def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimi
         return pytorch_optimizer.SOAP(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                       weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
                                       max_precondition_dim=cfg.max_precondition_dim)
-    shape = getattr(model, "cfg", None) or model.module.cfg  # Adam-mini splits query and key by head: it needs the shape (names as in llmstable.model)
+    # Adam-mini splits query and key by head, so it needs the shape (and finds them by llmstable.model's names).
+    shape = getattr(model, "cfg", None) or model.module.cfg
     return pytorch_optimizer.AdamMini(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                       num_embeds=shape.dim, num_heads=shape.n_heads,
                                       num_query_groups=shape.n_kv_heads or shape.n_heads)

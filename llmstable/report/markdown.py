@@ -40,7 +40,8 @@ def arm_cells(a: dict) -> list[str]:
         speed += f", {a['speedup_status']}" + (f": {a['speedup_reason']}" if a["speedup_reason"] else "")
     return [a["arm"], fmt(a["best_lr"]) + edge, fmt(a["final_val_loss"], a["final_val_loss_std"]), diff,
             a["verdict"], speed, f"{a['stable_lrs']}/{a['grid_lrs']}",
-            f"{fmt(a['spikes'])} / {fmt(a['rollbacks'])} / {fmt(a['skipped_samples'])}", fmt(a["lr_sensitivity"], digits=3),
+            f"{fmt(a['spikes'])} / {fmt(a['rollbacks'])} / {fmt(a['skipped_samples'])}",
+            fmt(a["lr_sensitivity"], digits=3),
             fmt(a["tokens_per_sec_rel"], digits=3), fmt(a["peak_memory_rel"], digits=3),
             fmt(a["optimizer_state_bytes_per_param"], digits=3)]
 
@@ -70,8 +71,8 @@ def conclusions(study: dict, rows: list[dict]) -> str:
     extrapolated = [a["arm"] for a in arms if a["speedup_status"] == "extrapolated"]
     text = (f"This study trained {len(rows)} runs of a {fmt(float(params)) if params else '?'}-parameter model on "
             f"{fmt(float(study['budget_tokens']))} tokens per grid run, {len(arms)} arms, {seeds} seed(s) per setting, "
-            f"each arm at the best LR of its own grid. It can say which arm reached the lower validation loss at this scale and "
-            f"budget, and by how much, paired by seed: ")
+            f"each arm at the best LR of its own grid. It can say which arm reached the lower validation loss at this "
+            f"scale and budget, and by how much, paired by seed: ")
     text += (", ".join(decided) + " than the baseline at 95% confidence. " if decided else
              "no arm is distinguishable from the baseline at 95% confidence. ")
     text += (f"It cannot say how the ranking holds at larger models or budgets (the literature finds speedups shrink "
@@ -81,7 +82,7 @@ def conclusions(study: dict, rows: list[dict]) -> str:
     if edges:
         text += f"The best LR sits on the grid's edge for {', '.join(edges)}: those arms may be under-tuned. "
     if extrapolated:
-        text += (f"The speedups of {', '.join(extrapolated)} are extrapolated beyond the baseline budgets the fit saw. ")
+        text += f"The speedups of {', '.join(extrapolated)} are extrapolated beyond the baseline budgets the fit saw. "
     text += ("Throughput and memory were measured with runs sharing the machine's cores, so their ratios are "
              "indicative only.")
     return text

@@ -31,7 +31,8 @@ def inline_png(path: Path) -> str:
 def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: dict) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Comparison report</title>',
              f"<style>{STYLE}</style></head><body>", "<h1>Comparison report</h1>",
-             f"<p>Baseline: <b>{escape(study['baseline'])}</b>. Each arm at the best LR of its own grid; Δ is the mean "
+             f"<p>Baseline: <b>{escape(study['baseline'])}</b>. Each arm at the best LR of its own grid; Δ is the "
+             "mean "
              "paired difference in final validation loss against the baseline over seeds (negative is better); "
              "speedup is D_eff / D from the baseline's fit L(D) = a·D<sup>-B</sup> + b.</p>",
              table("arms", ARM_HEAD, [arm_cells(a) for a in study["arms"]]),

@@ -56,7 +56,8 @@ def run_row(run: Path, target: float | None) -> dict:
         "skipped_steps": summary.get("skipped_steps", 0), "skipped_samples": summary.get("skipped_samples", 0),
         "tokens": summary["tokens"], "planned_tokens": planned_tokens(cfg), "budget_run": BUDGET_TAG in run.name,
         "initial_loss": summary.get("initial_loss"), "num_params": num_params, "optimizer_state_bytes": state_bytes,
-        "optimizer_state_bytes_per_param": state_bytes / num_params if state_bytes is not None and num_params else None, "tokens_per_sec": summary["tokens_per_sec"],
+        "optimizer_state_bytes_per_param": state_bytes / num_params if state_bytes is not None and num_params else None,
+        "tokens_per_sec": summary["tokens_per_sec"],
         "peak_memory_mb": summary.get("peak_memory_mb"), "wall_s": summary["wall_s"],
         "init_hash": summary.get("init_hash"), "first_batch_hash": summary.get("first_batch_hash"),
     }

@@ -23,7 +23,8 @@ def rows():
     out = []
     for seed, shift in ((0, 0.0), (1, 0.02)):  # seed 1 is worse for every arm alike: pairing removes it
         base = loss_at(BUDGET) + shift
-        out += [row("adamw", 1e-3, seed, base + 0.3), row("adamw", 3e-3, seed, base), row("adamw", 1e-2, seed, base + 0.1)]
+        out += [row("adamw", 1e-3, seed, base + 0.3), row("adamw", 3e-3, seed, base),
+                row("adamw", 1e-2, seed, base + 0.1)]
         out += [row("adamw", 3e-3, seed, loss_at(f * BUDGET) + shift, tokens=int(f * BUDGET), budget_run=True)
                 for f in (0.25, 0.5)]
         # "fast" matches the baseline's loss at half the budget on seed 0; its best LR is the grid's high edge.
