@@ -21,10 +21,10 @@ from llmstable.statistics import t975
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; 2 seeds; AdamW at its best LR
-# also at 2 and 4 of the 8 steps: 14 runs of at most 8 steps.
+# also at 2 and 3 of the 6 steps: 14 runs of at most 6 steps.
 STUDY = ["compare.arms=[adamw,muon]", "compare.grids.adamw=[0.003,0.01,100000.0]", "compare.grids.muon=[0.003,0.01]",
-         "compare.seeds=[0,1]", "compare.target_loss=6.2", "train.max_steps=8", "train.eval_interval=4",
-         "train.checkpoint_interval=4", "train.max_norm=null"]
+         "compare.seeds=[0,1]", "compare.target_loss=6.2", "train.max_steps=6", "train.eval_interval=3",
+         "train.checkpoint_interval=3", "train.max_norm=null"]
 
 
 def compare(sweep_dir, *args, **popen):
@@ -101,7 +101,7 @@ def test_each_arms_best_lr_paired_difference_and_columns_follow_from_the_files(s
     half = t975(1) * statistics.stdev(diffs) / math.sqrt(2)
     assert paired["ci95"] == pytest.approx([paired["mean"] - half, paired["mean"] + half], rel=1e-9)
     assert arms["muon"]["verdict"] in ("better", "worse", "not distinguishable at 2 seeds")
-    assert len(report["fit"]["points"]) == 3  # AdamW at 2, 4 and 8 steps
+    assert len(report["fit"]["points"]) == 3  # AdamW at 2, 3 and 6 steps
     for arm in arms.values():
         assert arm["speedup_status"] in ("fit", "extrapolated", "unavailable")
         assert (arm["speedup"] is None) == (arm["speedup_status"] == "unavailable")

@@ -50,6 +50,7 @@ def analyse(rows: list[dict], baseline: str) -> dict:
     arms = list(dict.fromkeys(r["arm"] for r in grid_rows))
     if baseline not in arms:
         baseline = arms[0]
+    arms = [baseline, *(a for a in arms if a != baseline)]  # the baseline's row first
     budget = max(r["planned_tokens"] for r in grid_rows)
     per_arm = {arm: [r for r in grid_rows if r["arm"] == arm] for arm in arms}
     base = arm_core(per_arm[baseline])
