@@ -69,17 +69,30 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
         os.replace(tmp, path)
 
 
+def pending(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> tuple[list, list]:
+    """The LRs and seeds with a run that has no summary.json yet (finished and diverged runs have one), as Hydra
+    names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
+    missing = [(lr, seed) for arm in arms for lr in lrs for seed in seeds for tag in tags
+               if not (root / f"{arm}_lr{float(lr)}_seed{seed}{tag}" / "summary.json").exists()]
+    return sorted({lr for lr, _ in missing}), sorted({seed for _, seed in missing})
+
+
 def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: list[str], lrs: list[float],
-           extra: tuple[str, ...] = (), tag: str = "") -> int:
-    """One Hydra multirun of `llmstable train` over arms x lrs x seeds (x the values in `extra`); run directories
-    are NAME_lrLR_seedSEED plus `tag`, so a rerun finds, skips or resumes its runs."""
+           extra: tuple[str, ...] = (), tag: str = "", tags: tuple[str, ...] = ("",)) -> int:
+    """One Hydra multirun of `llmstable train` over arms x lrs x seeds (x the values in `extra`) for the LRs and
+    seeds with a run still to do; run directories are NAME_lrLR_seedSEED plus `tag` (`tags`: its values), so a
+    rerun finds, skips or resumes its runs. Nothing is launched when every run has its summary: a diverged run
+    would otherwise resume from its last checkpoint and diverge again."""
     from llmstable.train import train_command
 
+    lrs, seeds = pending(root, arms, lrs, list(sweep.seeds), list(tags))
+    if not lrs:
+        return 0
     overrides = [
         "-m",
         f"arm={','.join(arms)}",
         f"optimizer.lr={','.join(str(lr) for lr in lrs)}",
-        f"train.seed={','.join(str(s) for s in sweep.seeds)}",
+        f"train.seed={','.join(str(s) for s in seeds)}",
         *sweep.overrides, *train_overrides, *extra,
         f"train.init_from={root.resolve()}/init/seed${{train.seed}}.safetensors",
         f"hydra.sweep.dir={root}",
@@ -160,7 +173,7 @@ def compare_command(args: list[str]) -> int:
                 None)  # (None when every LR of the baseline diverged: no budgets to run, the report says why)
     if budgets and best is not None:
         if code := launch(sweep, train_overrides, root, [sweep.baseline], [best], (f"{key}={','.join(budgets)}",),
-                          f"{BUDGET_TAG}${{{key}}}"):
+                          f"{BUDGET_TAG}${{{key}}}", tuple(f"{BUDGET_TAG}{v}" for v in budgets)):
             return code
     report = write_report(root, target_loss=sweep.target_loss, baseline=sweep.baseline)
     print(f"report: {report}")
