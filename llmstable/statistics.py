@@ -139,8 +139,9 @@ MIN_R2 = 0.9  # a fit explaining less of its points' variance is called poor, an
 
 
 def fit_power_law(budgets: list[float], losses: list[float]) -> tuple[PowerLawFit | None, str]:
-    """Fit L(D) = a * D^(-B) + b with a > 0 and B in (0, 4]: for each B the best (a, b) is linear least squares, so
-    the search is one-dimensional (a log grid, then golden-section refinement). Returns (fit, reason); the fit is
+    """Fit L(D) = a * D^(-B) + b with a > 0, b >= 0 (a cross-entropy has no negative floor) and B in (0, 4]: for
+    each B the best (a, b) is linear least squares, so the search is one-dimensional (a log grid, then
+    golden-section refinement). Returns (fit, reason); the fit is
     None, with the reason, when there are fewer than 3 budgets or the losses do not fall with the budget."""
     points = sorted((d, v) for d, v in zip(budgets, losses) if v is not None and math.isfinite(v))
     if len({d for d, _ in points}) < 3:
@@ -155,6 +156,8 @@ def fit_power_law(budgets: list[float], losses: list[float]) -> tuple[PowerLawFi
         szz = sum((z - zm) ** 2 for z in zs)
         a = sum((z - zm) * (y - ym) for z, y in zip(zs, ys)) / szz
         b = ym - a * zm
+        if b < 0:  # a loss has no negative floor: the best fit with b >= 0 then has b = 0 (least squares through 0)
+            a, b = sum(z * y for z, y in zip(zs, ys)) / sum(z * z for z in zs), 0.0
         return sum((a * z + b - y) ** 2 for z, y in zip(zs, ys)), a, b
 
     grid = [0.01 * 1.1**k for k in range(0, 64) if 0.01 * 1.1**k <= 4.0]

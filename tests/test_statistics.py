@@ -77,6 +77,14 @@ def test_the_power_law_fit_recovers_constructed_losses():
     assert fit.budget_for(fit.loss(700_000)) == pytest.approx(700_000, rel=1e-6)
 
 
+def test_the_floor_of_the_fit_is_never_negative():
+    # Losses on a pure power law, as a short study sees them: the unconstrained floor would fall below zero.
+    budgets = [75_000, 150_000, 300_000]
+    fit, reason = fit_power_law(budgets, [40.0 * d**-0.16 for d in budgets])
+    assert reason == "" and fit.b == pytest.approx(0.0, abs=1e-9)
+    assert fit.B == pytest.approx(0.16, rel=1e-3) and fit.a == pytest.approx(40.0, rel=1e-3)
+
+
 def test_d_eff_of_a_constructed_arm_is_the_budget_the_baseline_needs():
     budgets, losses = constructed()
     fit, reason = fit_power_law(budgets, losses)
