@@ -1,8 +1,15 @@
-"""`llmstable compare compare=NAME [compare.KEY=VALUE ...] [train overrides ...]`: a fair sweep of arms x LRs x
-seeds at a fixed token budget, then the report (llmstable.report).
+"""`llmstable compare compare=NAME [compare.KEY=VALUE ...] [train overrides ...]`: a study of arms, each at its
+own tuned LR, over paired seeds, at a fixed token budget, then the report (llmstable.report).
 
-A sweep file (`configs/compare/NAME.yaml`) names arms from the `arm` group (`configs/arm/*.yaml`: an optimizer
-with its hyperparameters, a stabilizer set, a precision), an LR grid, seeds, and the overrides every arm shares.
+A sweep file (`configs/compare/NAME.yaml`, schema `llmstable.config.sweep`) names arms from the `arm` group
+(`configs/arm/*.yaml`: an optimizer with its hyperparameters, a stabilizer set, and its default `lr_grid`), the
+seeds, the baseline and its budget fractions, and the overrides every arm shares. The study runs in three steps,
+each a Hydra multirun of `llmstable train` that skips what is already finished:
+
+1. every arm over its own LR grid and every seed;
+2. with `compare.extend_grid=true`, one more LR past the edge of each grid whose best LR sits on it;
+3. the baseline at its best LR at each fraction of the budget (`compare.budget_fractions`, the 1.0 run is the
+   grid's), for the fit L(D) the speedups come from.
 
 Fair by construction:
 - one initial-weights file per seed, written once into the sweep directory, loaded by every arm
@@ -11,10 +18,10 @@ Fair by construction:
   since those come from the shared overrides and no arm file touches them;
 - every run records hashes of its initial weights and of its first batch; the report checks them across arms.
 
-The sweep is a real Hydra multirun of `llmstable train` over `arm=...`, `optimizer.lr=...`, `train.seed=...`, so
-Hydra's launcher plugins work: `compare.parallel=N` uses the joblib launcher to run N arms at a time. Run
-directories are named after the arm, LR and seed, so running the same command again skips finished runs and
-resumes unfinished ones exactly (their checkpoints). A diverged arm is a result: it stops at its first
+Hydra's launcher plugins work: `compare.parallel=N` uses the joblib launcher to run N runs at a time, each with
+one torch thread (`compare.threads_per_run`), which on a small model is faster than N threads for one run. Run
+directories are named after the arm, LR and seed (and budget), so running the same command again skips finished
+runs and resumes unfinished ones exactly (their checkpoints). A diverged arm is a result: it stops at its first
 non-finite loss (or its spike guard aborts) and the report shows it as diverged.
 """
 
@@ -22,50 +29,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from llmstable.config import ConfigError
-
-
-@dataclass
-class SweepConfig:
-    """A sweep file's fields (`configs/compare/*.yaml`)."""
-
-    name: str = "sweep"
-    arms: list = field(default_factory=list)  # names in configs/arm/
-    lrs: list | None = None  # LR grid applied to every arm; null: each arm's own optimizer.lr
-    seeds: list = field(default_factory=lambda: [0])
-    target_loss: float | None = None  # the report's "tokens to reach" this validation loss
-    parallel: int = 1  # arms at a time (the joblib launcher when > 1)
-    overrides: list = field(default_factory=list)  # train overrides every arm shares
-    sweep_dir: str | None = None  # null: runs/compare/NAME
-
-
-def load_sweep(args: list[str], config_dir: Path) -> tuple[SweepConfig, list[str]]:
-    """Split `compare=NAME`, `compare.KEY=VALUE` and train overrides; load and check the sweep file."""
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("compare=")), None)
-    options = sorted(p.stem for p in (config_dir / "compare").glob("*.yaml"))
-    if name is None or name not in options:
-        raise ConfigError([f"compare={name!r} is not a sweep: choose one of {', '.join(options)} "
-                           "(files in configs/compare/)"])
-    raw = OmegaConf.merge(OmegaConf.structured(SweepConfig),
-                          OmegaConf.load(config_dir / "compare" / f"{name}.yaml"),
-                          OmegaConf.from_dotlist([a[len("compare."):] for a in args if a.startswith("compare.")]))
-    sweep = SweepConfig(**OmegaConf.to_container(raw))
-    train_overrides = [a for a in args if not a.startswith("compare")]
-    arms = sorted(p.stem for p in (config_dir / "arm").glob("*.yaml"))
-    problems = [f"compare.arms has {a!r}, which is not in configs/arm/ ({', '.join(arms)})"
-                for a in sweep.arms if a not in arms]
-    if not sweep.arms:
-        problems.append("compare.arms is empty: list arms from configs/arm/")
-    if sweep.parallel < 1:
-        problems.append(f"compare.parallel={sweep.parallel} must be >= 1")
-    if problems:
-        raise ConfigError(problems)
-    return sweep, train_overrides
+from llmstable.config.sweep import SweepConfig, load_sweep
+from llmstable.report.runs import BUDGET_TAG
 
 
 def sweep_dir_of(sweep: SweepConfig) -> Path:
@@ -99,43 +69,112 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
         os.replace(tmp, path)
 
 
-def multirun_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> list[str]:
-    lr_part = "_lr${optimizer.lr}" if sweep.lrs else ""
-    out = [
+def pending(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> tuple[list, list]:
+    """The LRs and seeds with a run that has no summary.json yet (finished and diverged runs have one), as Hydra
+    names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
+    missing = [(lr, seed) for arm in arms for lr in lrs for seed in seeds for tag in tags
+               if not (root / f"{arm}_lr{float(lr)}_seed{seed}{tag}" / "summary.json").exists()]
+    return sorted({lr for lr, _ in missing}), sorted({seed for _, seed in missing})
+
+
+def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: list[str], lrs: list[float],
+           extra: tuple[str, ...] = (), tag: str = "", tags: tuple[str, ...] = ("",)) -> int:
+    """One Hydra multirun of `llmstable train` over arms x lrs x seeds (x the values in `extra`) for the LRs and
+    seeds with a run still to do; run directories are NAME_lrLR_seedSEED plus `tag` (`tags`: its values), so a
+    rerun finds, skips or resumes its runs. Nothing is launched when every run has its summary: a diverged run
+    would otherwise resume from its last checkpoint and diverge again."""
+    from llmstable.train import train_command
+
+    lrs, seeds = pending(root, arms, lrs, list(sweep.seeds), list(tags))
+    if not lrs:
+        return 0
+    overrides = [
         "-m",
-        f"arm={','.join(sweep.arms)}",
-        f"train.seed={','.join(str(s) for s in sweep.seeds)}",
-        *sweep.overrides, *train_overrides,
+        f"arm={','.join(arms)}",
+        f"optimizer.lr={','.join(str(lr) for lr in lrs)}",
+        f"train.seed={','.join(str(s) for s in seeds)}",
+        *sweep.overrides, *train_overrides, *extra,
         f"train.init_from={root.resolve()}/init/seed${{train.seed}}.safetensors",
         f"hydra.sweep.dir={root}",
-        f"hydra.sweep.subdir=${{name}}{lr_part}_seed${{train.seed}}",
+        f"hydra.sweep.subdir=${{name}}_lr${{optimizer.lr}}_seed${{train.seed}}{tag}",
         "train.progress=false",
         "train.sample_tokens=0",
     ]
-    if sweep.lrs:
-        out.append(f"optimizer.lr={','.join(str(lr) for lr in sweep.lrs)}")
     if sweep.parallel > 1:
-        out += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={sweep.parallel}"]
-    return out
+        overrides += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={sweep.parallel}"]
+    return train_command(overrides)
+
+
+def grids(sweep: SweepConfig, arm_files: dict[str, dict]) -> dict[str, list[float]]:
+    return {arm: [float(lr) for lr in sweep.grid_of(arm, arm_files[arm])[0]] for arm in sweep.arms}
+
+
+def current_study(root: Path, baseline: str) -> dict:
+    from llmstable.report.runs import run_dirs, run_row
+    from llmstable.report.study import analyse
+
+    rows = [run_row(r, None) for r in run_dirs(root)]
+    return analyse(rows, baseline)
+
+
+def budget_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> tuple[str, list[str]]:
+    """The key that sets the budget and its values at each fraction other than 1 (the grid runs are the 1)."""
+    from llmstable.compose import compose_config
+
+    cfg = compose_config([*sweep.overrides, *train_overrides, f"arm={sweep.baseline}"], run_dir=root / "init")
+    key = "train.budget_tokens" if cfg.train.budget_tokens is not None else "train.max_steps"
+    full = cfg.train.budget_tokens if cfg.train.budget_tokens is not None else cfg.train.max_steps
+    values = sorted({max(1, round(f * full)) for f in sweep.budget_fractions if f != 1.0} - {full})
+    return key, [str(v) for v in values]
+
+
+def set_threads(sweep: SweepConfig) -> None:
+    """One torch thread per run when runs go in parallel (read by each worker's torch at import); the parent's own
+    torch too, for what it runs in process."""
+    threads = sweep.threads_per_run or (1 if sweep.parallel > 1 else None)
+    if threads is None:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def compare_command(args: list[str]) -> int:
     from llmstable.compose import CONFIG_DIR
-    from llmstable.train import train_command
     from llmstable.report import write_report
 
     try:
-        sweep, train_overrides = load_sweep(args, CONFIG_DIR)
+        sweep, train_overrides, arm_files = load_sweep(args, CONFIG_DIR)
+        root = sweep_dir_of(sweep)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
+        set_threads(sweep)
+        write_initial_weights(sweep, train_overrides, root)
+        key, budgets = budget_overrides(sweep, train_overrides, root)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    root = sweep_dir_of(sweep)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
-    write_initial_weights(sweep, train_overrides, root)
-    code = train_command(multirun_overrides(sweep, train_overrides, root))
-    if code:
-        return code
-    report = write_report(root, target_loss=sweep.target_loss)
+    by_grid: dict[tuple, list[str]] = {}
+    for arm, grid in grids(sweep, arm_files).items():  # arms that share a grid share one multirun
+        by_grid.setdefault(tuple(grid), []).append(arm)
+    for grid, arms in by_grid.items():
+        if code := launch(sweep, train_overrides, root, arms, list(grid)):
+            return code
+    if sweep.extend_grid:
+        for arm in current_study(root, sweep.baseline)["arms"]:
+            if arm["extend_with"] and arm["arm"] in sweep.arms:
+                print(f"compare: {arm['arm']}'s best LR {arm['best_lr']:g} is on the {arm['grid_edge']} edge of "
+                      f"its grid; adding {', '.join(f'{x:g}' for x in arm['extend_with'])}", file=sys.stderr)
+                if code := launch(sweep, train_overrides, root, [arm["arm"]], arm["extend_with"]):
+                    return code
+    best = next((a["best_lr"] for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline),
+                None)  # (None when every LR of the baseline diverged: no budgets to run, the report says why)
+    if budgets and best is not None:
+        if code := launch(sweep, train_overrides, root, [sweep.baseline], [best], (f"{key}={','.join(budgets)}",),
+                          f"{BUDGET_TAG}${{{key}}}", tuple(f"{BUDGET_TAG}{v}" for v in budgets)):
+            return code
+    report = write_report(root, target_loss=sweep.target_loss, baseline=sweep.baseline)
     print(f"report: {report}")
     return 0

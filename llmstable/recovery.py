@@ -141,12 +141,14 @@ def _add_range(ranges: list, start: int, end: int) -> list:
     return skip.ranges
 
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2",
+               "momentum_buffer", "m", "v", "v_mean")  # Muon; Adam-mini
 
 
 def zero_moments(optimizer: torch.optim.Optimizer) -> int:
     """Zero every first and second moment the optimizer keeps (torch AdamW, SPAM, Stable-SPAM, bitsandbytes,
-    torchao); step counts stay, as SPAM's own resets keep them. Returns the number of tensors zeroed."""
+    torchao, Muon, Lion, SOAP, Adam-mini); step counts stay, as SPAM's own resets keep them. Returns the number
+    of tensors zeroed."""
     count = 0
     for state in optimizer.state.values():
         for key in MOMENT_KEYS:

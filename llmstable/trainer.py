@@ -36,6 +36,7 @@ from llmstable.faults import FaultInjector
 from llmstable.indicators import UpdateNorm
 from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
 from llmstable.optimizers import build_optimizer
+from llmstable.optimizers.reporting import state_bytes
 from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
@@ -135,6 +136,7 @@ class Trainer:
         self.val_history: list[tuple[int, float]] = []
         self.init_hash: str | None = None  # of the initial weights, and of the first batch: arms compare them
         self.first_batch_hash: str | None = None
+        self.initial_loss: float | None = None  # the first step's loss, on the initial weights (compare uses it)
         self.diverged_step: int | None = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -175,6 +177,8 @@ class Trainer:
             self.step += 1
             self.tokens += cfg.tokens_per_step
             self.meter.add(loss)
+            if self.step == 1 and self.initial_loss is None:
+                self.initial_loss = loss
             self.after_step(action)
             bar.update(1)
             if self.step % cfg.train.log_interval == 0 or self.step == total:
@@ -381,7 +385,7 @@ class Trainer:
             "data": self.data.train.state_dict(),
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
             **self.rollback.state_dict(),
-            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash,
+            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash, "initial_loss": self.initial_loss,
             "engine": self.engine.checkpoint_meta(),
         }
 
@@ -396,6 +400,7 @@ class Trainer:
         self.data.train.skip = SkipList(self.rollback.ledger.skip_ranges)
         self.faults.fired = set(self.rollback.ledger.faults_fired)
         self.init_hash, self.first_batch_hash = state.get("init_hash"), state.get("first_batch_hash")
+        self.initial_loss = state.get("initial_loss")
 
     def save(self, good: bool = False) -> Path:
         path = self.run.save(self.engine, self.step, self.state_dict(), good=good or not self.rollback.guarded,
@@ -417,7 +422,8 @@ class Trainer:
             wall_s=wall_s, tokens_per_sec=tokens_per_sec, resumed_from_step=start_step or None,
             **self.sizes, engine=self.engine.name, world_size=self.world.world_size,
             peak_memory_mb=max(self.meter.peak_memory_mb, memory_mb(self.device)), init_hash=self.init_hash,
-            first_batch_hash=self.first_batch_hash, name=self.cfg.name, run_dir=str(self.run.path))
+            first_batch_hash=self.first_batch_hash, initial_loss=self.initial_loss,
+            optimizer_state_bytes=state_bytes(self.engine.optimizer), name=self.cfg.name, run_dir=str(self.run.path))
         self.log.summary(summary)
         if aborted or self.diverged_step is not None:
             return summary

@@ -1,73 +1,154 @@
-"""The compare command end to end (real sweeps in a subprocess, as users run them) and the report's numbers."""
+"""The compare command end to end (real sweeps in a subprocess, as users run them): one small study shared by the
+tests of this module, whose report must equal the runs' own files and render in a real browser; a killed sweep
+that resumes; a grid extended past its edge."""
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 
 import pytest
 
+from browser import check_page, chromium
 from conftest import TINY
 from llmstable.metrics import read_jsonl
 from llmstable.plot import final_curve
+from llmstable.statistics import t975
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; 2 seeds; AdamW at its best LR
+# also at 2 and 3 of the 6 steps: 14 runs of at most 6 steps.
+STUDY = ["compare.arms=[adamw,muon]", "compare.grids.adamw=[0.003,0.01,100000.0]", "compare.grids.muon=[0.003,0.01]",
+         "compare.seeds=[0,1]", "compare.target_loss=6.2", "train.max_steps=6", "train.eval_interval=3",
+         "train.checkpoint_interval=3", "train.max_norm=null"]
 
 
 def compare(sweep_dir, *args, **popen):
     cmd = [sys.executable, "-m", "llmstable.cli", "compare", "compare=quick_cpu", f"compare.sweep_dir={sweep_dir}",
-           *TINY, "train.eval_interval=2", *args]
+           "compare.parallel=1", *TINY, "train.eval_interval=2", *args]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study") / "sweep"
+    result = compare(root, *STUDY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, json.loads((root / "report.json").read_text())
+
+
 def comparable(report):
     """report.json without what differs between two identical sweeps: timing, memory, paths."""
     def clean(row):
-        return {k: v for k, v in row.items() if not k.startswith(("wall_s", "tokens_per_sec", "peak_memory_mb"))}
+        return {k: v for k, v in row.items() if not k.startswith(("wall_s", "tokens_per_sec", "peak_memory"))}
     return {"ranked": [clean(r) for r in report["ranked"]], "runs": [clean(r) for r in report["runs"]],
             "fairness": report["fairness"]}
 
 
 @pytest.mark.slow
-def test_two_arms_two_seeds_report_matches_each_runs_own_files(tmp_path):
-    root = tmp_path / "sweep"
-    result = compare(root, "compare.arms=[adamw,stable_spam]", "compare.seeds=[0,1]", "compare.target_loss=6.2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("report.md", "report.json", "loss_curves.png"):
-        assert (root / name).exists()
-    assert (root / "loss_curves.png").read_bytes().startswith(PNG)
-    report = json.loads((root / "report.json").read_text())
-    assert len(report["runs"]) == 4 and len(report["ranked"]) == 2
+def test_every_run_and_setting_in_the_report_equals_the_runs_own_files(study):
+    root, report = study
+    for name in ("report.md", "report.json", "report.html", "loss_curves.png", "lr_sensitivity.png", "speedup.png"):
+        assert (root / name).exists(), name
+    assert (root / "speedup.png").read_bytes().startswith(PNG)
+    assert len(report["runs"]) == 14 and len(report["ranked"]) == 5
     for row in report["runs"]:
         run = root / row["run"]
         summary = json.loads((run / "summary.json").read_text())
-        for key in ("final_val_loss", "best_val_loss", "spikes", "rollbacks", "skipped_steps", "tokens_per_sec",
-                    "peak_memory_mb", "wall_s", "tokens"):
-            assert row[key] == summary[key], key
+        for key in ("final_val_loss", "best_val_loss", "spikes", "rollbacks", "skipped_steps", "skipped_samples",
+                    "tokens_per_sec", "peak_memory_mb", "wall_s", "tokens", "initial_loss"):
+            assert row[key] == (summary[key] if not row["diverged"] or key not in (
+                "final_val_loss", "best_val_loss") else None), key
+        assert row["optimizer_state_bytes_per_param"] == summary["optimizer_state_bytes"] / summary["num_params"]
         val = final_curve(read_jsonl(run / "metrics.jsonl"), "val/loss")
-        assert row["tokens_to_target"] == next((t for t, v in val if v <= 6.2), None)
-    for entry in report["ranked"]:
-        runs = [r for r in report["runs"] if r["arm"] == entry["arm"]]
-        assert entry["final_val_loss"] == pytest.approx(sum(r["final_val_loss"] for r in runs) / 2, rel=1e-12)
-    md = (root / "report.md").read_text()
-    best = report["ranked"][0]
-    assert f"| 1 | {best['arm']} |" in md and f"{best['final_val_loss']:.4g} ± " in md
-    # Same start, checked: identical initial weights and first batch within a seed, different across seeds.
+        if not row["diverged"]:
+            assert row["tokens_to_target"] == next((t for t, v in val if v <= 6.2), None)
+    bad = [r for r in report["runs"] if r["lr"] == 100000.0]
+    assert all(r["diverged"] and r["diverged_step"] is not None for r in bad)
+    assert report["ranked"][-1]["lr"] == 100000.0
     assert report["fairness"]["same_start_by_seed"] == {
         "0": {"initial_weights": True, "first_batch": True}, "1": {"initial_weights": True, "first_batch": True}}
-    hashes = {(r["seed"], r["init_hash"], r["first_batch_hash"]) for r in report["runs"]}
-    assert len(hashes) == 2
-    assert "optimizer.name" in report["fairness"]["differs"]
-    assert report["fairness"]["shared"]["data.seq_len"] == 32
+
+
+@pytest.mark.slow
+def test_each_arms_best_lr_paired_difference_and_columns_follow_from_the_files(study):
+    root, report = study
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert report["baseline"] == "adamw" and list(arms) == ["adamw", "muon"]
+    finals = {}
+    for row in report["runs"]:
+        if not row["budget_run"]:
+            finals.setdefault((row["arm"], row["lr"]), {})[row["seed"]] = row["final_val_loss"]
+    for name, arm in arms.items():
+        means = {lr: statistics.fmean(v.values()) for (a, lr), v in finals.items() if a == name
+                 and None not in v.values()}
+        assert arm["best_lr"] == min(means, key=means.get)
+        assert arm["final_val_loss"] == pytest.approx(means[arm["best_lr"]], rel=1e-12)
+    assert arms["adamw"]["stable_lrs"] == 2 and arms["adamw"]["grid_lrs"] == 3  # 1e5 diverged
+    assert arms["adamw"]["grid_edge"] in (None, "low")  # 1e5 is the high edge, and it diverged
+    assert arms["muon"]["grid_edge"] in ("low", "high")  # a grid of two LRs: the best is on an edge
+    base = finals[("adamw", arms["adamw"]["best_lr"])]
+    other = finals[("muon", arms["muon"]["best_lr"])]
+    diffs = [other[s] - base[s] for s in (0, 1)]
+    paired = arms["muon"]["paired_diff"]
+    assert paired["mean"] == pytest.approx(statistics.fmean(diffs), rel=1e-12)
+    half = t975(1) * statistics.stdev(diffs) / math.sqrt(2)
+    assert paired["ci95"] == pytest.approx([paired["mean"] - half, paired["mean"] + half], rel=1e-9)
+    assert arms["muon"]["verdict"] in ("better", "worse", "not distinguishable at 2 seeds")
+    assert len(report["fit"]["points"]) == 3  # AdamW at 2, 3 and 6 steps
+    for arm in arms.values():
+        assert arm["speedup_status"] in ("fit", "extrapolated", "unavailable")
+        assert (arm["speedup"] is None) == (arm["speedup_status"] == "unavailable")
+        assert arm["speedup_status"] == "fit" or arm["speedup_reason"]
+        assert arm["optimizer_state_bytes_per_param"] > 0 and arm["lr_sensitivity"] >= 0
+    assert arms["muon"]["optimizer_state_bytes_per_param"] < arms["adamw"]["optimizer_state_bytes_per_param"]
+    md = (root / "report.md").read_text()
+    assert f"| muon | {arms['muon']['best_lr']:.4g} (" in md and "edge!" in md
+    assert "What this can and cannot conclude" in md and "compare.extend_grid=true" in md
+
+
+@pytest.mark.slow
+def test_the_html_report_renders_in_headless_chromium_with_every_image(study):
+    root, report = study
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing on CI: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed here (apt-get install -y chromium); CI installs it")
+    page = (root / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained
+    seen = check_page(root / "report.html")
+    assert seen["title"] == "Comparison report"
+    assert seen["images"] == 3 and seen["loaded"] == 3
+    assert seen["arm_rows"] == len(report["arms"]) and seen["arms"] == [a["arm"] for a in report["arms"]]
+    assert seen["table_height"] > 0
+
+
+@pytest.mark.long
+def test_extend_grid_adds_the_next_lr_past_the_edge_and_runs_only_what_is_missing(study):
+    # In the shared study's own directory (its runs name their init file by absolute path, so a copy would not
+    # resume): this test runs after the others of the module, which read the study before it grows.
+    root = study[0]
+    muon = next(a for a in study[1]["arms"] if a["arm"] == "muon")
+    before = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in root.glob("*_seed*")}
+    result = compare(root, *STUDY, "compare.extend_grid=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    added = {p.name for p in root.glob("*_seed*")} - set(before)
+    assert {f"muon_lr{lr:g}_seed{s}" for lr in muon["extend_with"] for s in (0, 1)} <= added
+    assert all((root / name / "metrics.jsonl").stat().st_mtime_ns == t for name, t in before.items())
+    report = json.loads((root / "report.json").read_text())
+    assert len(next(a for a in report["arms"] if a["arm"] == "muon")["grid"]) == 3
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path):
-    args = ["compare.arms=[adamw,spam]", "train.max_steps=40", "train.checkpoint_interval=5"]
+    args = ["compare.arms=[adamw,spam]", "compare.lrs=[0.003]", "compare.budget_fractions=[1.0]",
+            "train.max_steps=40", "train.checkpoint_interval=5"]
     assert compare(tmp_path / "whole", *args).returncode == 0
     root = tmp_path / "killed"
     proc = compare(root, *args, start_new_session=True)
@@ -88,19 +169,3 @@ def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path)
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     again = json.loads((root / "report.json").read_text())
     assert comparable(again) == comparable(whole)
-
-
-@pytest.mark.slow
-def test_an_absurd_lr_diverges_without_failing_the_sweep(tmp_path):
-    root = tmp_path / "sweep"
-    result = compare(root, "compare.arms=[adamw]", "compare.lrs=[0.003,100000.0]", "train.max_steps=20",
-                     "train.max_norm=null")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((root / "report.json").read_text())
-    bad = [r for r in report["runs"] if r["lr"] == 100000.0][0]
-    good = [r for r in report["runs"] if r["lr"] == 0.003][0]
-    assert bad["diverged"] and bad["diverged_step"] is not None and bad["final_val_loss"] is None
-    assert not good["diverged"]
-    assert report["ranked"][-1]["lr"] == 100000.0
-    assert "diverged" in (root / "report.md").read_text() and "(step " in (root / "report.md").read_text()
-    assert (root / "lr_sensitivity.png").read_bytes().startswith(PNG)

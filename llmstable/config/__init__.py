@@ -15,7 +15,8 @@ from llmstable.config.loader import load_config, register_schemas, schema_keys, 
 from llmstable.config.loss import CrossEntropyConfig, LossConfig, SphericalZConfig, StableMaxConfig
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import (
-    AdamW8bitConfig, AdamWConfig, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig, register,
+    AdamMiniConfig, AdamW8bitConfig, AdamWConfig, FiraConfig, LionConfig, MuonConfig, OptimizerConfig, S3Config,
+    SOAPConfig, SPAMConfig, StableSPAMConfig, register,
 )
 from llmstable.config.run import (
     DistributedConfig, FaultConfig, LoggingConfig, ScheduleConfig, TrainConfig, TrainLoopConfig,
@@ -26,8 +27,9 @@ from llmstable.config.stabilizer import (
 )
 
 __all__ = [
-    "AdamW8bitConfig", "AdamWConfig", "ConfigError", "CrossEntropyConfig", "LossConfig", "SoftmaxCollapseConfig",
-    "SphericalZConfig", "StableMaxConfig", "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
+    "AdamMiniConfig", "AdamW8bitConfig", "AdamWConfig", "ConfigError", "CrossEntropyConfig", "LionConfig",
+    "LossConfig", "MuonConfig", "SOAPConfig", "SoftmaxCollapseConfig", "SphericalZConfig", "StableMaxConfig",
+    "DataConfig", "DistributedConfig", "EmbGradShrinkConfig",
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
     "OrthoGradConfig", "QKClipConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import typing
 from typing import Any
 
-from llmstable.config.checks import choice
+from llmstable.config.checks import choice, positive
 
 
 def register(name: str):
@@ -187,3 +187,67 @@ class S3Config(OptimizerConfig):
         if self.p < 1:
             problems.append(f"optimizer.p={self.p} must be >= 1, e.g. 3")
         choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
+
+
+@register("muon")
+@dataclass
+class MuonConfig(OptimizerConfig):
+    """Muon (Jordan et al. 2024; Liu et al. 2025, arXiv 2502.16982): torch.optim.Muon on the attention and MLP
+    matrices, AdamW (betas, eps) on the embeddings, the LM head and the norms. With adjust_lr_fn match_rms_adamw
+    (Liu et al.'s scaling) one lr serves both parts."""
+
+    name: str = "muon"
+    lr: float = 3e-3
+    momentum: float = 0.95  # Muon's momentum (Nesterov by default)
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (0.2*sqrt(max(A,B))) | original (sqrt(max(1,A/B)))
+    ns_dtype: str = "auto"  # Newton-Schulz in: auto (fp32 on CPU, torch's bf16 elsewhere) | bf16 | fp32
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"optimizer.momentum={self.momentum} must be in [0, 1), e.g. 0.95")
+        if not 1 <= self.ns_steps < 100:
+            problems.append(f"optimizer.ns_steps={self.ns_steps} must be in [1, 100), e.g. 5")
+        choice(problems, "optimizer.adjust_lr_fn", self.adjust_lr_fn, ("match_rms_adamw", "original"))
+        choice(problems, "optimizer.ns_dtype", self.ns_dtype, ("auto", "bf16", "fp32"))
+
+
+@register("lion")
+@dataclass
+class LionConfig(OptimizerConfig):
+    """Lion (Chen et al. 2023, arXiv 2302.06675) from pytorch-optimizer: the sign of an interpolated momentum.
+    Its LR is about 3-10x smaller than AdamW's (the paper); betas as the paper (0.9, 0.99); eps unused."""
+
+    name: str = "lion"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+
+
+@register("soap")
+@dataclass
+class SOAPConfig(OptimizerConfig):
+    """SOAP (Vyas et al. 2024, arXiv 2409.11321) from pytorch-optimizer: Adam in the eigenbasis of Shampoo's
+    preconditioner, refreshed every precondition_frequency steps; betas as the paper (0.95, 0.95)."""
+
+    name: str = "soap"
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.95, 0.95)
+    precondition_frequency: int = 10  # steps between refreshes of the eigenbasis
+    max_precondition_dim: int = 1024  # a side longer than this is not rotated (the 4096-row embedding stays Adam)
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        for key in ("precondition_frequency", "max_precondition_dim"):
+            positive(problems, f"optimizer.{key}", getattr(self, key))
+
+
+@register("adam_mini")
+@dataclass
+class AdamMiniConfig(OptimizerConfig):
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793) from pytorch-optimizer: one second moment per block (query
+    and key per head, every other matrix and norm as a whole), Adam on the embeddings and the LM head."""
+
+    name: str = "adam_mini"
+    lr: float = 3e-3

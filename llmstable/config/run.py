@@ -184,6 +184,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     name: str | None = None  # a label for the run (compare arms set it)
+    lr_grid: list | None = None  # the arm's LR grid `llmstable compare` sweeps (configs/arm/); training ignores it
     run_dir: str | None = None  # null: Hydra's output directory
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
     resume_force: bool = False  # resume even if the config changed in ways that break the run (model, data, ...)
@@ -266,6 +267,11 @@ class TrainConfig:
                 + (f" with distributed.zero_stage={d.zero_stage}" if d.name == "deepspeed" else "")
                 + ": its projector takes an SVD of each whole gradient matrix, and the optimizer would see shards or "
                 "flat partitions. Use distributed=ddp (or distributed.zero_stage=0)")
+        if opt.name in ("muon", "soap", "adam_mini") and d.name in ("fsdp2", "deepspeed"):
+            problems.append(
+                f"optimizer={opt.name} cannot run under distributed={d.name}: it needs whole tensors (Muon's "
+                "orthogonalization, SOAP's preconditioners, Adam-mini's per-head blocks) and would see shards. Use "
+                "distributed=ddp")
         gradient_hooks = [n for n in ("orthograd", "norm_growth_limiter", "update_clip", "qk_clip")
                           if getattr(self.stabilizer, n) is not None]
         if d.name == "deepspeed" and gradient_hooks:

@@ -1,18 +1,22 @@
-"""Optimizers: AdamW (the baseline), SPAM, Stable-SPAM, Fira, S3 and 8-bit AdamW, built from the `optimizer` group."""
+"""Optimizers, built from the `optimizer` group: AdamW (the baseline), SPAM, Stable-SPAM, Fira, S3, 8-bit AdamW, Muon
+(torch's, with AdamW beside it), and Lion, SOAP and Adam-mini from pytorch-optimizer (each checked against a
+reference of its paper's update in tests/optimizers/test_library_optimizers.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from llmstable.config import (
-    AdamW8bitConfig, AdamWConfig, ConfigError, FiraConfig, OptimizerConfig, S3Config, SPAMConfig, StableSPAMConfig,
+    AdamMiniConfig, AdamW8bitConfig, AdamWConfig, ConfigError, FiraConfig, LionConfig, MuonConfig, OptimizerConfig,
+    S3Config, SOAPConfig, SPAMConfig, StableSPAMConfig,
 )
 from llmstable.optimizers.fira import Fira
+from llmstable.optimizers.muon import MuonWithAdamW
 from llmstable.optimizers.s3 import S3
 from llmstable.optimizers.spam import SPAM
 from llmstable.optimizers.stable_spam import StableSPAM
 
-__all__ = ["S3", "SPAM", "Fira", "StableSPAM", "build_optimizer", "fira_param_groups", "param_groups"]
+__all__ = ["S3", "SPAM", "Fira", "MuonWithAdamW", "StableSPAM", "build_optimizer", "fira_param_groups", "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -83,6 +87,10 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.
                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, compiled=compiled)
     if isinstance(cfg, AdamW8bitConfig):
         return _adamw8bit(cfg, model, device, common)
+    if isinstance(cfg, MuonConfig):
+        return _muon(cfg, model, device)
+    if isinstance(cfg, (LionConfig, SOAPConfig, AdamMiniConfig)):
+        return _library(cfg, model)
     raise ConfigError([f"optimizer.name={cfg.name!r} has no builder"])
 
 
@@ -95,3 +103,34 @@ def _adamw8bit(cfg: AdamW8bitConfig, model, device, common) -> torch.optim.Optim
     from torchao.optim import AdamW8bit  # DTensor-aware: the one that works under FSDP2
 
     return AdamW8bit(groups, **common)
+
+
+def _muon(cfg: MuonConfig, model: torch.nn.Module, device: torch.device) -> MuonWithAdamW:
+    """Muon on the attention and MLP matrices; AdamW on the rest (embeddings and LM head decayed, norms not)."""
+    blocks = block_matrices(model)
+    ids = {id(p) for p in blocks}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    ns_dtype = ("fp32" if device.type == "cpu" else "bf16") if cfg.ns_dtype == "auto" else cfg.ns_dtype
+    adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                    {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    return MuonWithAdamW(blocks, adamw_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                         ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, weight_decay=cfg.weight_decay,
+                         betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype)
+
+
+def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Lion, SOAP and Adam-mini from pytorch-optimizer (pinned in pyproject.toml)."""
+    import pytorch_optimizer
+
+    if isinstance(cfg, LionConfig):
+        return pytorch_optimizer.Lion(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+    if isinstance(cfg, SOAPConfig):
+        return pytorch_optimizer.SOAP(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
+                                      max_precondition_dim=cfg.max_precondition_dim)
+    # Adam-mini splits query and key by head, so it needs the shape (and finds them by llmstable.model's names).
+    shape = getattr(model, "cfg", None) or model.module.cfg
+    return pytorch_optimizer.AdamMini(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                      num_embeds=shape.dim, num_heads=shape.n_heads,
+                                      num_query_groups=shape.n_kv_heads or shape.n_heads)

@@ -76,3 +76,18 @@ class CountingOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if counters is not None:
             self.load_global_state(counters)
+
+
+def state_bytes(optimizer) -> int | None:
+    """Bytes of the tensors the optimizer keeps per parameter (moments, preconditioners, step counts), on this
+    rank; None for an optimizer that keeps its state elsewhere (DeepSpeed's flat partitions)."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, dict):
+        return None
+    total = 0
+    for entry in state.values():
+        for value in (entry.values() if isinstance(entry, dict) else ()):
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value  # (a DTensor shard under FSDP2)
+                total += local.numel() * local.element_size()
+    return total

@@ -131,7 +131,7 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
 def test_every_sweep_file_loads_and_its_shared_overrides_compose(name, tmp_path):
     from llmstable.compare import load_sweep
 
-    sweep, extra = load_sweep([f"compare={name}"], CONFIG_DIR)
+    sweep, extra, _ = load_sweep([f"compare={name}"], CONFIG_DIR)
     assert sweep.name == name and sweep.arms and extra == []
     for arm in sweep.arms:
         cfg = compose_config([*sweep.overrides, f"arm={arm}"], run_dir=tmp_path)
@@ -143,8 +143,8 @@ def test_unknown_sweep_or_arm_is_refused_with_the_options():
 
     with pytest.raises(ConfigError, match="quick_cpu"):
         load_sweep(["compare=nope"], CONFIG_DIR)
-    with pytest.raises(ConfigError, match=r"compare.arms has 'lion'.*stable_spam"):
-        load_sweep(["compare=quick_cpu", "compare.arms=[adamw,lion]"], CONFIG_DIR)
+    with pytest.raises(ConfigError, match=r"compare.arms has 'nadam'.*stable_spam"):
+        load_sweep(["compare=quick_cpu", "compare.arms=[adamw,nadam]"], CONFIG_DIR)
 
 
 def test_the_diagnostics_keys_are_checked_with_the_key_and_the_fix(tmp_path):

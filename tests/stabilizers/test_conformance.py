@@ -30,6 +30,11 @@ TINY_SETTINGS = {
     # rank 8 and a projector refresh every 2 steps, so the resumed part rebuilds it from the checkpointed state.
     "optimizer/fira": ["optimizer=fira", "optimizer.rank=8", "optimizer.update_proj_gap=2"],
     "optimizer/s3": ["optimizer=s3", "optimizer.lr=3e-3"],
+    "optimizer/muon": ["optimizer=muon"],
+    "optimizer/lion": ["optimizer=lion"],
+    # a refresh of the eigenbasis every 2 steps, so the resumed part refreshes from the checkpointed state.
+    "optimizer/soap": ["optimizer=soap", "optimizer.precondition_frequency=2"],
+    "optimizer/adam_mini": ["optimizer=adam_mini"],
     "stabilizer/emb_grad_shrink": ["stabilizer=[emb_grad_shrink]"],
     # gradient hooks (on_gradients, before clipping)
     "stabilizer/norm_growth_limiter": ["stabilizer=[norm_growth_limiter]"],

@@ -1,0 +1,117 @@
+"""The `compare` sweep files' schema (`configs/compare/*.yaml`, overridden with `compare.KEY=VALUE`): which arms,
+each arm's LR grid, the seeds, the baseline and its budgets. `load_sweep` merges and validates once, listing every
+problem with the key, the bad value and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from llmstable.config.checks import ConfigError
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file's fields."""
+
+    name: str = "sweep"
+    arms: list = field(default_factory=list)  # names in configs/arm/
+    baseline: str = "adamw"  # the arm the others are compared with (paired differences, speedup)
+    lrs: list | None = None  # one LR grid for every arm; null: each arm's own lr_grid (configs/arm/)
+    grids: dict = field(default_factory=dict)  # arm -> its LR grid, over lrs and the arm file's lr_grid
+    extend_grid: bool = False  # add the next LR past each grid edge the best LR sits on, run only what is missing
+    seeds: list = field(default_factory=lambda: [0])
+    budget_fractions: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # the baseline's budgets for L(D)
+    target_loss: float | None = None  # the report's "tokens to reach" this validation loss
+    parallel: int = 1  # runs at a time (the joblib launcher when > 1)
+    threads_per_run: int | None = None  # torch threads per run; null: 1 when parallel > 1, else torch's default
+    overrides: list = field(default_factory=list)  # train overrides every arm shares
+    sweep_dir: str | None = None  # null: runs/compare/NAME
+
+    def validate(self, problems: list[str], arm_files: dict[str, dict]) -> None:
+        known = sorted(arm_files)
+        for arm in self.arms:
+            if arm not in arm_files:
+                near = difflib.get_close_matches(str(arm), known, n=1)
+                problems.append(f"compare.arms has {arm!r}, which is not in configs/arm/"
+                                f"{f' (did you mean {near[0]!r}?)' if near else ''}: choose from {', '.join(known)}")
+        if not self.arms:
+            problems.append("compare.arms is empty: list arms from configs/arm/, e.g. compare.arms=[adamw,muon]")
+        elif self.baseline not in self.arms:
+            problems.append(f"compare.baseline={self.baseline!r} is not one of compare.arms {list(self.arms)}: add "
+                            "it to compare.arms or set compare.baseline to one of them")
+        for arm in self.grids:
+            if arm not in self.arms:
+                problems.append(f"compare.grids has {arm!r}, which is not in compare.arms {list(self.arms)}: "
+                                "remove it or add the arm")
+        for arm in self.arms:
+            if arm in arm_files:
+                self.check_grid(problems, arm, arm_files[arm])
+        fractions = self.budget_fractions
+        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
+            problems.append(f"compare.budget_fractions={list(fractions)} must be numbers > 0 (fractions of the "
+                            "budget, 1.0 = the grid runs' own), e.g. [0.25,0.5,1.0]")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds) or not self.seeds:
+            problems.append(f"compare.seeds={list(self.seeds)} must be a non-empty list of integers, e.g. [0,1]")
+        elif len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"compare.seeds={list(self.seeds)} repeats a seed: list each once")
+        if self.parallel < 1:
+            problems.append(f"compare.parallel={self.parallel} must be >= 1 (runs at a time), e.g. 2")
+        if self.threads_per_run is not None and self.threads_per_run < 1:
+            problems.append(f"compare.threads_per_run={self.threads_per_run} must be >= 1, or null for the default")
+        problems[:] = list(dict.fromkeys(problems))  # (a shared compare.lrs is checked once per arm)
+
+    def check_grid(self, problems: list[str], arm: str, arm_file: dict) -> None:
+        grid, key = self.grid_of(arm, arm_file)
+        if grid is None:
+            problems.append(f"arm {arm!r} has no LR grid: set lr_grid in configs/arm/{arm}.yaml, or "
+                            f"compare.lrs=[...] for every arm, or compare.grids.{arm}=[...]")
+        elif not grid or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in grid):
+            problems.append(f"{key}={grid!r} must be a non-empty list of LRs > 0, e.g. [0.001,0.003,0.01]")
+        elif len(set(grid)) != len(grid):
+            problems.append(f"{key}={grid!r} repeats an LR: list each once")
+
+    def grid_of(self, arm: str, arm_file: dict) -> tuple[list | None, str]:
+        """An arm's LR grid and the key it came from: compare.grids.ARM, else compare.lrs, else the arm file."""
+        if arm in self.grids:
+            return _as_list(self.grids[arm]), f"compare.grids.{arm}"
+        if self.lrs is not None:
+            return list(self.lrs), "compare.lrs"
+        return _as_list(arm_file.get("lr_grid")), f"lr_grid in configs/arm/{arm}.yaml"
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def load_sweep(args: list[str], config_dir: Path) -> tuple[SweepConfig, list[str], dict[str, dict]]:
+    """Split `compare=NAME`, `compare.KEY=VALUE` and train overrides; merge and check the sweep file. Returns the
+    sweep, the train overrides and the arm files (name -> their YAML as a dict)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    name = next((a.split("=", 1)[1] for a in args if a.startswith("compare=")), None)
+    options = sorted(p.stem for p in (config_dir / "compare").glob("*.yaml"))
+    if name is None or name not in options:
+        raise ConfigError([f"compare={name!r} is not a sweep: choose one of {', '.join(options)} "
+                           "(files in configs/compare/)"])
+    dotlist = [a[len("compare."):] for a in args if a.startswith("compare.")]
+    try:
+        raw = OmegaConf.merge(OmegaConf.structured(SweepConfig),
+                              OmegaConf.load(config_dir / "compare" / f"{name}.yaml"), OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        given = next((a.split("=", 1)[1] for a in dotlist if a.split("=", 1)[0] == key), None)
+        valid = ", ".join(f"compare.{f.name}" for f in fields(SweepConfig))
+        raise ConfigError([f"compare.{key}{'=' + given if given is not None else ''}: {str(err).splitlines()[0]}. "
+                           f"Give a key and a value of the kind configs/compare/*.yaml use (lists in brackets, e.g. "
+                           f"compare.seeds=[0,1]); the keys: {valid}"]) from None
+    sweep = SweepConfig(**OmegaConf.to_container(raw))
+    arm_files = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) or {}
+                 for p in sorted((config_dir / "arm").glob("*.yaml"))}
+    problems: list[str] = []
+    sweep.validate(problems, arm_files)
+    if problems:
+        raise ConfigError(problems)
+    return sweep, [a for a in args if not a.startswith("compare")], arm_files

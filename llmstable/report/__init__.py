@@ -1,0 +1,70 @@
+"""`llmstable report SWEEP_DIR`: report.md, report.json, report.html and three plots from each run's own
+summary.json, metrics.jsonl, events.jsonl and config.yaml. Nothing is recomputed from the models: every number is
+one of those files' numbers, or a mean, paired difference, interval or fit of them.
+
+- `runs`: one row per run, the table of every (arm, LR) setting, the same-start checks;
+- `study`: per arm, the best LR, the paired difference against the baseline, the speedup, stability and cost;
+- `markdown`, `page`, `plots`: report.md, report.html (self-contained) and the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmstable.report.markdown import markdown
+from llmstable.report.page import html
+from llmstable.report.plots import plot_best_runs, plot_lr_sensitivity, plot_speedup
+from llmstable.report.runs import aggregate, fairness, run_dirs, run_row
+from llmstable.report.study import analyse
+
+__all__ = ["report_command", "write_report"]
+
+
+def write_report(root: Path, target_loss: float | None = None, baseline: str = "adamw") -> Path:
+    root = Path(root)
+    runs = run_dirs(root)
+    if not runs:
+        raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json): run the sweep first")
+    rows = [run_row(r, target_loss) for r in runs]
+    if all(r["budget_run"] for r in rows):
+        raise FileNotFoundError(f"{root} holds only budget runs, no grid run: run the sweep first")
+    ranked = aggregate([r for r in rows if not r["budget_run"]])
+    fair = fairness(runs, rows)
+    study = analyse(rows, baseline)
+    (root / "report.json").write_text(json.dumps({
+        "target_loss": target_loss, "ranked": ranked, "runs": rows, "fairness": fair,
+        "baseline": study["baseline"], "budget_tokens": study["budget_tokens"], "fit": study["fit"],
+        "arms": study["arms"]}, indent=2, default=str))
+    plot_lr_sensitivity(root, rows, study)
+    plot_best_runs(root, rows, study)
+    plot_speedup(root, study)
+    (root / "report.html").write_text(html(root, study, ranked, rows, fair), encoding="utf-8")
+    path = root / "report.md"
+    path.write_text(markdown(study, ranked, rows, fair, target_loss), encoding="utf-8")
+    return path
+
+
+def report_command(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="llmstable report", description="Write the report of a sweep directory.")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="validation loss for 'tokens to target' (default: the sweep file's target_loss)")
+    parser.add_argument("--baseline", default=None, help="the arm others are compared with (default: the sweep "
+                        "file's baseline, else adamw)")
+    ns = parser.parse_args(args)
+    sweep_file = Path(ns.sweep_dir) / "sweep.yaml"
+    sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
+    target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
+    baseline = ns.baseline or sweep.get("baseline") or "adamw"
+    try:
+        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline)}")
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

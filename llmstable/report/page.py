@@ -1,0 +1,56 @@
+"""report.html: one self-contained page (the plots inline as base64 PNG, no script, no stylesheet or font from the
+network) with the same tables as report.md. The study table has id "arms" and one body row per arm."""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from pathlib import Path
+
+from llmstable.report.markdown import (
+    ARM_HEAD, PLOTS, SETTINGS_HEAD, arm_cells, conclusions, grid_warnings, setting_cells,
+)
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+th{background:#f3f3f3}.warn{color:#a40000;font-weight:bold}img{max-width:100%;display:block;margin:1em 0}"""
+
+
+def table(table_id: str, head: list[str], rows: list[list[str]]) -> str:
+    out = [f'<table id="{table_id}"><thead><tr>', *(f"<th>{escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for cells in rows:
+        out.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def inline_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: dict) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Comparison report</title>',
+             f"<style>{STYLE}</style></head><body>", "<h1>Comparison report</h1>",
+             f"<p>Baseline: <b>{escape(study['baseline'])}</b>. Each arm at the best LR of its own grid; Δ is the "
+             "mean "
+             "paired difference in final validation loss against the baseline over seeds (negative is better); "
+             "speedup is D_eff / D from the baseline's fit L(D) = a·D<sup>-B</sup> + b.</p>",
+             table("arms", ARM_HEAD, [arm_cells(a) for a in study["arms"]]),
+             "<h2>What this can and cannot conclude</h2>", f"<p>{escape(conclusions(study, rows))}</p>"]
+    warnings = grid_warnings(study)
+    if warnings:
+        parts += ["<h2>Grid edges</h2><ul>", *(f'<li class="warn">{escape(w)}</li>' for w in warnings), "</ul>"]
+    for name, title in PLOTS:
+        if (root / name).exists():
+            parts += [f"<h2>{escape(title[0].upper() + title[1:])}</h2>",
+                      f'<img alt="{escape(title)}" src="{inline_png(root / name)}">']
+    parts += ["<h2>Every setting</h2>",
+              table("settings", SETTINGS_HEAD, [setting_cells(i, e, rows) for i, e in enumerate(ranked, 1)]),
+              "<h2>Same start</h2><ul>"]
+    for seed, checks in fair["same_start_by_seed"].items():
+        parts.append(f"<li>seed {escape(seed)}: identical initial weights: "
+                     f"{'yes' if checks['initial_weights'] else 'NO'}; identical first batch: "
+                     f"{'yes' if checks['first_batch'] else 'NO'}</li>")
+    parts += ["</ul>", "<h2>What differs between runs</h2>",
+              f"<p>{escape(', '.join(fair['differs']) or 'nothing')}</p>", "</body></html>"]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,107 @@
+"""The report's three plots, drawn from the run rows and the study (llmstable.report.study): final loss against LR
+per arm, each arm's best run, and the speedup per arm with its range over seeds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llmstable.metrics import read_jsonl
+from llmstable.plot import final_curve
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lr_sensitivity(root: Path, rows: list[dict], study: dict) -> None:
+    """Final validation loss (mean over seeds) against LR per arm, log x (Wortsman et al. 2023, arXiv 2309.14322,
+    figure 1 style). An LR where a seed diverged is a cross at the top of the axis; the best LR is ringed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
+    top = max(finite) + 0.3 if finite else 10.0
+    for i, arm in enumerate(study["arms"]):
+        color = f"C{i % 10}"
+        points = {float(lr): v for lr, v in arm["mean_final_val_loss_by_lr"].items()}
+        ok = sorted((lr, v) for lr, v in points.items() if v is not None)
+        bad = sorted(lr for lr, v in points.items() if v is None)
+        if ok:
+            ax.plot(*zip(*ok), "o-", color=color, label=arm["arm"])
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=color, markersize=9, label=None if ok else arm["arm"])
+        if arm["best_lr"] is not None:
+            ax.plot([arm["best_lr"]], [arm["final_val_loss"]], "o", markersize=14, markerfacecolor="none",
+                    color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    ax.set_title("final loss against LR (x: diverged, ring: best LR)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "lr_sensitivity.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
+    """Train and validation loss of each arm's best-LR runs (every seed), with spikes (dashed) and rollbacks
+    (dotted) marked from events.jsonl."""
+    plt = _pyplot()
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, arm in enumerate(study["arms"]):
+        color = f"C{i % 10}"
+        runs = [r for r in rows if r["arm"] == arm["arm"] and r["lr"] == arm["best_lr"] and not r["budget_run"]]
+        for k, row in enumerate(runs):
+            run = root / row["run"]
+            metrics = read_jsonl(run / "metrics.jsonl")
+            label = f"{arm['arm']} lr={arm['best_lr']:g}" if k == 0 else None
+            for ax, key in ((ax_train, "train/loss"), (ax_val, "val/loss")):
+                curve = [(t, v) for t, v in final_curve(metrics, key) if math.isfinite(v)]
+                if curve:
+                    ax.plot(*zip(*curve), color=color, label=label, linewidth=1, alpha=1.0 if k == 0 else 0.5)
+            for event in read_jsonl(run / "events.jsonl"):
+                if event["event"] in ("spike", "rollback") and "tokens" in event:
+                    ax_train.axvline(event["tokens"], color=color, linewidth=0.8, alpha=0.6,
+                                     linestyle="--" if event["event"] == "spike" else ":")
+    for ax, title in ((ax_train, "train loss at each arm's best LR (dashed: spikes, dotted: rollbacks)"),
+                      (ax_val, "validation loss")):
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    ax_val.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_speedup(root: Path, study: dict) -> None:
+    """Speedup D_eff / D per arm: a dot at the seeds' mean loss, a bar over the range of the per-seed speedups;
+    hollow when extrapolated, a note when unavailable."""
+    plt = _pyplot()
+    arms = study["arms"]
+    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(arms) + 1.5))
+    for y, arm in enumerate(arms):
+        color = f"C{y % 10}"
+        if arm["speedup"] is None:
+            ax.text(1.0, y, "unavailable", va="center", ha="center", fontsize=8, color=color)
+            continue
+        if arm["speedup_interval"]:
+            ax.plot(arm["speedup_interval"], [y, y], "-", color=color, linewidth=3, alpha=0.5)
+        face = color if arm["speedup_status"] == "fit" else "none"
+        ax.plot([arm["speedup"]], [y], "o", color=color, markerfacecolor=face, markersize=8)
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(arms)), [a["arm"] for a in arms])
+    ax.set_xlabel(f"speedup over {study['baseline']}: D_eff / D (hollow: extrapolated)")
+    ax.set_title("tokens the baseline needs for each arm's loss, over the arm's budget", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(-0.7, len(arms) - 0.3)
+    fig.tight_layout()
+    fig.savefig(root / "speedup.png", dpi=100)
+    plt.close(fig)

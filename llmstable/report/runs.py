@@ -1,0 +1,99 @@
+"""One row per run, read from the run's own summary.json, metrics.jsonl and config.yaml, and the table of every
+(arm, LR) setting with its mean and std across seeds; the check that runs with the same seed started alike."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmstable.metrics import read_jsonl
+from llmstable.plot import final_curve
+from llmstable.resume import flatten
+
+TIMING = ("wall_s", "tokens_per_sec", "peak_memory_mb")  # the only fields that differ between identical reruns
+BUDGET_TAG = "_budget"  # in the directory name of the baseline's runs at a fraction of the budget (llmstable.compare)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/summary.json"))
+
+
+def tokens_to_target(rows: list[dict], target: float | None) -> int | None:
+    if target is None:
+        return None
+    return next((tokens for tokens, v in final_curve(rows, "val/loss") if v <= target), None)
+
+
+def planned_tokens(cfg: dict) -> int:
+    """The run's budget as configured (a diverged run stops before it)."""
+    train = cfg["train"]
+    if train.get("budget_tokens") is not None:
+        return int(train["budget_tokens"])
+    return int(train["max_steps"]) * int(train["global_batch_size"]) * int(cfg["data"]["seq_len"])
+
+
+def run_row(run: Path, target: float | None) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    state_bytes, num_params = summary.get("optimizer_state_bytes"), summary.get("num_params")
+    rows = read_jsonl(run / "metrics.jsonl")
+    final = summary["final_val_loss"]
+    finite = isinstance(final, float) and math.isfinite(final) and not summary.get("diverged")
+    return {
+        "run": run.name, "arm": cfg.get("name") or run.name, "lr": cfg["optimizer"]["lr"], "seed": cfg["train"]["seed"],
+        "optimizer": cfg["optimizer"]["name"],
+        "stabilizers": [k for k, v in (cfg.get("stabilizer") or {}).items() if v is not None],
+        "diverged": not finite, "diverged_step": summary.get("diverged_step"),
+        "final_val_loss": final if finite else None,
+        "best_val_loss": summary["best_val_loss"] if finite else None,
+        "final_val_ppl": math.exp(final) if finite else None,
+        "tokens_to_target": tokens_to_target(rows, target),
+        "spikes": summary.get("spikes", 0), "rollbacks": summary.get("rollbacks", 0),
+        "skipped_steps": summary.get("skipped_steps", 0), "skipped_samples": summary.get("skipped_samples", 0),
+        "tokens": summary["tokens"], "planned_tokens": planned_tokens(cfg), "budget_run": BUDGET_TAG in run.name,
+        "initial_loss": summary.get("initial_loss"), "num_params": num_params, "optimizer_state_bytes": state_bytes,
+        "optimizer_state_bytes_per_param": state_bytes / num_params if state_bytes is not None and num_params else None,
+        "tokens_per_sec": summary["tokens_per_sec"],
+        "peak_memory_mb": summary.get("peak_memory_mb"), "wall_s": summary["wall_s"],
+        "init_hash": summary.get("init_hash"), "first_batch_hash": summary.get("first_batch_hash"),
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (arm, lr): mean and std across seeds, ranked by mean final validation loss (diverged last)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], r["lr"]), []).append(r)
+    out = []
+    for (arm, lr), runs in groups.items():
+        entry = {"arm": arm, "lr": lr, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs)}
+        for key in ("final_val_loss", "best_val_loss", "final_val_ppl", "tokens_to_target", "spikes", "rollbacks",
+                    "skipped_steps", "tokens_per_sec", "peak_memory_mb", "wall_s"):
+            values = [r[key] for r in runs if r[key] is not None]
+            entry[key] = statistics.fmean(values) if values else None
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["diverged"] > 0, e["final_val_loss"] if e["final_val_loss"] is not None
+                                      else math.inf))
+
+
+def fairness(runs: list[Path], rows: list[dict]) -> dict:
+    """The settings every run shares, what differs, and whether runs with the same seed really started alike."""
+    flat = [flatten(OmegaConf.to_container(OmegaConf.load(r / "config.yaml"))) for r in runs]
+    keys = set().union(*flat)
+    ignore = ("run_dir", "train.init_from", "train.seed", "name", "lr_grid")
+    shared = {k: flat[0].get(k) for k in sorted(keys) if all(f.get(k) == flat[0].get(k) for f in flat)
+              and not k.startswith(ignore)}
+    differs = sorted(k for k in keys if k not in shared and not k.startswith(ignore))
+    same_start = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        group = [r for r in rows if r["seed"] == seed]
+        same_start[str(seed)] = {
+            "initial_weights": len({r["init_hash"] for r in group}) == 1,
+            "first_batch": len({r["first_batch_hash"] for r in group}) == 1,
+        }
+    return {"shared": shared, "differs": differs, "same_start_by_seed": same_start}

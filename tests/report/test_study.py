@@ -1,0 +1,79 @@
+"""The per-arm study on constructed run rows whose answers are known: best LR by the mean over seeds, the grid
+edge, the paired difference, the speedup through the baseline's fit, the stability and cost columns."""
+
+import pytest
+
+from llmstable.report.study import analyse
+
+BUDGET = 1_000_000
+
+
+def loss_at(tokens):
+    return 3.0e3 * tokens**-0.5 + 2.5  # the baseline's constructed L(D)
+
+
+def row(arm, lr, seed, loss, tokens=BUDGET, budget_run=False, diverged=False, **extra):
+    return {"arm": arm, "lr": lr, "seed": seed, "final_val_loss": None if diverged else loss, "diverged": diverged,
+            "planned_tokens": tokens, "budget_run": budget_run, "initial_loss": 8.0, "spikes": extra.get("spikes", 0),
+            "rollbacks": 0, "skipped_samples": extra.get("skipped", 0), "tokens_per_sec": extra.get("tps", 1000.0),
+            "peak_memory_mb": 500.0, "optimizer_state_bytes_per_param": extra.get("bytes", 8.0)}
+
+
+def rows():
+    out = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):  # seed 1 is worse for every arm alike: pairing removes it
+        base = loss_at(BUDGET) + shift
+        out += [row("adamw", 1e-3, seed, base + 0.3), row("adamw", 3e-3, seed, base),
+                row("adamw", 1e-2, seed, base + 0.1)]
+        out += [row("adamw", 3e-3, seed, loss_at(f * BUDGET) + shift, tokens=int(f * BUDGET), budget_run=True)
+                for f in (0.25, 0.5)]
+        # "fast" matches the baseline's loss at half the budget on seed 0; its best LR is the grid's high edge.
+        fast = loss_at(BUDGET / 2) + shift
+        out += [row("fast", 1e-3, seed, fast + 0.2), row("fast", 3e-3, seed, fast, spikes=2, skipped=64, tps=500.0,
+                                                             bytes=4.0)]
+        out += [row("fast", 1e-2, seed, None, diverged=True)]
+    return out
+
+
+def test_best_lr_edge_and_paired_difference():
+    study = analyse(rows(), "adamw")
+    base, fast = study["arms"]
+    assert base["best_lr"] == 3e-3 and base["grid_edge"] is None and base["verdict"] == "baseline"
+    # 1e-2 diverged on every seed, so the best LR is 3e-3, which is not the edge: the edge is 1e-2.
+    assert fast["best_lr"] == 3e-3 and fast["grid_edge"] is None
+    diff = loss_at(BUDGET / 2) - loss_at(BUDGET)
+    assert fast["paired_diff"]["mean"] == pytest.approx(diff)
+    assert fast["paired_diff"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert fast["verdict"] == "worse"  # a higher loss than the baseline, with no spread between seeds
+
+
+def test_speedup_through_the_baseline_fit():
+    study = analyse(rows(), "adamw")
+    assert study["fit"]["B"] == pytest.approx(0.5, rel=1e-3)
+    base, fast = study["arms"]
+    assert base["speedup"] == pytest.approx(1.0, rel=1e-3) and base["speedup_status"] == "fit"
+    # seed 0 reaches the baseline's loss at D/2: 0.5x. Seed 1 carries the seed's shift in both, so it is not 0.5
+    # exactly, but the mean speedup uses the fit of the seeds' mean losses.
+    assert fast["speedup_status"] == "fit" and fast["speedup"] == pytest.approx(0.5, rel=2e-2)
+    low, high = fast["speedup_interval"]
+    assert low <= fast["speedup"] <= high
+
+
+def test_stability_and_cost_columns():
+    study = analyse(rows(), "adamw")
+    base, fast = study["arms"]
+    assert (base["stable_lrs"], base["grid_lrs"]) == (3, 3) and (fast["stable_lrs"], fast["grid_lrs"]) == (2, 3)
+    assert fast["spikes"] == 2 and fast["skipped_samples"] == 64
+    # Wortsman: mean over the grid of min(loss, 8.0) minus the best; the diverged LR counts as 8.0.
+    best = loss_at(BUDGET / 2) + 0.01
+    assert fast["lr_sensitivity"] == pytest.approx(((best + 0.2) + best + 8.0) / 3 - best)
+    assert fast["tokens_per_sec_rel"] == 0.5 and fast["optimizer_state_bytes_per_param"] == 4.0
+
+
+def test_a_grid_whose_best_lr_is_its_edge_is_flagged_with_the_next_lr():
+    data = [r for r in rows() if not (r["arm"] == "adamw" and r["lr"] == 1e-3)]
+    data = [dict(r, final_val_loss=r["final_val_loss"] - 1 if r["lr"] == 1e-2 and r["arm"] == "adamw"
+                 and not r["budget_run"] else r["final_val_loss"]) for r in data]
+    base = analyse(data, "adamw")["arms"][0]
+    assert base["best_lr"] == 1e-2 and base["grid_edge"] == "high"
+    assert base["extend_with"] == [pytest.approx(1e-2 * 1e-2 / 3e-3, rel=1e-3)]
