@@ -3,9 +3,9 @@
 Build first, then run: `build_trainer` constructs every part with small builders; `Trainer.__init__` only
 assigns; `Trainer.fit` runs the loop, which reads straight down:
   1. set the learning rate (times the stabilizers' `lr_factor`), then `begin_step`;
-  2. forward and loss for each micro-batch, then the loss hooks, then backward;
+  2. one update (llmstable.step.TrainStep): forward and loss for each micro-batch, the loss hooks, backward;
   3. the gradient hooks, clip, read loss and gradient norm (the one host sync per step), the step-check hooks,
-     then the optimizer step unless a hook asked to skip it, then the update hooks;
+     then the optimizer step unless a hook asked to skip it, with the update hooks around it;
   4. carry out a rollback or abort if a hook asked for one;
   5. log (with what the stabilizers noted: `events`), evaluate and checkpoint at their intervals.
 The parts around the loop live beside it: the run directory, resume choice, saving and restoring in
@@ -31,17 +31,17 @@ from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.packing import SkipList
-from llmstable.evaluate import training_loss, validation_metrics
+from llmstable.evaluate import validation_metrics
 from llmstable.faults import FaultInjector
-from llmstable.indicators import UpdateNorm
 from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
 from llmstable.optimizers import build_optimizer
 from llmstable.optimizers.reporting import state_bytes
 from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
-from llmstable.runtime import autocast_for, memory_mb, rng_state, seed_everything, set_rng_state
+from llmstable.runtime import memory_mb, seed_everything
 from llmstable.schedule import lr_factor
+from llmstable.step import TrainStep
 from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stabilizers
 from llmstable.stabilizers.hooks import log_stabilizer_events
 from llmstable.stabilizers.hooks import lr_factor as stabilizer_lr_factor
@@ -127,15 +127,14 @@ class Trainer:
         self.log, self.faults, self.run, self.rollback = log, faults, run, rollback
         self.resume_from = resume_from
         self.forward = torch.compile(engine.module) if cfg.train.compile and engine.can_compile else engine.module
-        self.replays = any(s.replays for s in stabilizers)  # only then is a replay point kept each step
+        self.update = TrainStep(cfg, engine, stabilizers, data.train, faults, self.forward)
         self.fresh_init_hash = init_hash  # of the weights as built, before any sharding
         self.sizes = sizes  # num_params, flops_per_token: measured before sharding (ZeRO-3 empties parameters)
         self.step = 0
         self.tokens = 0
         self.meter = StepMeter(sizes["flops_per_token"], self.device)  # the metrics row since the last one
         self.val_history: list[tuple[int, float]] = []
-        self.init_hash: str | None = None  # of the initial weights, and of the first batch: arms compare them
-        self.first_batch_hash: str | None = None
+        self.init_hash: str | None = None  # of the initial weights (and TrainStep's of the first batch): arms compare them
         self.initial_loss: float | None = None  # the first step's loss, on the initial weights (compare uses it)
         self.diverged_step: int | None = None
         if self.device.type == "cuda":
@@ -192,87 +191,9 @@ class Trainer:
         return self.finish(wall_s, (self.tokens - self._started[1]) / max(wall_s, 1e-9), self._started[0])
 
     def train_step(self, lr: float, indicators: bool = False):
-        """One optimizer update at learning rate lr: forward/backward over the micro-batches, the gradient hooks,
-        clip, the step-check hooks, then the optimizer step unless a hook objects, then the update hooks. Returns
-        (loss, pre-clip grad norm, action or None, leading indicators); with indicators=True also the update norm
-        and the worst layer's gradient norm."""
-        engine = self.engine
-        engine.set_lr(lr)
-        for stabilizer in self.stabilizers:
-            stabilizer.begin_step(self.step + 1, indicators)
-        replay_point = (self.data.train.state_dict(), rng_state()) if self.replays else None
-        values = self.gradients()
-        action = self.check_step(values, replay_point)
-        extra = {}
-        if action is None and not engine.fused_step:
-            update_norm = UpdateNorm(self.model) if indicators else None
-            for stabilizer in self.stabilizers:
-                stabilizer.before_update(self.model)
-            engine.step()
-            for stabilizer in self.stabilizers:
-                stabilizer.on_update(self.model)
-            if update_norm is not None:
-                extra = update_norm.after_step()
-        engine.zero_grad()
-        return values["loss"], values["grad_norm"], action, extra
-
-    def gradients(self) -> dict[str, float]:
-        """Forward and backward over the micro-batches, the gradient hooks and clipping; returns the step's loss
-        and pre-clip gradient norm as host floats."""
-        loss = self.forward_backward()  # (DeepSpeed: its update happens here, in the last micro-batch's backward)
-        if not self.engine.fused_step:
-            for stabilizer in self.stabilizers:
-                stabilizer.on_gradients(self.model)
-        grad_norm = self.engine.clip_grad_norm_(self.cfg.train.max_norm)  # global, before clipping
-        # The one host sync per step: the rank-mean loss and the gradient norm together, for the spike check and
-        # the log; every rank gets the same two numbers, so every rank decides alike.
-        loss_value, norm_value = torch.stack([self.world.mean(loss), grad_norm.float().to(loss.device)]).tolist()
-        return {"loss": loss_value, "grad_norm": norm_value}
-
-    def check_step(self, values: dict[str, float], replay_point) -> object | None:
-        """The step-check hooks in order; the first action wins. A `replay` recomputes the step from the replay
-        point (same data, same RNG), hands both results to the stabilizer that asked, and goes on with the
-        replayed ones (`values` is updated in place)."""
-        for stabilizer in self.stabilizers:
-            action = stabilizer.check_step(self.step + 1, values, self.rollback.ledger.rollbacks)
-            if action is not None and action.kind == "replay":
-                if replay_point is None:
-                    raise RuntimeError(f"stabilizer {stabilizer.name!r} asked for a replay but does not declare "
-                                       "`replays = True`, or the engine cannot replay (DeepSpeed updates in backward)")
-                first = dict(values)
-                self.engine.zero_grad()
-                self.data.train.load_state_dict(replay_point[0])
-                set_rng_state(replay_point[1])
-                values.update(self.gradients())
-                action = stabilizer.on_replay(self.step + 1, first, dict(values))
-            if action is not None:
-                return action
-        return None
-
-    def forward_backward(self) -> torch.Tensor:
-        """Forward and backward over the accumulation micro-batches; returns the step's mean loss (a device
-        tensor, not yet synced)."""
-        micro, world = self.cfg.train.micro_batch_size, self.world
-        share = self.cfg.train.global_batch_size // world.world_size  # this rank's samples of the global batch
-        accum = share // micro
-        rows, _ = self.data.train.next_share(self.cfg.train.global_batch_size, world.rank * share,
-                                             (world.rank + 1) * share)
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            batch = rows[i * micro: (i + 1) * micro]
-            if self.step == 0 and self.first_batch_hash is None:
-                self.first_batch_hash = ckpt.fingerprint([batch])  # (rank 0's first micro-batch)
-            batch = self.faults.batch(self.step + 1, batch).to(self.device, non_blocking=True)
-            self.engine.set_sync(last=i == accum - 1)
-            with autocast_for(self.device, self.cfg.train.precision):
-                logits = self.forward(batch[:, :-1])
-                base = self.faults.loss(self.step + 1, training_loss(self.stabilizers, logits, batch[:, 1:]))
-                loss = base
-                for stabilizer in self.stabilizers:
-                    loss = stabilizer.on_loss(logits, loss)
-            self.engine.backward(loss, accum)
-            total += base.detach() / accum  # train/loss is the training loss alone; auxiliary terms log apart
-        return total
+        """One optimizer update at learning rate lr (`llmstable.step.TrainStep`): returns (loss, pre-clip grad
+        norm, action or None, leading indicators)."""
+        return self.update(self.step + 1, lr, indicators, self.rollback.ledger.rollbacks)
 
     def log_metrics(self, lr: float, grad_norm: float, indicators: dict) -> dict:
         """One row of metrics.jsonl for the steps since the last row; returns the progress bar's fields."""
@@ -385,7 +306,7 @@ class Trainer:
             "data": self.data.train.state_dict(),
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
             **self.rollback.state_dict(),
-            "init_hash": self.init_hash, "first_batch_hash": self.first_batch_hash, "initial_loss": self.initial_loss,
+            "init_hash": self.init_hash, "first_batch_hash": self.update.first_batch_hash, "initial_loss": self.initial_loss,
             "engine": self.engine.checkpoint_meta(),
         }
 
@@ -399,7 +320,7 @@ class Trainer:
         self.rollback.load_state_dict(state, keep_ledger)
         self.data.train.skip = SkipList(self.rollback.ledger.skip_ranges)
         self.faults.fired = set(self.rollback.ledger.faults_fired)
-        self.init_hash, self.first_batch_hash = state.get("init_hash"), state.get("first_batch_hash")
+        self.init_hash, self.update.first_batch_hash = state.get("init_hash"), state.get("first_batch_hash")
         self.initial_loss = state.get("initial_loss")
 
     def save(self, good: bool = False) -> Path:
@@ -422,7 +343,7 @@ class Trainer:
             wall_s=wall_s, tokens_per_sec=tokens_per_sec, resumed_from_step=start_step or None,
             **self.sizes, engine=self.engine.name, world_size=self.world.world_size,
             peak_memory_mb=max(self.meter.peak_memory_mb, memory_mb(self.device)), init_hash=self.init_hash,
-            first_batch_hash=self.first_batch_hash, initial_loss=self.initial_loss,
+            first_batch_hash=self.update.first_batch_hash, initial_loss=self.initial_loss,
             optimizer_state_bytes=state_bytes(self.engine.optimizer), name=self.cfg.name, run_dir=str(self.run.path))
         self.log.summary(summary)
         if aborted or self.diverged_step is not None:

@@ -1,11 +1,12 @@
 """The training-step cost of each hook stabilizer, against the same trainer without it, in one process.
 
     python scripts/bench_hooks.py [--model tiny_10m] [--seq-len 256] [--micro-batch 8] [--accum 2]
-                                  [--steps 4] [--rounds 3] [--json out.json]
+                                  [--steps 3] [--rounds 6] [--json out.json]
 
 Every contender is a full `Trainer` (same model shape, same data, AdamW) whose `train_step` is timed; rounds
-interleave the contenders and the median round counts, so a slower period of the machine falls on all of them.
-The overhead is (step time with the stabilizer) / (step time of the plain trainer) - 1.
+interleave the contenders, each round in a new order. The overhead is the median over rounds of (step time with
+the stabilizer) / (step time of the plain trainer in the same round) - 1. CPU step times vary by about 10% from
+step to step, so run enough rounds (the default 6) for a figure within a few percent.
 Goal: at most 5% for the gradient transforms (norm-growth limiter, OrthoGrad, embedding shrink) and the update
 transform (update clipping); QK-clip's cost (an extra q k^T per layer) is reported at interval 1 and 10.
 """
@@ -46,8 +47,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -64,16 +65,21 @@ def main() -> None:
     for trainer in trainers.values():  # warm-up: allocator, optimizer state, the first measurements
         trainer.train_step(1e-4), trainer.train_step(1e-4)
     times = {name: [] for name in trainers}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
+    names = list(trainers)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # a new order each round: no position bias
             t = time.perf_counter()
             for _ in range(args.steps):
-                trainer.train_step(1e-4)
+                trainers[name].train_step(1e-4)
             times[name].append((time.perf_counter() - t) / args.steps)
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
-    overhead = {name: step_s[name] / step_s["plain"] - 1 for name in step_s if name != "plain"}
+    # Each round's ratio against the plain trainer of the same round, then the median over rounds: a slow period
+    # of the machine falls on both sides of a ratio.
+    overhead = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) - 1
+                for name in names if name != "plain"}
     print(f"{torch.get_num_threads()} threads, model {args.model}, seq {args.seq_len}, "
-          f"batch {args.micro_batch}x{args.accum}; median of {args.rounds} rounds of {args.steps} steps")
+          f"batch {args.micro_batch}x{args.accum}; median of {args.rounds} rounds of {args.steps} steps, ratios paired "
+          "by round")
     print(f"{'stabilizer':<22} {'ms/step':>9} {'overhead':>9}  goal")
     print(f"{'plain':<22} {step_s['plain'] * 1e3:>9.1f}")
     for name, value in overhead.items():
