@@ -9,12 +9,20 @@ every rank reaches alike.
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """A reduction over a DTensor as a plain tensor over the whole (a collective every rank reaches alike)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def replicated_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor t (the same on every rank) in a form that combines with x: replicated over x's mesh when x is
+    a DTensor shard (no communication), t itself otherwise."""
+    if isinstance(x, DTensor):
+        return DTensor.from_local(t, x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
+    return t
 
 
 def layer_grad_norms(model: torch.nn.Module) -> torch.Tensor:

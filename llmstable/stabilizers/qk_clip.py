@@ -31,8 +31,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
 
+from llmstable.indicators import replicated_like
 from llmstable.model.llama import apply_rope
 from llmstable.stabilizers.hooks import Stabilizer
 
@@ -69,10 +69,7 @@ def qk_clip_scales(max_logits: torch.Tensor, n_kv_heads: int, tau: float,
 
 def scale_rows_(weight: torch.Tensor, head_scale: torch.Tensor, head_dim: int) -> None:
     """Multiply each head's block of rows of a projection weight (heads * head_dim, dim) by its factor."""
-    rows = head_scale.repeat_interleave(head_dim).to(weight.dtype).unsqueeze(1)
-    if isinstance(weight, DTensor):
-        rows = DTensor.from_local(rows, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
-    weight.mul_(rows)
+    weight.mul_(replicated_like(weight, head_scale.repeat_interleave(head_dim).to(weight.dtype).unsqueeze(1)))
 
 
 class QKClip(Stabilizer):

@@ -28,9 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
 
-from llmstable.indicators import full
+from llmstable.indicators import full, replicated_like
 from llmstable.stabilizers.hooks import Stabilizer
 
 
@@ -41,13 +40,6 @@ def update_clip_scale(rms: torch.Tensor, history_mean: torch.Tensor, k: float,
     limit = k * history_mean
     clipped = (rms > limit) & active
     return torch.where(clipped, limit / rms, torch.ones_like(rms)), clipped
-
-
-def _like(x: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
-    """A device scalar in a form that multiplies x: replicated over x's mesh when x is a DTensor shard."""
-    if isinstance(x, DTensor):
-        return DTensor.from_local(scalar, x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
-    return scalar
 
 
 class UpdateClip(Stabilizer):
@@ -89,7 +81,7 @@ class UpdateClip(Stabilizer):
             mean = history.sum() / max(filled, 1)
             scale, clipped = update_clip_scale(rms, mean, self.k, active)
             if active:
-                p.sub_(delta * _like(delta, (1.0 - scale).to(delta.dtype)))  # exactly p when scale == 1
+                p.sub_(delta * replicated_like(delta, (1.0 - scale).to(delta.dtype)))  # exactly p when scale == 1
             history[slot] = rms * scale
             self._clipped = self._clipped.to(rms.device) + clipped
             if active:
