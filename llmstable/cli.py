@@ -19,21 +19,24 @@ import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Fa
 from llmstable.config import ConfigError
 
 
+COMMANDS = {  # name -> (module, function), None for this module: only the chosen command's module is imported
+    "train": ("llmstable.train", "train_command"), "export": (None, "export_command"),
+    "generate": (None, "generate_command"), "compare": ("llmstable.compare", "compare_command"),
+    "report": ("llmstable.report", "report_command"), "prepare": (None, "prepare_command"),
+    "spikes": ("llmstable.spikes", "spikes_command"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    from llmstable.compare import compare_command
-    from llmstable.report import report_command
-    from llmstable.train import train_command
-
-    from llmstable.spikes import spikes_command
-
-    commands = {"train": train_command, "export": export_command, "generate": generate_command,
-                "compare": compare_command, "report": report_command, "prepare": prepare_command,
-                "spikes": spikes_command}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:]) or 0
+    module, name = COMMANDS[argv[0]]
+    command = globals()[name] if module is None else getattr(importlib.import_module(module), name)
+    return command(argv[1:]) or 0
 
 
 TRUST_HELP = ("also read a DCP or DeepSpeed checkpoint written under another account (its files are unpickled, "

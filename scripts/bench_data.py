@@ -168,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small-mb", type=float, default=100)
     parser.add_argument("--large-mb", type=float, default=1000)
-    parser.add_argument("--throughput-mb", type=float, default=50)
+    parser.add_argument("--throughput-mb", type=float, default=100)
     parser.add_argument("--stream-blocks", type=int, default=10_000)
     parser.add_argument("--workdir", default=None, help="where corpora go (a temporary directory, removed after)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_data.json"))

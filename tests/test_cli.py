@@ -44,3 +44,12 @@ def test_train_then_generate_then_export_from_the_command_line(tmp_path):
     assert exp.returncode == 0 and (tmp_path / "hf" / "config.json").exists()
     again = run("export", str(tmp_path / "run"), str(tmp_path / "hf"))
     assert again.returncode == 2 and "already holds an export: pass --overwrite" in again.stderr
+
+
+def test_prepare_and_spikes_start_without_torch():
+    # `llmstable prepare` spends its first seconds importing; torch (2-3 s) is not needed until training, and
+    # `llmstable spikes` only reads JSON. A lazy package import that turns eager again fails here.
+    code = ("import sys, llmstable.cli, llmstable.compose, llmstable.data.prepare, llmstable.spikes; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

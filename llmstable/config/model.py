@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmstable.config.checks import divisors_near, positive
-from llmstable.model.llama import LlamaConfig
+from llmstable.model.shape import LlamaConfig
 
 
 @dataclass

@@ -10,38 +10,14 @@ parallelism, compilation and quantization are applied to the model from outside.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class LlamaConfig:
-    """The shape of the network. A YAML file in `configs/model/` fills one of these."""
-
-    vocab_size: int = 32000
-    dim: int = 512  # hidden size
-    intermediate_size: int = 1376  # SwiGLU inner size
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int | None = None  # None means n_heads (no grouped-query attention)
-    max_seq_len: int = 1024
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    qk_norm: bool = False  # RMSNorm over the head dim of q and k before RoPE (Dehghani et al. 2023)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+from llmstable.model.shape import LlamaConfig
 
 
 class RMSNorm(nn.Module):
@@ -195,3 +171,18 @@ class Llama(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
+
+
+def llama_config(model_cfg, vocab_size: int) -> LlamaConfig:
+    """The model group's config -> LlamaConfig, with the vocabulary size filled in from the tokenizer
+    when the model file leaves it null."""
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k in fields}
+    values["vocab_size"] = model_cfg.vocab_size or vocab_size
+    return LlamaConfig(**values)
+
+
+def build_model(cfg: LlamaConfig, device: torch.device | str = "cpu") -> Llama:
+    """Build and initialise the model on `device` (init happens on CPU first, so the weights for a given
+    seed are the same on every device)."""
+    return Llama(cfg).to(device)
