@@ -6,7 +6,8 @@ A sweep file (`configs/compare/NAME.yaml`, schema `llmstable.config.sweep`) name
 seeds, the baseline and its budget fractions, and the overrides every arm shares. The study runs in three steps,
 each a Hydra multirun of `llmstable train` that skips what is already finished:
 
-1. every arm over its own LR grid and every seed;
+1. every arm over its own LR grid and every seed (an arm with `tune` in its file, e.g. AdamW's clipping threshold,
+   over its LR grid times the values of that one key: the report keeps the value with the best loss);
 2. with `compare.extend_grid=true`, one more LR past the edge of each grid whose best LR sits on it;
 3. the baseline at its best LR at each fraction of the budget (`compare.budget_fractions`, the 1.0 run is the
    grid's), for the fit L(D) the speedups come from.
@@ -20,9 +21,9 @@ Fair by construction:
 
 Hydra's launcher plugins work: `compare.parallel=N` uses the joblib launcher to run N runs at a time, each with
 one torch thread (`compare.threads_per_run`), which on a small model is faster than N threads for one run. Run
-directories are named after the arm, LR and seed (and budget), so running the same command again skips finished
-runs and resumes unfinished ones exactly (their checkpoints). A diverged arm is a result: it stops at its first
-non-finite loss (or its spike guard aborts) and the report shows it as diverged.
+directories are named after the arm, LR and seed (and budget, or tuned value), so running the same command again
+skips finished runs and resumes unfinished ones exactly (their checkpoints). A diverged arm is a result: it stops
+at its first non-finite loss (or its spike guard aborts) and the report shows it as diverged.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from llmstable.config import ConfigError
-from llmstable.config.sweep import SweepConfig, load_sweep
+from llmstable.config.sweep import SweepConfig, load_sweep, tuned
 from llmstable.report.runs import BUDGET_TAG
 
 
@@ -109,6 +110,38 @@ def grids(sweep: SweepConfig, arm_files: dict[str, dict]) -> dict[str, list[floa
     return {arm: [float(lr) for lr in sweep.grid_of(arm, arm_files[arm])[0]] for arm in sweep.arms}
 
 
+def tune_launch(arm: str, rendered: dict[str, tuple[str, list[str]]], only=None) -> dict:
+    """launch()'s `extra`, `tag` and `tags` for an arm tuned over one key (`rendered`: arm -> the key and its
+    values as the run's config holds them, which is how Hydra names the directory): every value, or `only`; {} for
+    an arm without `tune`."""
+    if arm not in rendered:
+        return {}
+    key, values = rendered[arm]
+    values = values if only is None else [str(only)]
+    short = key.rsplit(".", 1)[-1]
+    return {"extra": (f"{key}={','.join(values)}",), "tag": f"_{short}${{{key}}}",
+            "tags": tuple(f"_{short}{v}" for v in values)}
+
+
+def render_tuned(sweep: SweepConfig, train_overrides: list[str], root: Path,
+                 arm_files: dict[str, dict]) -> dict[str, tuple[str, list[str]]]:
+    """Compose each tuned arm with each of its values, so that a bad value is a named error now rather than a failed
+    run later; returns arm -> (key, the values as the run's config holds them: `1` for a float key is `1.0`)."""
+    from llmstable.compose import compose_config
+    from llmstable.config import to_dict
+    from llmstable.resume import flatten
+
+    out = {}
+    for arm in sweep.arms:
+        if (tune := tuned(arm_files[arm])) is None:
+            continue
+        key, values = tune
+        out[arm] = (key, [str(flatten(to_dict(compose_config(
+            [*sweep.overrides, *train_overrides, f"arm={arm}", f"{key}={value}"], run_dir=root / "init")))[key])
+            for value in values])
+    return out
+
+
 def current_study(root: Path, baseline: str) -> dict:
     from llmstable.report.runs import run_dirs, run_row
     from llmstable.report.study import analyse
@@ -151,29 +184,33 @@ def compare_command(args: list[str]) -> int:
         root.mkdir(parents=True, exist_ok=True)
         (root / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
         set_threads(sweep)
+        rendered = render_tuned(sweep, train_overrides, root, arm_files)
         write_initial_weights(sweep, train_overrides, root)
         key, budgets = budget_overrides(sweep, train_overrides, root)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     by_grid: dict[tuple, list[str]] = {}
-    for arm, grid in grids(sweep, arm_files).items():  # arms that share a grid share one multirun
-        by_grid.setdefault(tuple(grid), []).append(arm)
-    for grid, arms in by_grid.items():
-        if code := launch(sweep, train_overrides, root, arms, list(grid)):
+    for arm, grid in grids(sweep, arm_files).items():  # arms that share a grid share one multirun (untuned ones)
+        by_grid.setdefault((tuple(grid), arm if tuned(arm_files[arm]) else None), []).append(arm)
+    for (grid, _), arms in by_grid.items():
+        if code := launch(sweep, train_overrides, root, arms, list(grid), **tune_launch(arms[0], rendered)):
             return code
     if sweep.extend_grid:
         for arm in current_study(root, sweep.baseline)["arms"]:
             if arm["extend_with"] and arm["arm"] in sweep.arms:
                 print(f"compare: {arm['arm']}'s best LR {arm['best_lr']:g} is on the {arm['grid_edge']} edge of "
                       f"its grid; adding {', '.join(f'{x:g}' for x in arm['extend_with'])}", file=sys.stderr)
-                if code := launch(sweep, train_overrides, root, [arm["arm"]], arm["extend_with"]):
+                if code := launch(sweep, train_overrides, root, [arm["arm"]], arm["extend_with"],
+                                  **tune_launch(arm["arm"], rendered, (arm["tuned"] or {}).get("value"))):
                     return code
-    best = next((a["best_lr"] for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline),
-                None)  # (None when every LR of the baseline diverged: no budgets to run, the report says why)
-    if budgets and best is not None:
-        if code := launch(sweep, train_overrides, root, [sweep.baseline], [best], (f"{key}={','.join(budgets)}",),
-                          f"{BUDGET_TAG}${{{key}}}", tuple(f"{BUDGET_TAG}{v}" for v in budgets)):
+    base = next((a for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline), None)
+    if budgets and base is not None and base["best_lr"] is not None:  # (None: every LR diverged; the report says)
+        fixed = tune_launch(base["arm"], rendered, (base["tuned"] or {}).get("value"))
+        if code := launch(sweep, train_overrides, root, [sweep.baseline], [base["best_lr"]],
+                          (*fixed.get("extra", ()), f"{key}={','.join(budgets)}"),
+                          fixed.get("tag", "") + f"{BUDGET_TAG}${{{key}}}",
+                          tuple(t + f"{BUDGET_TAG}{v}" for t in fixed.get("tags", ("",)) for v in budgets)):
             return code
     report = write_report(root, target_loss=sweep.target_loss, baseline=sweep.baseline)
     print(f"report: {report}")

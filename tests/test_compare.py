@@ -1,6 +1,6 @@
 """The compare command end to end (real sweeps in a subprocess, as users run them): one small study shared by the
 tests of this module, whose report must equal the runs' own files and render in a real browser; a killed sweep
-that resumes; a grid extended past its edge."""
+that resumes; a grid extended past its edge; an arm tuned over its clipping threshold as well as its LR."""
 
 import json
 import math
@@ -169,3 +169,29 @@ def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path)
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     again = json.loads((root / "report.json").read_text())
     assert comparable(again) == comparable(whole)
+
+
+def test_an_arm_tuned_over_its_clipping_threshold_runs_each_value_and_keeps_the_best(tmp_path):
+    args = ["compare.arms=[adamw,adamw_clip]", "compare.lrs=[0.003]", "compare.seeds=[0]",
+            "compare.budget_fractions=[1.0]", "train.max_steps=4", "train.checkpoint_interval=2"]
+    result = compare(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = (0.1, 0.25, 0.5)  # configs/arm/adamw_clip.yaml
+    names = [f"adamw_clip_lr0.003_seed0_max_norm{v}" for v in values]
+    assert sorted(p.name for p in tmp_path.glob("adamw_clip_*")) == names
+    finals = {}
+    for value, name in zip(values, names):
+        assert f"max_norm: {value}" in (tmp_path / name / "config.yaml").read_text()
+        finals[value] = json.loads((tmp_path / name / "summary.json").read_text())["final_val_loss"]
+    assert len(set(finals.values())) == 3  # the threshold changed the runs
+    report = json.loads((tmp_path / "report.json").read_text())
+    clip = next(a for a in report["arms"] if a["arm"] == "adamw_clip")
+    best = min(finals, key=finals.get)
+    assert clip["tuned"]["key"] == "train.max_norm" and clip["tuned"]["value"] == best
+    assert clip["final_val_loss"] == finals[best] and clip["best_lr"] == 0.003
+    assert clip["tuned"]["by_value"] == {str(v): {"best_lr": 0.003, "final_val_loss": finals[v]} for v in values}
+    md = (tmp_path / "report.md").read_text()
+    assert f"max_norm={best}" in md and all(f"adamw_clip (max_norm={v})" in md for v in values)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/metrics.jsonl")}
+    assert compare(tmp_path, *args).returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/metrics.jsonl")} == stamps  # nothing ran again

@@ -185,6 +185,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     name: str | None = None  # a label for the run (compare arms set it)
     lr_grid: list | None = None  # the arm's LR grid `llmstable compare` sweeps (configs/arm/); training ignores it
+    tune: dict | None = None  # one more key the arm is tuned over, {key: [values]} (configs/arm/); training ignores it
     run_dir: str | None = None  # null: Hydra's output directory
     resume: str = "auto"  # auto (newest valid checkpoint in run_dir, if any) | never | a checkpoint path
     resume_force: bool = False  # resume even if the config changed in ways that break the run (model, data, ...)

@@ -48,6 +48,7 @@ class SweepConfig:
         for arm in self.arms:
             if arm in arm_files:
                 self.check_grid(problems, arm, arm_files[arm])
+                check_tune(problems, arm, arm_files[arm])
         fractions = self.budget_fractions
         if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
             problems.append(f"compare.budget_fractions={list(fractions)} must be numbers > 0 (fractions of the "
@@ -79,6 +80,39 @@ class SweepConfig:
         if self.lrs is not None:
             return list(self.lrs), "compare.lrs"
         return _as_list(arm_file.get("lr_grid")), f"lr_grid in configs/arm/{arm}.yaml"
+
+
+def check_tune(problems: list[str], arm: str, arm_file: dict) -> None:
+    """An arm's `tune`: one config key (not the LR, which has its grid) and a non-empty list of distinct values."""
+    from llmstable.config.loader import schema_keys
+    from llmstable.config.run import TrainConfig
+
+    tune = arm_file.get("tune")
+    if tune is None:
+        return
+    where = f"tune in configs/arm/{arm}.yaml"
+    example = "e.g. tune: {train.max_norm: [0.1, 0.25, 0.5]}"
+    if not isinstance(tune, dict) or len(tune) != 1:
+        problems.append(f"{where} must map one config key to the values to try, {example}")
+        return
+    (key, values), = tune.items()
+    keys = schema_keys(TrainConfig)
+    if key == "optimizer.lr":
+        problems.append(f"{where} names optimizer.lr: the LR is always tuned, over lr_grid; tune another key")
+    elif key not in keys:
+        near = difflib.get_close_matches(str(key), keys, n=1)
+        problems.append(f"{where} names {key!r}, which is not a config key"
+                        f"{f' (did you mean {near[0]!r}?)' if near else ''}: {example}")
+    if not isinstance(values, list) or not values:
+        problems.append(f"{where}: {key}={values!r} must be a non-empty list of values, {example}")
+    elif len(set(map(repr, values))) != len(values):
+        problems.append(f"{where}: {key}={values!r} repeats a value: list each once")
+
+
+def tuned(arm_file: dict) -> tuple[str, list] | None:
+    """The arm's tuned key and its values, or None (the arm is tuned over its LR grid only)."""
+    tune = arm_file.get("tune")
+    return next(iter(tune.items())) if tune else None
 
 
 def _as_list(value):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from llmstable.report.runs import tuned_label
+
 PLOTS = (("lr_sensitivity.png", "final validation loss against LR per arm (x: diverged, ring: best LR)"),
          ("loss_curves.png", "each arm's best run (dashed: spikes, dotted: rollbacks)"),
          ("speedup.png", "speedup over the baseline as tokens saved, with the range over seeds"))
@@ -38,6 +40,10 @@ def arm_cells(a: dict) -> list[str]:
         interval = a["speedup_interval"]
         speed = f"{a['speedup']:.3g}" + (f" ({interval[0]:.3g} to {interval[1]:.3g})" if interval else "")
         speed += f", {a['speedup_status']}" + (f": {a['speedup_reason']}" if a["speedup_reason"] else "")
+    tuned = a.get("tuned")
+    if tuned:
+        tuned_edge = {"low": " (low edge!)", "high": " (high edge!)"}.get(tuned["edge"], "")
+        edge += f"; {tuned['key'].rsplit('.', 1)[-1]}={tuned['value']}{tuned_edge}"
     return [a["arm"], fmt(a["best_lr"]) + edge, fmt(a["final_val_loss"], a["final_val_loss_std"]), diff,
             a["verdict"], speed, f"{a['stable_lrs']}/{a['grid_lrs']}",
             f"{fmt(a['spikes'])} / {fmt(a['rollbacks'])} / {fmt(a['skipped_samples'])}",
@@ -55,7 +61,11 @@ def grid_warnings(study: dict) -> list[str]:
             out.append(f"{a['arm']}: the best LR {a['best_lr']:g} is the {a['grid_edge']} edge of its grid "
                        f"{[float(f'{x:g}') for x in a['grid']]}: the optimum may lie beyond it. Rerun with "
                        f"compare.extend_grid=true to add {', '.join(f'{x:g}' for x in a['extend_with'])}")
-        elif a["grid_edge"] == "single":
+        tuned = a.get("tuned")
+        if tuned and tuned["edge"] in ("low", "high"):
+            out.append(f"{a['arm']}: its best {tuned['key']}={tuned['value']} is the {tuned['edge']} edge of the "
+                       f"values tried {tuned['values']}: add values beyond it to `tune` in configs/arm/{a['arm']}.yaml")
+        if a["grid_edge"] == "single":
             out.append(f"{a['arm']}: a grid of one LR ({a['best_lr']:g}) tunes nothing; compare.extend_grid=true adds "
                        f"{', '.join(f'{x:g}' for x in a['extend_with'])}")
     return out
@@ -124,9 +134,9 @@ def setting_cells(i: int, e: dict, rows: list[dict]) -> list[str]:
     diverged = "-"
     if e["diverged"]:
         steps = [r["diverged_step"] for r in rows if r["arm"] == e["arm"] and r["lr"] == e["lr"] and r["diverged"]
-                 and not r["budget_run"]]
+                 and not r["budget_run"] and r["tuned_value"] == e["tuned_value"]]
         diverged = f"{e['diverged']}/{e['seeds']} (step {', '.join(map(str, steps))})"
-    return [str(i), e["arm"], fmt(e["lr"]), str(e["seeds"]),
+    return [str(i), tuned_label(e), fmt(e["lr"]), str(e["seeds"]),
             fmt(e["final_val_loss"], e["final_val_loss_std"]), fmt(e["best_val_loss"], e["best_val_loss_std"]),
             fmt(e["final_val_ppl"], e["final_val_ppl_std"]), fmt(e["tokens_to_target"]),
             fmt(e["spikes"]), fmt(e["rollbacks"]), fmt(e["skipped_steps"]),
@@ -136,8 +146,8 @@ def setting_cells(i: int, e: dict, rows: list[dict]) -> list[str]:
 
 def settings_table(ranked: list[dict], rows: list[dict], target: float | None) -> list[str]:
     head = [h if h != "tokens to target" or target is None else f"tokens to {target}" for h in SETTINGS_HEAD]
-    lines = ["## Every setting", "", f"{len(ranked)} arm x LR settings at the full budget, ranked by final "
-             "validation loss (mean ± std across seeds).", ""]
+    lines = ["## Every setting", "", f"{len(ranked)} arm x LR settings (x the tuned value, for an arm with `tune`) "
+             "at the full budget, ranked by final validation loss (mean ± std across seeds).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(setting_cells(i, e, rows)) + " |" for i, e in enumerate(ranked, 1)]
     return lines

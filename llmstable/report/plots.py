@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmstable.metrics import read_jsonl
 from llmstable.plot import final_curve
+from llmstable.report.study import best_runs
 
 
 def _pyplot():
@@ -56,7 +57,7 @@ def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, arm in enumerate(study["arms"]):
         color = f"C{i % 10}"
-        runs = [r for r in rows if r["arm"] == arm["arm"] and r["lr"] == arm["best_lr"] and not r["budget_run"]]
+        runs = best_runs(rows, arm)
         for k, row in enumerate(runs):
             run = root / row["run"]
             metrics = read_jsonl(run / "metrics.jsonl")

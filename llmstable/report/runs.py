@@ -42,10 +42,12 @@ def run_row(run: Path, target: float | None) -> dict:
     state_bytes, num_params = summary.get("optimizer_state_bytes"), summary.get("num_params")
     rows = read_jsonl(run / "metrics.jsonl")
     final = summary["final_val_loss"]
+    tuned_key = next(iter(cfg.get("tune") or {}), None)  # an arm tuned over one more key (configs/arm/ `tune`)
     finite = isinstance(final, float) and math.isfinite(final) and not summary.get("diverged")
     return {
         "run": run.name, "arm": cfg.get("name") or run.name, "lr": cfg["optimizer"]["lr"], "seed": cfg["train"]["seed"],
         "optimizer": cfg["optimizer"]["name"],
+        "tuned_key": tuned_key, "tuned_value": flatten(cfg).get(tuned_key) if tuned_key else None,
         "stabilizers": [k for k, v in (cfg.get("stabilizer") or {}).items() if v is not None],
         "diverged": not finite, "diverged_step": summary.get("diverged_step"),
         "final_val_loss": final if finite else None,
@@ -63,14 +65,23 @@ def run_row(run: Path, target: float | None) -> dict:
     }
 
 
+def tuned_label(entry: dict) -> str:
+    """An arm's name, with the value of its tuned key when it has one: `adamw_clip (max_norm=0.25)`."""
+    if entry.get("tuned_key") is None:
+        return entry["arm"]
+    return f"{entry['arm']} ({entry['tuned_key'].rsplit('.', 1)[-1]}={entry['tuned_value']})"
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per (arm, lr): mean and std across seeds, ranked by mean final validation loss (diverged last)."""
+    """One entry per (arm, tuned value, lr): mean and std across seeds, ranked by mean final validation loss (diverged
+    last)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["arm"], r["lr"]), []).append(r)
+        groups.setdefault((r["arm"], r["tuned_key"], r["tuned_value"], r["lr"]), []).append(r)
     out = []
-    for (arm, lr), runs in groups.items():
-        entry = {"arm": arm, "lr": lr, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs)}
+    for (arm, key, value, lr), runs in groups.items():
+        entry = {"arm": arm, "tuned_key": key, "tuned_value": value, "lr": lr, "seeds": len(runs),
+                 "diverged": sum(r["diverged"] for r in runs)}
         for key in ("final_val_loss", "best_val_loss", "final_val_ppl", "tokens_to_target", "spikes", "rollbacks",
                     "skipped_steps", "tokens_per_sec", "peak_memory_mb", "wall_s"):
             values = [r[key] for r in runs if r[key] is not None]
@@ -85,7 +96,7 @@ def fairness(runs: list[Path], rows: list[dict]) -> dict:
     """The settings every run shares, what differs, and whether runs with the same seed really started alike."""
     flat = [flatten(OmegaConf.to_container(OmegaConf.load(r / "config.yaml"))) for r in runs]
     keys = set().union(*flat)
-    ignore = ("run_dir", "train.init_from", "train.seed", "name", "lr_grid")
+    ignore = ("run_dir", "train.init_from", "train.seed", "name", "lr_grid", "tune")
     shared = {k: flat[0].get(k) for k in sorted(keys) if all(f.get(k) == flat[0].get(k) for f in flat)
               and not k.startswith(ignore)}
     differs = sorted(k for k in keys if k not in shared and not k.startswith(ignore))

@@ -30,12 +30,43 @@ def mean_loss_by_lr(rows: list[dict]) -> dict[float, float | None]:
             for lr, runs in by_lr(rows).items()}
 
 
-def baseline_fit(rows: list[dict], baseline: str, lr: float | None):
-    """Fit L(D) to the baseline's mean final loss at each budget it ran at its best LR (grid runs are the full
-    budget; budget runs the fractions). A budget with a diverged seed is left out."""
+def pick_tuned(rows: list[dict]) -> tuple[list[dict], dict | None]:
+    """An arm tuned over one more key besides the LR (`tune` in configs/arm/) is a grid of LR x value: its rows at
+    the value whose best LR gives the lowest mean final loss, and the tuning for the report (the key, the chosen
+    value, whether it is on the edge of the values tried, and the best LR and loss at each value). Any other arm:
+    its rows, and None."""
+    key = rows[0].get("tuned_key") if rows else None
+    if key is None:
+        return rows, None
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("tuned_value"), []).append(r)
+    cores = {value: arm_core(group) for value, group in groups.items()}
+    finite = {value: c["final_val_loss"] for value, c in cores.items() if c["final_val_loss"] is not None}
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in groups)
+    values = sorted(groups) if numeric else list(groups)
+    chosen = min(finite, key=finite.get) if finite else values[0]
+    edge = grid_edge(values, chosen) if numeric and finite else None  # (an order only numbers have)
+    return groups[chosen], {
+        "key": key, "value": chosen, "values": values, "edge": edge,
+        "by_value": {str(v): {"best_lr": cores[v]["best_lr"], "final_val_loss": cores[v]["final_val_loss"]}
+                     for v in values},
+    }
+
+
+def best_runs(rows: list[dict], arm: dict) -> list[dict]:
+    """The grid runs of a study arm at its best LR (and, for a tuned arm, at its chosen value): one per seed."""
+    value = (arm.get("tuned") or {}).get("value")
+    return [r for r in rows if r["arm"] == arm["arm"] and r["lr"] == arm["best_lr"] and not r["budget_run"]
+            and r.get("tuned_value") == value]
+
+
+def baseline_fit(rows: list[dict], baseline: str, lr: float | None, tuned_value=None):
+    """Fit L(D) to the baseline's mean final loss at each budget it ran at its best LR (and chosen tuned value;
+    grid runs are the full budget, budget runs the fractions). A budget with a diverged seed is left out."""
     budgets: dict[int, list[dict]] = {}
     for r in rows:
-        if r["arm"] == baseline and r["lr"] == lr:
+        if r["arm"] == baseline and r["lr"] == lr and r.get("tuned_value") == tuned_value:
             budgets.setdefault(r["planned_tokens"], []).append(r)
     points = {d: mean([r["final_val_loss"] for r in runs]) for d, runs in sorted(budgets.items())
               if not any(r["diverged"] for r in runs)}
@@ -52,9 +83,11 @@ def analyse(rows: list[dict], baseline: str) -> dict:
         baseline = arms[0]
     arms = [baseline, *(a for a in arms if a != baseline)]  # the baseline's row first
     budget = max(r["planned_tokens"] for r in grid_rows)
-    per_arm = {arm: [r for r in grid_rows if r["arm"] == arm] for arm in arms}
+    per_arm, tuning = {}, {}
+    for arm in arms:
+        per_arm[arm], tuning[arm] = pick_tuned([r for r in grid_rows if r["arm"] == arm])
     base = arm_core(per_arm[baseline])
-    fit, reason, points = baseline_fit(rows, baseline, base["best_lr"])
+    fit, reason, points = baseline_fit(rows, baseline, base["best_lr"], (tuning[baseline] or {}).get("value"))
     entries = []
     for arm in arms:
         core = arm_core(per_arm[arm])
@@ -65,7 +98,7 @@ def analyse(rows: list[dict], baseline: str) -> dict:
         seed_speeds = [speedup(fit, reason, v, budget).value for v in losses.values()] if best else []
         known = [v for v in seed_speeds if v is not None]
         entries.append({
-            "arm": arm, **{k: v for k, v in core.items() if k != "losses"},
+            "arm": arm, **{k: v for k, v in core.items() if k != "losses"}, "tuned": tuning[arm],
             "per_seed_final_val_loss": {str(s): v for s, v in sorted(losses.items())},
             "paired_diff": None if diff is None else {
                 "n": diff.n, "mean": diff.mean, "std": diff.std, "ci95": list(diff.ci95) if diff.ci95 else None},

@@ -7,7 +7,7 @@ import pytest
 
 from llmstable.compose import CONFIG_DIR
 from llmstable.config import ConfigError
-from llmstable.config.sweep import load_sweep
+from llmstable.config.sweep import check_tune, load_sweep
 
 
 def problems(*args):
@@ -54,3 +54,30 @@ def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "compare.arms has 'nope'" in result.stderr and "compare.budget_fractions=[-1]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("tune,expected", [
+    ({"train.max_norm": [0.1, 0.1]}, "train.max_norm=[0.1, 0.1] repeats a value"),
+    ({"train.max_nrom": [0.1]}, "names 'train.max_nrom', which is not a config key (did you mean 'train.max_norm'?)"),
+    ({"optimizer.lr": [0.1]}, "the LR is always tuned, over lr_grid"),
+    ({"train.max_norm": []}, "train.max_norm=[] must be a non-empty list of values"),
+    ({"train.max_norm": [0.1], "train.seed": [0]}, "must map one config key to the values to try"),
+])
+def test_a_bad_tune_in_an_arm_file_names_the_file_key_and_fix(tune, expected):
+    found = []
+    check_tune(found, "adamw_clip", {"tune": tune})
+    assert len(found) == 1 and expected in found[0] and "configs/arm/adamw_clip.yaml" in found[0]
+
+
+def test_tuned_values_are_checked_and_rendered_as_the_runs_config_holds_them(tmp_path):
+    from llmstable.compare import render_tuned, tune_launch
+
+    sweep, overrides, arm_files = load_sweep(["compare=quick_cpu", "compare.arms=[adamw,adamw_clip]"], CONFIG_DIR)
+    files = {**arm_files, "adamw_clip": {"tune": {"train.max_norm": [1, 0.5]}}}
+    rendered = render_tuned(sweep, overrides, tmp_path, files)
+    assert rendered == {"adamw_clip": ("train.max_norm", ["1.0", "0.5"])}  # a float key: Hydra names the run 1.0
+    assert tune_launch("adamw_clip", rendered, only=0.5) == {
+        "extra": ("train.max_norm=0.5",), "tag": "_max_norm${train.max_norm}", "tags": ("_max_norm0.5",)}
+    assert tune_launch("adamw", rendered) == {}
+    with pytest.raises(ConfigError, match="max_norm"):
+        render_tuned(sweep, overrides, tmp_path, {**arm_files, "adamw_clip": {"tune": {"train.max_norm": [-1]}}})

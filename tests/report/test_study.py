@@ -77,3 +77,27 @@ def test_a_grid_whose_best_lr_is_its_edge_is_flagged_with_the_next_lr():
     base = analyse(data, "adamw")["arms"][0]
     assert base["best_lr"] == 1e-2 and base["grid_edge"] == "high"
     assert base["extend_with"] == [pytest.approx(1e-2 * 1e-2 / 3e-3, rel=1e-3)]
+
+
+def test_an_arm_tuned_over_one_more_key_keeps_its_best_value_and_flags_an_edge():
+    # "clip" is tuned over max_norm as well as the LR: 0.25 is best (at LR 3e-3), 0.1 second, 0.5 worst.
+    tuned = {0.1: 0.05, 0.25: 0.0, 0.5: 0.2}
+    data = [r for r in rows() if r["arm"] == "adamw"]
+    for seed in (0, 1):
+        for value, extra in tuned.items():
+            for lr, offset in ((1e-3, 0.3), (3e-3, 0.0), (1e-2, 0.1)):
+                data.append(dict(row("clip", lr, seed, loss_at(BUDGET) - 0.1 + extra + offset + 0.02 * seed),
+                                 tuned_key="train.max_norm", tuned_value=value))
+    study = analyse(data, "adamw")
+    clip = study["arms"][1]
+    assert clip["tuned"]["key"] == "train.max_norm" and clip["tuned"]["value"] == 0.25
+    assert clip["tuned"]["edge"] is None and clip["tuned"]["values"] == [0.1, 0.25, 0.5]
+    assert clip["tuned"]["by_value"]["0.5"]["final_val_loss"] == pytest.approx(loss_at(BUDGET) + 0.11)
+    # Every column is that of the chosen value: its LR grid, and the paired difference against the baseline.
+    assert clip["best_lr"] == 3e-3 and clip["grid_lrs"] == 3
+    assert clip["paired_diff"]["mean"] == pytest.approx(-0.1)
+    assert study["arms"][0]["tuned"] is None
+    # The best value on the edge of those tried is flagged, like an LR.
+    edge = [dict(r, final_val_loss=r["final_val_loss"] - 1) if r.get("tuned_value") == 0.5 else r for r in data]
+    assert analyse(edge, "adamw")["arms"][1]["tuned"] | {"by_value": None} == {
+        "key": "train.max_norm", "value": 0.5, "values": [0.1, 0.25, 0.5], "edge": "high", "by_value": None}
