@@ -267,7 +267,8 @@ def main() -> None:
             print(f"{name:<10} {tps:>10.0f}")
         for other, goal in (("bare", "0.97"), ("hf", "1.00")):
             spread = ", ".join(f"{r:.3f}" for r in e2e["round_ratios"][other])
-            print(f"llmstable / {other:<4} = {e2e[f'ratio_llmstable_vs_{other}']:.3f}   (goal >= {goal}; rounds: {spread})")
+            ratio = e2e[f"ratio_llmstable_vs_{other}"]
+            print(f"llmstable / {other:<4} = {ratio:.3f}   (goal >= {goal}; rounds: {spread})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

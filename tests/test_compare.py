@@ -197,12 +197,12 @@ def test_an_arm_tuned_over_its_clipping_threshold_runs_each_value_and_keeps_the_
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/metrics.jsonl")} == stamps  # nothing ran again
 
 
-def test_a_sweep_keeps_freed_activation_pages_unless_the_user_set_the_allocator(monkeypatch):
-    from llmstable.compare import set_run_environment
-    from llmstable.config.sweep import SweepConfig
-
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # the user's own setting
-    set_run_environment(SweepConfig(parallel=1))
-    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(256 << 20)  # inherited by the run processes
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+def test_a_sweep_keeps_freed_activation_pages_unless_the_user_set_the_allocator():
+    # In a child process: the setting also reaches this process's allocator (mallopt), which the suite must keep.
+    code = ("import os; from llmstable.compare import set_run_environment; from llmstable.config.sweep import "
+            "SweepConfig; set_run_environment(SweepConfig(parallel=1)); "
+            "print(os.environ['MALLOC_MMAP_THRESHOLD_'], os.environ['MALLOC_TRIM_THRESHOLD_'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "MALLOC_TRIM_THRESHOLD_": "12345"})  # the user's own setting wins
+    assert out.stdout.split() == [str(256 << 20), "12345"]  # inherited by the run processes

@@ -79,8 +79,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["arm"], r["tuned_key"], r["tuned_value"], r["lr"]), []).append(r)
     out = []
-    for (arm, key, value, lr), runs in groups.items():
-        entry = {"arm": arm, "tuned_key": key, "tuned_value": value, "lr": lr, "seeds": len(runs),
+    for (arm, tuned_key, tuned_value, lr), runs in groups.items():
+        entry = {"arm": arm, "tuned_key": tuned_key, "tuned_value": tuned_value, "lr": lr, "seeds": len(runs),
                  "diverged": sum(r["diverged"] for r in runs)}
         for key in ("final_val_loss", "best_val_loss", "final_val_ppl", "tokens_to_target", "spikes", "rollbacks",
                     "skipped_steps", "tokens_per_sec", "peak_memory_mb", "wall_s"):
