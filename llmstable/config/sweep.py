@@ -105,6 +105,9 @@ def check_tune(problems: list[str], arm: str, arm_file: dict) -> None:
                         f"{f' (did you mean {near[0]!r}?)' if near else ''}: {example}")
     if not isinstance(values, list) or not values:
         problems.append(f"{where}: {key}={values!r} must be a non-empty list of values, {example}")
+    elif not all(isinstance(v, (int, float, str, bool)) for v in values):
+        problems.append(f"{where}: {key}={values!r} must list plain values (numbers, strings, booleans): each names "
+                        "a run directory")
     elif len(set(map(repr, values))) != len(values):
         problems.append(f"{where}: {key}={values!r} repeats a value: list each once")
 

@@ -61,6 +61,7 @@ def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
     ({"train.max_nrom": [0.1]}, "names 'train.max_nrom', which is not a config key (did you mean 'train.max_norm'?)"),
     ({"optimizer.lr": [0.1]}, "the LR is always tuned, over lr_grid"),
     ({"train.max_norm": []}, "train.max_norm=[] must be a non-empty list of values"),
+    ({"train.max_norm": [[0.1], 0.2]}, "must list plain values (numbers, strings, booleans)"),
     ({"train.max_norm": [0.1], "train.seed": [0]}, "must map one config key to the values to try"),
 ])
 def test_a_bad_tune_in_an_arm_file_names_the_file_key_and_fix(tune, expected):
