@@ -119,10 +119,6 @@ class SpikeGuardConfig:
             problems.append(f"stabilizer.spike_guard.watch={warnings} needs whole gradients and optimizer states "
                             f"beside each other, which distributed={engine} shards or fuses: use distributed=ddp "
                             "or single, or drop it")
-        if "precond_curvature" in self.watch and engine != "single":
-            problems.append("stabilizer.spike_guard.watch=[precond_curvature] takes a Hessian-vector product on this "
-                            "rank's micro-batch, so ranks would disagree: use it with distributed=single, or watch "
-                            "precond (the proxy) instead")
         if self.replay and engine == "deepspeed":
             problems.append("stabilizer.spike_guard.replay=true cannot run under distributed=deepspeed, which "
                             "updates inside backward before a step could be replayed: use ddp or fsdp2")

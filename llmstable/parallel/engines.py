@@ -124,8 +124,9 @@ class DDPEngine(Engine):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.device.index] if world.device.type == "cuda" else None
-        # Buffers (the RoPE tables) are the same on every rank by construction: no broadcast per forward.
-        self.module = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # Buffers (the RoPE tables) are the same on every rank by construction: no sync per forward (DDP still
+        # broadcasts them once, at init).
+        self.module = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     def set_sync(self, last: bool) -> None:
         self.module.require_backward_grad_sync = last  # what no_sync() toggles, without a context manager

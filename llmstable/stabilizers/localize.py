@@ -2,7 +2,8 @@
 
 Update-norm spikes come before loss spikes and are larger in lower layers (marin#1368), so a spike event is more
 useful when it says where. `SpikeLocalizer` keeps, on the device, the gradient norm of every block at every step
-(one stacked norm per block, no host sync) and the last `window` clean steps of them. Only when the guard has
+(one stacked norm per block, no host sync; under FSDP2 one all-reduce for all blocks, `indicators.block_norms`) and
+the last `window` clean steps of them. Only when the guard has
 detected a spike does it read them back (the extra host sync happens after detection, never on a clean step) and
 name:
 - `layer`: the block that moved first relative to its own history: for each block, the first of the last
@@ -22,18 +23,15 @@ from collections import deque
 
 import torch
 
-from llmstable.indicators import full, layer_grad_norms
+from llmstable.indicators import block_norms, layer_grad_norms
 
 MIN_BASELINE = 8  # clean steps of history a block's mean and std are taken over, before the recent ones
 
 
 def block_update_norms(model: torch.nn.Module, before: list[list[torch.Tensor]]) -> torch.Tensor:
     """The norm of each block's weight change since `before` (one list of tensors per block), on the device."""
-    return torch.stack([
-        torch.linalg.vector_norm(torch.stack([full(torch.linalg.vector_norm(p.detach() - b))
-                                              for p, b in zip(layer.parameters(), old)]))
-        for layer, old in zip(model.layers, before)
-    ])
+    return block_norms([[p.detach() - b for p, b in zip(layer.parameters(), old)]
+                        for layer, old in zip(model.layers, before)])
 
 
 def first_mover(history: torch.Tensor, recent: torch.Tensor, k_std: float) -> tuple[int, int, torch.Tensor]:

@@ -5,7 +5,8 @@ softmax-collapse monitor.
   are scores x with p_i = s(x_i) / sum_j s(x_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x + eps) for x < 0. As in the
   official code, the scores are taken to float64 before s, with eps = 1e-30 in the x < 0 branch only.
 - Spherical Z-loss (de Brebisson and Vincent 2016, arXiv 1604.08859): each position's logits are standardised,
-  z = (o - mean(o)) / std(o) (the population std, over the vocabulary), and loss = softplus(a (b - z_target)) / a.
+  z = (o - mean(o)) / (std(o) + 1e-12) (the population std, over the vocabulary), and
+  loss = softplus(a (b - z_target)) / a, as in the authors' code.
   It defines no distribution of its own; the logits are read as softmax logits for sampling and for the
   cross-entropy that evaluation reports beside it.
 - The softmax-collapse monitor (Prieto et al. 2025, section 3): the share of positions whose fp32 softmax
@@ -59,11 +60,17 @@ def stablemax_probs(logits: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
 
 def spherical_z_loss(logits: torch.Tensor, targets: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """Mean over positions of softplus(a (b - z_target)) / a, z the position's logits standardised over the
-    vocabulary (population std), in fp32. The std is floored at 1e-12 so a position with equal logits is finite."""
+    vocabulary, in fp32: z = (o - mean) / (std + 1e-12) with the population std, as in the authors' Theano code
+    (pascal20100/factored_output_layer), so a position with equal logits has z = 0. They take the std as
+    sqrt(mean(o^2) - mean^2), the spherical family's form; the centred variance here is the same in exact
+    arithmetic without the cancellation. Where a position's logits are all equal (a zero-initialised head) the std
+    is 0 and its square root's derivative infinite; there the std is taken as a constant 0, so the gradient is the
+    large but finite (onehot - 1/V) / 1e-12 that gradient clipping can scale, not NaN."""
     o = logits.float().reshape(-1, logits.shape[-1])
     mean = o.mean(dim=-1, keepdim=True)
-    std = o.var(dim=-1, correction=0, keepdim=True).sqrt().clamp_min(1e-12)
-    z_target = (o.gather(-1, targets.reshape(-1, 1)) - mean) / std
+    var = o.var(dim=-1, correction=0, keepdim=True)
+    std = torch.where(var > 0, var, 1.0).sqrt() * (var > 0)
+    z_target = (o.gather(-1, targets.reshape(-1, 1)) - mean) / (std + 1e-12)
     return (F.softplus(a * (b - z_target)) / a).mean()
 
 

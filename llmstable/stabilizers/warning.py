@@ -13,7 +13,10 @@ the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two sig
 - the paper's predictor (`watch=[..., precond_curvature]`, every `curvature_interval` steps): the
   gradient-directional curvature of the preconditioned Hessian, lambda = g^T H_hat g / g^T g = (P g)^T (H g) / |g|^2,
   from one Hessian-vector product H g on the step's first micro-batch, against 2/eta (logged as the ratio
-  lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we.
+  lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we. Under
+  DDP each rank takes the product on its own first micro-batch and the ranks add up the numerator and the
+  denominator (one all-reduce of two numbers per curvature step), so every rank sees the same lambda, that of
+  their micro-batches together, and acts alike. FSDP2 and DeepSpeed are refused: their parameters are shards.
 
 A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
 factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
@@ -64,6 +67,14 @@ def block_stale_fractions(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor]) -> torch.Tensor:
     """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params` (one Hessian-vector
     product). Keeps the loss's graph (a later backward still works)."""
+    num, den = curvature_terms(loss, params, precond)
+    return num / den.clamp_min(1e-30)
+
+
+def curvature_terms(loss: torch.Tensor, params: list[torch.Tensor],
+                    precond: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g^T diag(precond) H g, g^T g) in fp32, the two sums `directional_curvature` divides; data-parallel ranks
+    add theirs up before dividing."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
     hvp = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs],
@@ -76,7 +87,7 @@ def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precon
         if hg is not None:
             num = num + (by_param[id(p)].float() * g * hg.float()).sum()
         den = den + g.square().sum()
-    return num / den.clamp_min(1e-30)
+    return num, den
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer) -> tuple[list, list] | None:
@@ -124,7 +135,10 @@ class PrecondWarning:
         try:
             found = adam_preconditioner(self.optimizer)
             if found is not None:
-                self._lambda = directional_curvature(loss, *found).detach()
+                terms = torch.stack(curvature_terms(loss, *found)).detach()
+                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                    torch.distributed.all_reduce(terms)  # DDP: every rank's micro-batch, one lambda for all ranks
+                self._lambda = terms[0] / terms[1].clamp_min(1e-30)
                 self._lr = float(self.optimizer.param_groups[0]["lr"])
         finally:
             self._math.__exit__(None, None, None)

@@ -86,6 +86,17 @@ def test_spherical_z_is_shift_and_scale_invariant(batch):
     assert spherical_z_loss(3 * logits.float() + 7, targets, 0.1, 10.0).item() == pytest.approx(base.item(), rel=1e-5)
 
 
+def test_spherical_z_with_equal_logits_is_finite_and_raises_the_target():
+    """A zero-initialised head: z = 0 (the authors' std + 1e-12), loss softplus(a b) / a, and a finite gradient
+    (not the NaN of sqrt's derivative at 0) that lowers the loss by raising the target's logit."""
+    x = torch.zeros(2, 5, requires_grad=True)
+    loss = spherical_z_loss(x, torch.tensor([1, 3]), 0.1, 10.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(1.0)) / 0.1, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[0, 1] < 0 and x.grad[1, 3] < 0 and (x.grad[0, [0, 2, 3, 4]] > 0).all()
+
+
 def test_the_collapse_monitor_counts_positions_whose_fp32_softmax_target_is_exactly_one():
     v = 50
     logits = torch.zeros(4, 5, v)

@@ -1,6 +1,8 @@
 """The gradient and update hooks and S3 over FSDP2 shards (2 CPU ranks, gloo) equal the same code over whole tensors:
 the per-tensor norms and dot products are reduced across the shards by DTensor, unevenly split tensors included.
-QK-clip measured on each rank's half of a batch rescales like one process that saw all of it."""
+QK-clip measured on each rank's half of a batch rescales like one process that saw all of it. The per-block norms of
+spike localisation take one all-reduce for every block together. Under DDP the early warning's curvature predictor
+gives every rank the curvature of both halves together, and leaves DDP's gradients as they would be without it."""
 
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def worker(rank: int, init_file: str, results) -> None:
                                for p, q in zip(whole.parameters(), sharded.parameters()))
     worst["update_clip_clipped"] = c_sharded.metrics()["stab/update_clip/clipped"]
     worst["qk_clip"] = qk_clip_over_ranks(rank, mesh)
+    worst["block_norms"], worst["block_norm_collectives"] = block_norms_over_shards(mesh)
+    worst["curvature"], worst["ddp_grads"] = curvature_over_ddp(rank)
     whole, sharded = Params(), fully_shard(Params(), mesh=mesh)
     o_whole, o_sharded = S3(whole.parameters(), lr=1e-2), S3(sharded.parameters(), lr=1e-2)
     for step in range(1, 5):
@@ -121,6 +125,107 @@ def qk_clip_over_ranks(rank: int, mesh) -> float:
                for a, b in zip(results["one_process"], results[kind]))
 
 
+def block_norms_over_shards(mesh) -> tuple[float, list[int]]:
+    """Per-block gradient norms, per-block update norms and the whole update's norm of a model sharded per block
+    (its odd shapes split unevenly) against the same model whole; and the all-reduces each of the three took on the
+    shards (DTensor's per-tensor `full_tensor` is made to fail)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from llmstable.indicators import UpdateNorm, layer_grad_norms
+    from llmstable.model import Llama, LlamaConfig
+    from llmstable.stabilizers.localize import block_update_norms
+
+    def build():
+        torch.manual_seed(0)
+        return Llama(LlamaConfig(vocab_size=37, dim=12, intermediate_size=20, n_layers=3, n_heads=3, n_kv_heads=1,
+                                 max_seq_len=8))
+
+    def measure(model) -> list[torch.Tensor]:
+        grads = layer_grad_norms(model)
+        update = UpdateNorm.__new__(UpdateNorm)  # (its constructor's host syncs are not under test)
+        update.model, update.values = model, {}
+        update.before = [p.detach().clone() for p in model.parameters()]
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in model.layers]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.01 * p.grad)
+        blocks = block_update_norms(model, before)
+        return [grads, blocks, torch.tensor([update.after_step()["optim/update_norm"]])]
+
+    whole, sharded = build(), build()
+    for layer in sharded.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    gen = torch.Generator().manual_seed(3)
+    for p, q in zip(whole.parameters(), sharded.parameters()):
+        p.grad = torch.randn(p.shape, generator=gen) * (1 + p.numel() % 7)
+        q.grad = distribute_tensor(p.grad, mesh, q.placements)
+    calls = []
+    real = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(dist, "all_reduce", counted), \
+            mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("a per-tensor collective")):
+        got = measure(sharded)
+    want = measure(whole)
+    return max(((g - w).abs() / w).max().item() for g, w in zip(got, want)), [len(calls)]
+
+
+def curvature_over_ddp(rank: int) -> tuple[float, float]:
+    """The predictor under DDP, each rank on its half of the batch, against one process that computes both halves'
+    sums (g^T P H g and g^T g) and divides their totals; and DDP's averaged gradients after the product against the
+    halves' mean gradient computed without DDP. Returns the two relative differences."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llmstable.config.stabilizer import SpikeGuardConfig
+    from llmstable.model import Llama, LlamaConfig
+    from llmstable.stabilizers.warning import PrecondWarning, adam_preconditioner, curvature_terms
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=40, dim=16, intermediate_size=24, n_layers=2, n_heads=2, max_seq_len=8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(7))
+    halves = [idx[:2], idx[2:]]
+
+    def loss_of(module, rows):
+        logits = module(rows[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+
+    for _ in range(2):  # Adam state, the same on both ranks
+        opt.zero_grad()
+        loss_of(model, idx).backward()
+        opt.step()
+    opt.zero_grad()
+    with sdpa_kernel([SDPBackend.MATH]):
+        sums = torch.zeros(2)
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        for rows in halves:
+            loss = loss_of(model, rows)
+            sums += torch.stack(curvature_terms(loss, *adam_preconditioner(opt))).detach()
+            for total, g in zip(grads, torch.autograd.grad(loss, list(model.parameters()))):
+                total += g / 2
+    want = (sums[0] / sums[1]).item()
+    ddp = DistributedDataParallel(model)
+    warning = PrecondWarning(SpikeGuardConfig(watch=["loss", "precond_curvature"], curvature_interval=1),
+                             proxy=False, curvature=True)
+    warning.optimizer = opt
+    warning.begin_step(2, logged=True)
+    loss = loss_of(ddp, halves[rank])
+    warning.on_loss(loss)
+    loss.backward()  # DDP's all-reduce of the gradients, after the Hessian-vector product
+    got = warning._lambda.item()
+    grad_diff = max(((p.grad - g).abs().max() / g.abs().max()).item() for p, g in zip(model.parameters(), grads))
+    return abs(got - want) / abs(want), grad_diff
+
+
 def test_hooks_and_s3_over_fsdp2_shards_equal_whole_tensors():
     with tempfile.TemporaryDirectory() as tmp:
         results = mp.Manager().dict()
@@ -130,3 +235,5 @@ def test_hooks_and_s3_over_fsdp2_shards_equal_whole_tensors():
         assert results[rank]["s3"] == 0.0  # elementwise: the shards are the whole computation
         assert results[rank]["update_clip"] < 1e-6 and results[rank]["update_clip_clipped"] > 0, results[rank]
         assert results[rank]["qk_clip"] < 1e-6, results[rank]
+        assert results[rank]["curvature"] < 1e-5 and results[rank]["ddp_grads"] < 1e-5, results[rank]
+        assert results[rank]["block_norms"] < 1e-6 and results[rank]["block_norm_collectives"] == [3], results[rank]
