@@ -20,7 +20,8 @@ COLUMNS = ("step", "metric", "value", "threshold", "action", "layer", "skipped s
 
 def spike_rows(events: list[dict]) -> list[dict]:
     """Table rows from events.jsonl's events, in file order. A spike's action is the skip_step, rollback or abort
-    event logged right after it at the same step; its skipped range, the skip_data event of that rollback."""
+    event logged right after it at the same step; its skipped range, the skip_data event of that rollback. Each
+    row also keeps the event's `tokens` (for plots), which the table does not show."""
     rows = []
     for i, e in enumerate(events):
         kind = e.get("event")
@@ -30,26 +31,29 @@ def spike_rows(events: list[dict]) -> list[dict]:
             skip = next((f for f in after if f.get("event") == "skip_data"), None)
             rows.append({"step": e["step"], "metric": e.get("metric"), "value": e.get("value"),
                          "threshold": e.get("threshold"), "action": action, "layer": e.get("layer", "-"),
-                         "skipped samples": f"[{skip['start']}, {skip['end']})" if skip else "-"})
+                         "skipped samples": f"[{skip['start']}, {skip['end']})" if skip else "-",
+                         "tokens": e.get("tokens")})
         elif kind == "spike_warning":
             rows.append({"step": e["step"], "metric": e.get("signal"), "value": e.get("value"),
                          "threshold": e.get("threshold"), "action": "warning", "layer": e.get("layer", "-"),
-                         "skipped samples": "-"})
+                         "skipped samples": "-", "tokens": e.get("tokens")})
         elif kind == "sdc_suspect":
             rows.append({"step": e["step"], "metric": "replay", "value": e.get("first"), "threshold": e.get("replayed"),
                          "action": f"sdc_suspect ({e.get('action', 'continue')})", "layer": "-",
-                         "skipped samples": "-"})
+                         "skipped samples": "-", "tokens": e.get("tokens")})
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        if isinstance(v, dict):
-            return ", ".join(f"{k} {x:.6g}" for k, x in v.items())
-        return str(v)
+def cell(v) -> str:
+    """One table cell: floats to 4 significant digits, an SDC suspect's per-metric values as `metric value, ...`."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {x:.6g}" for k, x in v.items())
+    return str(v)
 
+
+def format_table(rows: list[dict]) -> str:
     table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]

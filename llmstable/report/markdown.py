@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from llmstable.report.runs import tuned_label
+from llmstable.spikes import COLUMNS, cell
 
 PLOTS = (("lr_sensitivity.png", "final validation loss against LR per arm (x: diverged, ring: best LR)"),
-         ("loss_curves.png", "each arm's best run (dashed: spikes, dotted: rollbacks)"),
+         ("loss_curves.png", "each arm's best run (dashed: spikes, labelled with their block; dotted: rollbacks)"),
          ("speedup.png", "speedup over the baseline as tokens saved, with the range over seeds"))
 
 
@@ -115,7 +116,7 @@ def markdown(study: dict, ranked: list[dict], rows: list[dict], fair: dict, targ
                      f"{study['baseline']}'s mean final loss at {', '.join(fit['points'])} tokens.")
     else:
         lines.append(f"No fit: {fit['reason']}.")
-    lines += ["", *settings_table(ranked, rows, target), "", "## Same start", ""]
+    lines += ["", *settings_table(ranked, rows, target), "", *spike_lines(rows), "", "## Same start", ""]
     for seed, checks in fair["same_start_by_seed"].items():
         lines.append(f"- seed {seed}: identical initial weights: {'yes' if checks['initial_weights'] else 'NO'}; "
                      f"identical first batch: {'yes' if checks['first_batch'] else 'NO'}")
@@ -128,6 +129,32 @@ def markdown(study: dict, ranked: list[dict], rows: list[dict], fair: dict, targ
 
 SETTINGS_HEAD = ["rank", "arm", "lr", "seeds", "final val loss", "best val loss", "final ppl", "tokens to target",
                  "spikes", "rollbacks", "skipped steps", "tokens/s", "peak MB", "wall s", "diverged"]
+
+
+SPIKES_HEAD = ["run", *COLUMNS]
+MAX_SPIKE_ROWS = 100  # beyond these, the section points to `llmstable spikes RUN_DIR`
+
+
+def spike_cells(rows: list[dict]) -> tuple[list[list[str]], int]:
+    """The Spikes table's rows (every run's spikes, early warnings and SDC suspects, with the block each came from),
+    at most MAX_SPIKE_ROWS, and how many were left out."""
+    cells = [[r["run"], *(cell(e[c]) for c in COLUMNS)] for r in rows for e in r.get("spike_events", [])]
+    return cells[:MAX_SPIKE_ROWS], max(len(cells) - MAX_SPIKE_ROWS, 0)
+
+
+SPIKES_NOTE = ("Every spike detection, early warning and SDC suspect, with the block it came from (the first to move "
+               "against its own history) and the samples skipped.")
+
+
+def spike_lines(rows: list[dict]) -> list[str]:
+    cells, left_out = spike_cells(rows)
+    if not cells:
+        return ["## Spikes", "", "No run detected a spike."]
+    lines = ["## Spikes", "", SPIKES_NOTE, "", "| " + " | ".join(SPIKES_HEAD) + " |", "|" + " --- |" * len(SPIKES_HEAD)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    if left_out:
+        lines += ["", f"{left_out} more: `llmstable spikes RUN_DIR` lists a run's own."]
+    return lines
 
 
 def setting_cells(i: int, e: dict, rows: list[dict]) -> list[str]:

@@ -8,7 +8,8 @@ from html import escape
 from pathlib import Path
 
 from llmstable.report.markdown import (
-    ARM_HEAD, PLOTS, SETTINGS_HEAD, arm_cells, conclusions, grid_warnings, setting_cells,
+    ARM_HEAD, PLOTS, SETTINGS_HEAD, SPIKES_HEAD, SPIKES_NOTE, arm_cells, conclusions, grid_warnings, setting_cells,
+    spike_cells,
 )
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -46,7 +47,15 @@ def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: di
                       f'<img alt="{escape(title)}" src="{inline_png(root / name)}">']
     parts += ["<h2>Every setting</h2>",
               table("settings", SETTINGS_HEAD, [setting_cells(i, e, rows) for i, e in enumerate(ranked, 1)]),
-              "<h2>Same start</h2><ul>"]
+              "<h2>Spikes</h2>"]
+    spikes, left_out = spike_cells(rows)
+    if spikes:
+        parts += [f"<p>{escape(SPIKES_NOTE)}</p>", table("spikes", SPIKES_HEAD, spikes)]
+        if left_out:
+            parts.append(f"<p>{left_out} more: <code>llmstable spikes RUN_DIR</code> lists a run's own.</p>")
+    else:
+        parts.append("<p>No run detected a spike.</p>")
+    parts += ["<h2>Same start</h2><ul>"]
     for seed, checks in fair["same_start_by_seed"].items():
         parts.append(f"<li>seed {escape(seed)}: identical initial weights: "
                      f"{'yes' if checks['initial_weights'] else 'NO'}; identical first batch: "

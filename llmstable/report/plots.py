@@ -51,8 +51,8 @@ def plot_lr_sensitivity(root: Path, rows: list[dict], study: dict) -> None:
 
 
 def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
-    """Train and validation loss of each arm's best-LR runs (every seed), with spikes (dashed) and rollbacks
-    (dotted) marked from events.jsonl."""
+    """Train and validation loss of each arm's best-LR runs (every seed), with spikes (dashed, labelled L<block> with
+    the block they came from) and rollbacks (dotted) marked from events.jsonl."""
     plt = _pyplot()
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, arm in enumerate(study["arms"]):
@@ -70,7 +70,11 @@ def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
                 if event["event"] in ("spike", "rollback") and "tokens" in event:
                     ax_train.axvline(event["tokens"], color=color, linewidth=0.8, alpha=0.6,
                                      linestyle="--" if event["event"] == "spike" else ":")
-    for ax, title in ((ax_train, "train loss at each arm's best LR (dashed: spikes, dotted: rollbacks)"),
+                if event["event"] == "spike" and event.get("layer") is not None and "tokens" in event:
+                    ax_train.annotate(f"L{event['layer']}", (event["tokens"], 0.02), xycoords=("data", "axes fraction"),
+                                      ha="left", fontsize=7, color=color)  # the block that moved first
+    for ax, title in ((ax_train, "train loss at each arm's best LR (dashed: spikes, L<i> their block; dotted: "
+                                 "rollbacks)"),
                       (ax_val, "validation loss")):
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss")

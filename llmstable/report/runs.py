@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from llmstable.metrics import read_jsonl
 from llmstable.plot import final_curve
 from llmstable.resume import flatten
+from llmstable.spikes import spike_rows
 
 TIMING = ("wall_s", "tokens_per_sec", "peak_memory_mb")  # the only fields that differ between identical reruns
 BUDGET_TAG = "_budget"  # in the directory name of the baseline's runs at a fraction of the budget (llmstable.compare)
@@ -62,7 +63,15 @@ def run_row(run: Path, target: float | None) -> dict:
         "tokens_per_sec": summary["tokens_per_sec"],
         "peak_memory_mb": summary.get("peak_memory_mb"), "wall_s": summary["wall_s"],
         "init_hash": summary.get("init_hash"), "first_batch_hash": summary.get("first_batch_hash"),
+        "spike_events": run_spikes(run),
     }
+
+
+def run_spikes(run: Path) -> list[dict]:
+    """The run's spikes, early warnings and SDC suspects as `llmstable spikes` lists them (step, metric, value,
+    threshold, action, the block it came from, the skipped samples, and the tokens seen)."""
+    path = run / "events.jsonl"
+    return spike_rows(read_jsonl(path)) if path.is_file() else []
 
 
 def tuned_label(entry: dict) -> str:
