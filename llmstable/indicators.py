@@ -9,7 +9,7 @@ every rank reaches alike, and the per-block norms (`block_norms`) take one colle
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -26,15 +26,15 @@ def replicated_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def block_norms(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The norm of each block's tensors together, as one device tensor (L,) (no host sync).
+    """The norm of each block's tensors together, as one fp32 device tensor (L,) (no host sync).
 
     Plain tensors: the norm of the per-tensor norms. DTensor shards (FSDP2): each rank sums its shards' squared
-    norms per block, and one all-reduce per distinct sharding (one for a model sharded alike, whatever the number of
-    blocks and tensors) adds them up over the mesh dimensions the tensors are sharded on; the per-tensor `full` it
-    replaces cost one collective per tensor."""
+    norms per block, then one all-reduce per sharded mesh dimension adds them up (one in all for FSDP2's 1-D mesh,
+    whatever the number of blocks and tensors; replicated dimensions, as HSDP's, hold the same values and are not
+    summed). The per-tensor `full` this replaces cost one collective per tensor."""
     if not any(isinstance(t, DTensor) for tensors in blocks for t in tensors):
-        return torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-                            for tensors in blocks])
+        return torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32)
+                                                                  for t in tensors])) for tensors in blocks])
     squares: dict = {}  # (mesh, placements) -> (L,) local sums of squared norms; None -> plain tensors' (L,)
     for i, tensors in enumerate(blocks):
         for t in tensors:
@@ -43,18 +43,16 @@ def block_norms(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
             if key not in squares:
                 squares[key] = local.new_zeros(len(blocks), dtype=torch.float32)
             squares[key][i] += torch.linalg.vector_norm(local, dtype=torch.float32).square()
-    total = None
-    for key, sums in squares.items():
+    for key, sums in squares.items():  # (the same keys in the same order on every rank: the model is the same)
         if key is not None:
             mesh, placements = key
-            if not all(isinstance(pl, (Shard, Replicate)) for pl in placements):
-                raise ValueError(f"block_norms: a tensor placed as {placements} (only Shard and Replicate are "
-                                 "summed over ranks)")
+            if any(pl.is_partial() for pl in placements):
+                raise ValueError(f"block_norms: a tensor placed as {placements}: a partial sum has no norm until "
+                                 "it is reduced")
             for dim, pl in enumerate(placements):
-                if isinstance(pl, Shard):  # (a replicated dimension holds the same values: no sum over it)
+                if not pl.is_replicate():  # Shard, and FSDP2 + TP's strided shard
                     torch.distributed.all_reduce(sums, group=mesh.get_group(dim))
-        total = sums if total is None else total + sums
-    return total.sqrt()
+    return torch.stack(list(squares.values())).sum(0).sqrt()
 
 
 def layer_grad_norms(model: torch.nn.Module) -> torch.Tensor:

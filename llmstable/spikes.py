@@ -21,11 +21,15 @@ COLUMNS = ("step", "metric", "value", "threshold", "action", "layer", "skipped s
 def spike_rows(events: list[dict]) -> list[dict]:
     """Table rows from events.jsonl's events, in file order. A spike's action is the skip_step, rollback or abort
     event logged right after it at the same step; its skipped range, the skip_data event of that rollback. Each
-    row also keeps the event's `tokens` (for plots), which the table does not show."""
+    row also keeps the event's `tokens` (for plots), which the table does not show. A resume from step S drops the
+    rows after S: the resumed run computes those steps again and logs what it finds (a bit-exact resume, the same
+    spikes), as metrics.jsonl's last row for a step is the one that counts."""
     rows = []
     for i, e in enumerate(events):
         kind = e.get("event")
-        if kind == "spike":
+        if kind == "resume":
+            rows = [r for r in rows if r["step"] <= e["step"]]
+        elif kind == "spike":
             after = [f for f in events[i + 1: i + 8] if f.get("step") == e["step"]]
             action = next((f["event"] for f in after if f.get("event") in ACTIONS), "-")
             skip = next((f for f in after if f.get("event") == "skip_data"), None)

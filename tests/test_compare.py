@@ -147,7 +147,7 @@ def test_extend_grid_adds_the_next_lr_past_the_edge_and_runs_only_what_is_missin
 
 @pytest.mark.slow
 def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path):
-    args = ["compare.arms=[adamw,spam]", "compare.lrs=[0.003]", "compare.budget_fractions=[1.0]",
+    args = ["compare.arms=[adamw,spam]", "compare.lrs=[0.003]", "compare.seeds=[0]", "compare.budget_fractions=[1.0]",
             "train.max_steps=40", "train.checkpoint_interval=5"]
     assert compare(tmp_path / "whole", *args).returncode == 0
     root = tmp_path / "killed"

@@ -32,6 +32,14 @@ def test_each_spike_gets_its_action_layer_and_skipped_range():
         (40, "warning", 1, "-"), (50, "rollback", 2, "[800, 1664)"), (60, "skip_step", 0, "-")]
 
 
+def test_a_spike_logged_again_after_a_resume_is_listed_once():
+    """Killed at step 70 after the checkpoint of step 55: the resumed run computes steps 56-70 again and logs the
+    spike of step 60 again; the spikes before the checkpoint stay."""
+    events = [*EVENTS, {"event": "resume", "step": 55, "tokens": 5500}, *EVENTS[5:]]
+    assert [(r["step"], r["action"]) for r in spike_rows(events)] == [
+        (40, "warning"), (50, "rollback"), (60, "skip_step")]
+
+
 def test_the_command_prints_the_table(tmp_path, capsys):
     assert main(["spikes", str(write_run(tmp_path))]) == 0
     out = capsys.readouterr().out

@@ -71,6 +71,19 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return _merge(generated, override)
 
 
+def skip_inference_comm_op() -> None:
+    """On CPU, tell DeepSpeed not to build its shared-memory all-reduce. DeepSpeed compiles that C++ op (about a
+    minute on 2 cores, once per environment) when its communication backend starts, but only its inference kernels
+    call it (`inference_all_reduce`, for tensor-parallel inference); ZeRO's collectives go through torch.distributed
+    (gloo here), so training runs the same without it. Marking the op incompatible is the switch DeepSpeed's
+    `build_shm_op` reads (`deepspeed.ops.__compatible_ops__`, a dict kept in the module so that edits persist, as
+    its code says). Checked against deepspeed 0.19.8 (tests/parallel/test_engine_config.py)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -94,6 +107,7 @@ class DeepSpeedEngine(Engine):
     def build(cls, cfg, world: World, model: torch.nn.Module, optimizer, run_dir: Path) -> DeepSpeedEngine:
         import deepspeed
 
+        skip_inference_comm_op()
         config = deepspeed_config(cfg, world.world_size)
         if world.is_main:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))

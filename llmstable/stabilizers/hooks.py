@@ -1,9 +1,12 @@
 """The stabilizer hook base class. Every hook does nothing by default; a stabilizer overrides the few it needs.
 
 Stabilizers are built before the engine, and are told then what the run allows (`Capabilities`), so that none is
-changed afterwards. Hooks fire in this order, on every rank alike, and never call torch.distributed themselves,
-with one documented exception: a value that only exists per rank (QK-clip's attention-logit maxima, measured on
-each rank's own share of the batch) is all-reduced in `on_gradients`, which every rank reaches alike:
+changed afterwards. Hooks fire in this order, on every rank alike, and call torch.distributed themselves only for
+a value that exists per rank, always at a point every rank reaches alike, decided by the step number and state that
+all ranks share: QK-clip's attention-logit maxima (measured on each rank's share of the batch) and the spike
+guard's per-block gradient norms over FSDP2 shards (`indicators.block_norms`) are all-reduced in `on_gradients`;
+the early warning's curvature predictor under DDP averages its gradient and product in `on_loss`, on curvature
+steps only:
 
 - `configure_model(model_cfg)`: once, before the model is built; may change the architecture config.
 - `transform_model(model)`: once, after the model is built and before the optimizer sees its parameters; may swap

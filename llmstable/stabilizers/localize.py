@@ -3,9 +3,8 @@
 Update-norm spikes come before loss spikes and are larger in lower layers (marin#1368), so a spike event is more
 useful when it says where. `SpikeLocalizer` keeps, on the device, the gradient norm of every block at every step
 (one stacked norm per block, no host sync; under FSDP2 one all-reduce for all blocks, `indicators.block_norms`) and
-the last `window` clean steps of them. Only when the guard has
-detected a spike does it read them back (the extra host sync happens after detection, never on a clean step) and
-name:
+the last `window` clean steps of them. Only when the guard has detected a spike does it read them back (the extra
+host sync happens after detection, never on a clean step) and name:
 - `layer`: the block that moved first relative to its own history: for each block, the first of the last
   `recent` steps (the spike step included) where its norm exceeded mean + k_std * std of its own earlier history;
   the earliest wins, ties go to the larger excess; with no crossing (or too little history), the block with the

@@ -61,7 +61,7 @@ def stablemax_probs(logits: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
 def spherical_z_loss(logits: torch.Tensor, targets: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """Mean over positions of softplus(a (b - z_target)) / a, z the position's logits standardised over the
     vocabulary, in fp32: z = (o - mean) / (std + 1e-12) with the population std, as in the authors' Theano code
-    (pascal20100/factored_output_layer), so a position with equal logits has z = 0. They take the std as
+    (pascal20100/factored_output_layer), so a position whose std is 0 has z = 0. They take the std as
     sqrt(mean(o^2) - mean^2), the spherical family's form; the centred variance here is the same in exact
     arithmetic without the cancellation. Where a position's logits are all equal (a zero-initialised head) the std
     is 0 and its square root's derivative infinite; there the std is taken as a constant 0, so the gradient is the

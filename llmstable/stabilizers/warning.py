@@ -14,9 +14,12 @@ the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two sig
   gradient-directional curvature of the preconditioned Hessian, lambda = g^T H_hat g / g^T g = (P g)^T (H g) / |g|^2,
   from one Hessian-vector product H g on the step's first micro-batch, against 2/eta (logged as the ratio
   lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we. Under
-  DDP each rank takes the product on its own first micro-batch and the ranks add up the numerator and the
-  denominator (one all-reduce of two numbers per curvature step), so every rank sees the same lambda, that of
-  their micro-batches together, and acts alike. FSDP2 and DeepSpeed are refused: their parameters are shards.
+  DDP each rank holds its own first micro-batch: the ranks average their gradients (an all-reduce of one copy of
+  the gradient), take the product along that mean and average g^T P H g (a second all-reduce of one number), so
+  every rank gets the same lambda, that of all their first micro-batches together, and acts alike. These are the
+  only collectives of the warning, on curvature steps, which every rank reaches alike (the step number and Adam's
+  state decide them; if the double backward failed on one rank, the others would wait in the all-reduce until the
+  job's timeout). FSDP2 and DeepSpeed are refused: their parameters are shards.
 
 A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
 factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
@@ -64,30 +67,39 @@ def block_stale_fractions(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return torch.stack(out).float()
 
 
-def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor]) -> torch.Tensor:
+def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor],
+                          mean=None) -> torch.Tensor:
     """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params` (one Hessian-vector
-    product). Keeps the loss's graph (a later backward still works)."""
-    num, den = curvature_terms(loss, params, precond)
+    product). Keeps the loss's graph (a later backward still works).
+
+    `mean`, for data-parallel ranks that each hold their own micro-batch: a function that averages a tensor over the
+    ranks in place. g is then the ranks' mean gradient (one all-reduce of a flat copy), the product is taken along it
+    (H_r g on each rank), and g^T P H_r g is averaged too, so every rank gets the curvature of all the ranks'
+    micro-batches together, as one process would on their concatenation."""
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    pairs = [(p, c, g) for p, c, g in zip(params, precond, grads) if g is not None]
+    direction = [g.detach().float() for _, _, g in pairs]
+    if mean is not None:
+        flat = torch.cat([d.flatten() for d in direction])
+        mean(flat)
+        direction = [f.view_as(d) for f, d in zip(flat.split([d.numel() for d in direction]), direction)]
+    hvp = torch.autograd.grad([g for _, _, g in pairs], [p for p, _, _ in pairs],
+                              grad_outputs=[d.to(g.dtype) for d, (_, _, g) in zip(direction, pairs)],
+                              retain_graph=True, allow_unused=True)
+    num = loss.new_zeros((), dtype=torch.float32)
+    for (_, c, _), d, hd in zip(pairs, direction, hvp):
+        if hd is not None:
+            num = num + (c.float() * d * hd.float()).sum()
+    if mean is not None:
+        mean(num)
+    den = torch.stack([d.square().sum() for d in direction]).sum()
     return num / den.clamp_min(1e-30)
 
 
-def curvature_terms(loss: torch.Tensor, params: list[torch.Tensor],
-                    precond: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g^T diag(precond) H g, g^T g) in fp32, the two sums `directional_curvature` divides; data-parallel ranks
-    add theirs up before dividing."""
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-    hvp = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs],
-                              grad_outputs=[g.detach() for _, g in pairs], retain_graph=True, allow_unused=True)
-    num = loss.new_zeros((), dtype=torch.float32)
-    den = loss.new_zeros((), dtype=torch.float32)
-    by_param = {id(p): c for p, c in zip(params, precond)}
-    for (p, g), hg in zip(pairs, hvp):
-        g = g.detach().float()
-        if hg is not None:
-            num = num + (by_param[id(p)].float() * g * hg.float()).sum()
-        den = den + g.square().sum()
-    return num, den
+def rank_mean(t: torch.Tensor) -> None:
+    """Average t over the data-parallel ranks, in place."""
+    torch.distributed.all_reduce(t)
+    t.div_(torch.distributed.get_world_size())
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer) -> tuple[list, list] | None:
@@ -135,10 +147,8 @@ class PrecondWarning:
         try:
             found = adam_preconditioner(self.optimizer)
             if found is not None:
-                terms = torch.stack(curvature_terms(loss, *found)).detach()
-                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                    torch.distributed.all_reduce(terms)  # DDP: every rank's micro-batch, one lambda for all ranks
-                self._lambda = terms[0] / terms[1].clamp_min(1e-30)
+                ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+                self._lambda = directional_curvature(loss, *found, mean=rank_mean if ranks else None).detach()
                 self._lr = float(self.optimizer.param_groups[0]["lr"])
         finally:
             self._math.__exit__(None, None, None)

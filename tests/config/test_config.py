@@ -159,6 +159,9 @@ def test_the_diagnostics_keys_are_checked_with_the_key_and_the_fix(tmp_path):
                 "adamw, spam, stable_spam", tmp_path=tmp_path)
     check_error([guard, "distributed=fsdp2", "stabilizer.spike_guard.watch=[loss,precond_curvature]"],
                 "distributed=fsdp2", tmp_path=tmp_path)
+    ddp = compose_config([guard, "distributed=ddp", "stabilizer.spike_guard.watch=[loss,precond_curvature]"],
+                         run_dir=tmp_path)  # under DDP the ranks average the predictor's gradient and product
+    assert ddp.stabilizer.spike_guard.watch == ["loss", "precond_curvature"]
     check_error([guard, "stabilizer.spike_guard.warn_lr_factor=2"], "warn_lr_factor=2.0 must be in (0, 1]",
                 tmp_path=tmp_path)
     check_error([guard, "stabilizer.spike_guard.max_sdc=0"], "stabilizer.spike_guard.max_sdc=0 must be > 0",

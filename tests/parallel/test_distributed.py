@@ -161,7 +161,7 @@ def test_fsdp2_and_single_process_checkpoints_resume_each_other(tmp_path, saved,
     assert json.loads((run / "summary.json").read_text())["engine"] == resumed[0]
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "ddp", pytest.param("zero3", marks=LONG)])
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("ddp", marks=LONG), pytest.param("zero3", marks=LONG)])
 def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path, engine):
     guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=5", "stabilizer.spike_guard.window=8",
              "stabilizer.spike_guard.good_after_steps=3", "stabilizer.spike_guard.skip_steps=0",
@@ -246,3 +246,19 @@ def test_a_transient_fault_on_one_rank_is_replayed_on_both_and_a_data_spike_stil
     assert [(e["step"], e["to_step"]) for e in events if e["event"] == "rollback"] == [(11, 8)]
     assert [e["step"] for e in events if e["event"] == "skip_data"] == [11]
     assert json.loads((run / "summary.json").read_text())["rollbacks"] == 1
+
+
+def test_the_curvature_predictor_under_ddp_logs_one_value_and_leaves_the_curve_alone(tmp_path):
+    """The early warning's Hessian-vector product through the trainer on 2 DDP ranks with 2 micro-batches each (the
+    product on the first, under no_sync): both ranks average it, rank 0 logs it at its interval, and the losses are
+    those of the same run without it."""
+    common = [*TINY, "distributed=ddp", "stabilizer=[spike_guard]", "stabilizer.spike_guard.good_after_steps=3",
+              "train.micro_batch_size=2", "train.eval_interval=6"]
+    watched, plain = tmp_path / "watched", tmp_path / "plain"
+    run_ranks(2, [*common, "stabilizer.spike_guard.watch=[loss,precond_curvature]",
+                  "stabilizer.spike_guard.curvature_interval=3"], watched)
+    run_ranks(2, common, plain)
+    curvature = {r["step"]: r["stab/precond/curvature"] for r in read_jsonl(watched / "metrics.jsonl")
+                 if "stab/precond/curvature" in r}
+    assert sorted(curvature) == [3, 6] and all(v > 0 for v in curvature.values())
+    assert_close(losses(watched), losses(plain))

@@ -74,3 +74,23 @@ def test_the_deepspeed_json_comes_from_the_config_and_takes_user_keys(tiny_confi
     user.write_text(json.dumps({"train_batch_size": 64}))
     with pytest.raises(ConfigError, match=r"sets train_batch_size=64 but the llmstable config gives 8"):
         deepspeed_config(cfg, world_size=2)
+
+
+def test_deepspeed_on_cpu_does_not_build_its_inference_only_shared_memory_op(monkeypatch):
+    """The switch `skip_inference_comm_op` flips is the one DeepSpeed's comm backend reads before compiling the op;
+    its builder would be called (and compile for about a minute) if it were not."""
+    from llmstable.parallel.deepspeed import skip_inference_comm_op
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator here is not the CPU one (a GPU machine)")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm",
+                        deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"))  # restored after the test
+    builder = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+    monkeypatch.setattr(builder, "load", lambda self, *a, **k: pytest.fail("the shm op was built"))
+    skip_inference_comm_op()
+    assert build_shm_op() is None

@@ -2,7 +2,7 @@
 the per-tensor norms and dot products are reduced across the shards by DTensor, unevenly split tensors included.
 QK-clip measured on each rank's half of a batch rescales like one process that saw all of it. The per-block norms of
 spike localisation take one all-reduce for every block together. Under DDP the early warning's curvature predictor
-gives every rank the curvature of both halves together, and leaves DDP's gradients as they would be without it."""
+gives every rank the curvature of the whole batch, and leaves DDP's gradients as they would be without it."""
 
 from __future__ import annotations
 
@@ -132,6 +132,7 @@ def block_norms_over_shards(mesh) -> tuple[float, list[int]]:
     from unittest import mock
 
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -174,26 +175,33 @@ def block_norms_over_shards(mesh) -> tuple[float, list[int]]:
     with mock.patch.object(dist, "all_reduce", counted), \
             mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("a per-tensor collective")):
         got = measure(sharded)
+    hybrid = build()  # HSDP: replicated over the mesh's first dimension (2 ranks), sharded over its second (1)
+    hsdp_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    for layer in hybrid.layers:
+        fully_shard(layer, mesh=hsdp_mesh)
+    fully_shard(hybrid, mesh=hsdp_mesh)
+    for p, q in zip(whole.parameters(), hybrid.parameters()):
+        q.grad = distribute_tensor(p.grad, hsdp_mesh, q.placements)
+    got_hybrid = measure(hybrid)
     want = measure(whole)
-    return max(((g - w).abs() / w).max().item() for g, w in zip(got, want)), [len(calls)]
+    return max(((g - w).abs() / w).max().item() for run in (got, got_hybrid) for g, w in zip(run, want)), [len(calls)]
 
 
 def curvature_over_ddp(rank: int) -> tuple[float, float]:
-    """The predictor under DDP, each rank on its half of the batch, against one process that computes both halves'
-    sums (g^T P H g and g^T g) and divides their totals; and DDP's averaged gradients after the product against the
-    halves' mean gradient computed without DDP. Returns the two relative differences."""
+    """The predictor under DDP, each rank on its half of the batch, against one process on the whole batch (whose
+    loss is the mean of the halves' losses, so its gradient and Hessian are the halves' means); and DDP's averaged
+    gradients after the product against the whole batch's gradient. Returns the two relative differences."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.parallel import DistributedDataParallel
 
     from llmstable.config.stabilizer import SpikeGuardConfig
     from llmstable.model import Llama, LlamaConfig
-    from llmstable.stabilizers.warning import PrecondWarning, adam_preconditioner, curvature_terms
+    from llmstable.stabilizers.warning import PrecondWarning, adam_preconditioner, directional_curvature
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=40, dim=16, intermediate_size=24, n_layers=2, n_heads=2, max_seq_len=8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(7))
-    halves = [idx[:2], idx[2:]]
 
     def loss_of(module, rows):
         logits = module(rows[:, :-1])
@@ -205,20 +213,15 @@ def curvature_over_ddp(rank: int) -> tuple[float, float]:
         opt.step()
     opt.zero_grad()
     with sdpa_kernel([SDPBackend.MATH]):
-        sums = torch.zeros(2)
-        grads = [torch.zeros_like(p) for p in model.parameters()]
-        for rows in halves:
-            loss = loss_of(model, rows)
-            sums += torch.stack(curvature_terms(loss, *adam_preconditioner(opt))).detach()
-            for total, g in zip(grads, torch.autograd.grad(loss, list(model.parameters()))):
-                total += g / 2
-    want = (sums[0] / sums[1]).item()
+        loss = loss_of(model, idx)
+        want = directional_curvature(loss, *adam_preconditioner(opt)).item()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
     ddp = DistributedDataParallel(model)
     warning = PrecondWarning(SpikeGuardConfig(watch=["loss", "precond_curvature"], curvature_interval=1),
                              proxy=False, curvature=True)
     warning.optimizer = opt
     warning.begin_step(2, logged=True)
-    loss = loss_of(ddp, halves[rank])
+    loss = loss_of(ddp, idx[2 * rank: 2 * rank + 2])
     warning.on_loss(loss)
     loss.backward()  # DDP's all-reduce of the gradients, after the Hessian-vector product
     got = warning._lambda.item()
