@@ -46,11 +46,7 @@ class World:
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """t averaged over the ranks (a new tensor; t itself is unchanged)."""
-        t = t.clone()
-        if self.distributed and self.world_size > 1:
-            dist.all_reduce(t)
-            t /= self.world_size
-        return t
+        return rank_mean(t)
 
     def broadcast(self, obj):
         """Rank 0's value of a picklable obj, on every rank."""
@@ -73,6 +69,16 @@ class World:
         if self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
+
+
+def rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over the ranks of the process group (a new tensor; t itself is unchanged), for code that holds no
+    World (a stabilizer's hook); t's copy alone with one process."""
+    t = t.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 def launched_world_size() -> int:

@@ -29,6 +29,17 @@ def inline_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def spike_section(rows: list[dict]) -> list[str]:
+    """The Spikes heading and table (id "spikes"), as report.md's."""
+    spikes, left_out = spike_cells(rows)
+    if not spikes:
+        return ["<h2>Spikes</h2>", "<p>No run detected a spike.</p>"]
+    out = ["<h2>Spikes</h2>", f"<p>{escape(SPIKES_NOTE)}</p>", table("spikes", SPIKES_HEAD, spikes)]
+    if left_out:
+        out.append(f"<p>{left_out} more: <code>llmstable spikes RUN_DIR</code> lists a run's own.</p>")
+    return out
+
+
 def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: dict) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Comparison report</title>',
              f"<style>{STYLE}</style></head><body>", "<h1>Comparison report</h1>",
@@ -47,15 +58,7 @@ def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: di
                       f'<img alt="{escape(title)}" src="{inline_png(root / name)}">']
     parts += ["<h2>Every setting</h2>",
               table("settings", SETTINGS_HEAD, [setting_cells(i, e, rows) for i, e in enumerate(ranked, 1)]),
-              "<h2>Spikes</h2>"]
-    spikes, left_out = spike_cells(rows)
-    if spikes:
-        parts += [f"<p>{escape(SPIKES_NOTE)}</p>", table("spikes", SPIKES_HEAD, spikes)]
-        if left_out:
-            parts.append(f"<p>{left_out} more: <code>llmstable spikes RUN_DIR</code> lists a run's own.</p>")
-    else:
-        parts.append("<p>No run detected a spike.</p>")
-    parts += ["<h2>Same start</h2><ul>"]
+              *spike_section(rows), "<h2>Same start</h2><ul>"]
     for seed, checks in fair["same_start_by_seed"].items():
         parts.append(f"<li>seed {escape(seed)}: identical initial weights: "
                      f"{'yes' if checks['initial_weights'] else 'NO'}; identical first batch: "

@@ -34,6 +34,8 @@ import contextlib
 
 import torch
 
+from llmstable.parallel.world import rank_mean
+
 
 def adam_v_hat(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
     """Adam's bias-corrected second moment of parameter p before this step's update, or None (no state yet, or a
@@ -72,16 +74,15 @@ def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precon
     """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params` (one Hessian-vector
     product). Keeps the loss's graph (a later backward still works).
 
-    `mean`, for data-parallel ranks that each hold their own micro-batch: a function that averages a tensor over the
-    ranks in place. g is then the ranks' mean gradient (one all-reduce of a flat copy), the product is taken along it
+    `mean`, for data-parallel ranks that each hold their own micro-batch: a function that returns a tensor averaged
+    over the ranks (`llmstable.parallel.world.rank_mean`). g is then the ranks' mean gradient (one all-reduce of a flat copy), the product is taken along it
     (H_r g on each rank), and g^T P H_r g is averaged too, so every rank gets the curvature of all the ranks'
     micro-batches together, as one process would on their concatenation."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     pairs = [(p, c, g) for p, c, g in zip(params, precond, grads) if g is not None]
     direction = [g.detach().float() for _, _, g in pairs]
     if mean is not None:
-        flat = torch.cat([d.flatten() for d in direction])
-        mean(flat)
+        flat = mean(torch.cat([d.flatten() for d in direction]))
         direction = [f.view_as(d) for f, d in zip(flat.split([d.numel() for d in direction]), direction)]
     hvp = torch.autograd.grad([g for _, _, g in pairs], [p for p, _, _ in pairs],
                               grad_outputs=[d.to(g.dtype) for d, (_, _, g) in zip(direction, pairs)],
@@ -91,15 +92,9 @@ def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precon
         if hd is not None:
             num = num + (c.float() * d * hd.float()).sum()
     if mean is not None:
-        mean(num)
+        num = mean(num)
     den = torch.stack([d.square().sum() for d in direction]).sum()
     return num / den.clamp_min(1e-30)
-
-
-def rank_mean(t: torch.Tensor) -> None:
-    """Average t over the data-parallel ranks, in place."""
-    torch.distributed.all_reduce(t)
-    t.div_(torch.distributed.get_world_size())
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer) -> tuple[list, list] | None:

@@ -7,7 +7,7 @@ from unittest import mock
 import matplotlib.axes
 
 from llmstable.report.markdown import MAX_SPIKE_ROWS, spike_lines
-from llmstable.report.page import table
+from llmstable.report.page import spike_section
 from llmstable.report.plots import plot_best_runs
 from llmstable.report.runs import run_spikes
 
@@ -51,7 +51,10 @@ def test_the_spikes_section_lists_each_spike_with_its_block():
     out = spike_lines(many)
     assert sum(line.startswith("| a |") for line in out) == MAX_SPIKE_ROWS
     assert out[-1].startswith("7 more: `llmstable spikes RUN_DIR`")
-    assert '<table id="spikes">' in table("spikes", ["run"], [["adamw_lr0.01_s0"]])
+    page = "".join(spike_section(rows))
+    assert '<table id="spikes">' in page and "<td>adamw_lr0.01_s0</td><td>50</td>" in page and "<td>2</td>" in page
+    assert "No run detected a spike." in "".join(spike_section([{"run": "a", "spike_events": []}]))
+    assert "7 more:" in "".join(spike_section(many))
 
 
 def test_loss_curves_label_each_spike_with_its_block(tmp_path):
