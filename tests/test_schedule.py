@@ -43,3 +43,13 @@ def test_wsd_is_flat_then_decays_over_the_last_fraction():
 
 def test_zero_warmup_starts_at_the_peak():
     assert factors("cosine", warmup=0)[0] == pytest.approx(1.0)
+
+
+def test_warmup_fraction_scales_the_warmup_with_the_run():
+    """A study's shorter budget runs keep the schedule's shape: the same fraction of steps warms up."""
+    cfg = ScheduleConfig("cosine", warmup_steps=50, warmup_fraction=0.1)
+    for total in (40, 100, 400):
+        f = [lr_factor(s, total, cfg) for s in range(total)]
+        warm = round(0.1 * total)
+        assert f[:warm] == pytest.approx([(i + 1) / warm for i in range(warm)])
+        assert f[warm] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)

@@ -93,11 +93,15 @@ class ScheduleConfig:
     warmup_steps: int = 50  # linear warm-up from 0
     min_lr_ratio: float = 0.1  # the floor the decay ends at, as a fraction of optimizer.lr
     decay_fraction: float = 0.2  # wsd only: the share of steps spent in the final decay
+    warmup_fraction: float | None = None  # the warm-up as a share of the run's steps; when set, warmup_steps is unused
 
     def validate(self, problems: list[str]) -> None:
         choice(problems, "schedule.name", self.name, ("cosine", "linear", "constant", "wsd"))
         if self.warmup_steps < 0:
             problems.append(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"schedule.warmup_fraction={self.warmup_fraction} must be in [0, 1), e.g. 0.1, or null "
+                            "to use schedule.warmup_steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1], e.g. 0.1")
         if not 0.0 < self.decay_fraction <= 1.0:
