@@ -36,6 +36,7 @@ STATE_KEYS = ("step", "tokens", "loss_sum", "loss_steps", "val_history", "data",
 HARMLESS = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.compiled", "optimizer.impl", "schedule.",
     "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
+    "train.deterministic",
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
     "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "data.workers", "data.shard_tokens",

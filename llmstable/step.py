@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmstable import checkpoint as ckpt
+from llmstable.compiled import is_compile_error
 from llmstable.config import TrainConfig
 from llmstable.evaluate import training_loss
 from llmstable.faults import FaultInjector
@@ -42,7 +43,7 @@ class TrainStep:
         for stabilizer in self.stabilizers:
             stabilizer.begin_step(step, indicators)
         replay_point = (self.loader.state_dict(), rng_state()) if self.replays else None
-        values = self.gradients(step)
+        values = self.first_gradients(step) if not getattr(self.forward, "settled", True) else self.gradients(step)
         action = self.check_step(step, values, replay_point, rollbacks)
         extra = {}
         if action is None and not engine.fused_step:
@@ -67,6 +68,24 @@ class TrainStep:
         grad_norm = self.engine.clip_grad_norm_(self.cfg.train.max_norm)  # global, before clipping
         loss_value, norm_value = torch.stack([self.world.mean(loss), grad_norm.float().to(loss.device)]).tolist()
         return {"loss": loss_value, "grad_norm": norm_value}
+
+    def first_gradients(self, step: int) -> dict[str, float]:
+        """`gradients` while a compiled model has not yet run a whole step (llmstable.compiled.CompiledForward): a
+        compile error in the lazily compiled backward makes the model eager, and the step is computed again from
+        the same data and RNG state, so the run's numbers are those of an eager run."""
+        point = (self.loader.state_dict(), rng_state())
+        try:
+            values = self.gradients(step)
+        except Exception as err:
+            if not is_compile_error(err):
+                raise
+            self.forward.fall_back(err)
+            self.engine.zero_grad()
+            self.loader.load_state_dict(point[0])
+            set_rng_state(point[1])
+            values = self.gradients(step)
+        self.forward.settled = True
+        return values
 
     def check_step(self, step: int, values: dict[str, float], replay_point, rollbacks: int):
         """The step-check hooks in order; the first action wins. A `replay` recomputes the step from the replay

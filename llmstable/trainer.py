@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from llmstable import checkpoint as ckpt
+from llmstable.compiled import compiled_forward
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.packing import SkipList
@@ -39,7 +40,7 @@ from llmstable.optimizers.reporting import state_bytes
 from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
-from llmstable.runtime import memory_mb, seed_everything
+from llmstable.runtime import memory_mb, seed_everything, use_deterministic_algorithms
 from llmstable.schedule import lr_factor
 from llmstable.step import TrainStep
 from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stabilizers
@@ -88,6 +89,7 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
     world.barrier()
     resume_from = run.claim()  # before anything is written into the run directory
     seed_everything(cfg.train.seed)
+    use_deterministic_algorithms(cfg.train.deterministic)
     device = world.device
     data = build_data(cfg.data, cfg.train.seed, min_train_blocks=cfg.train.global_batch_size)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < data.vocab_size:
@@ -126,7 +128,7 @@ class Trainer:
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.log, self.faults, self.run, self.rollback = log, faults, run, rollback
         self.resume_from = resume_from
-        self.forward = torch.compile(engine.module) if cfg.train.compile and engine.can_compile else engine.module
+        self.forward = compiled_forward(engine.module, cfg.train.compile, self.device, engine.can_compile)
         self.update = TrainStep(cfg, engine, stabilizers, data.train, faults, self.forward)
         self.fresh_init_hash = init_hash  # of the weights as built, before any sharding
         self.sizes = sizes  # num_params, flops_per_token: measured before sharding (ZeRO-3 empties parameters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmstable.config.checks import choice, positive
 from llmstable.config.data import DataConfig
@@ -118,9 +119,10 @@ class TrainLoopConfig:
     max_steps: int | None = None
     max_norm: float | None = 1.0  # global gradient-norm clip; null disables clipping
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms): bit-exact GPU resumes, SDC replays
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
+    compile: Any = "auto"  # torch.compile the model: auto (on CUDA; eager on CPU, measured faster there) | true | false
     log_interval: int = 10  # steps between metrics.jsonl rows
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_samples: int = 128  # held-out blocks per validation pass (the same ones every time)
@@ -157,6 +159,7 @@ class TrainLoopConfig:
         if self.checkpoint_interval < 0:
             problems.append(f"train.checkpoint_interval={self.checkpoint_interval} must be >= 0")
         choice(problems, "train.precision", self.precision, ("auto", "fp32", "bf16"))
+        choice(problems, "train.compile", self.compile, ("auto", True, False))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
@@ -284,6 +287,10 @@ class TrainConfig:
                 f"stabilizer={gradient_hooks} cannot run under distributed=deepspeed: DeepSpeed reduces, clips and "
                 "updates inside backward, so there is no point between the gradients and the update, or right after "
                 "the update, where they could act. Use distributed=fsdp2 or distributed=ddp")
+        if d.name == "deepspeed" and self.train.compile is True:
+            problems.append("train.compile=true cannot take effect under distributed=deepspeed: the DeepSpeed engine "
+                            "wraps the module itself, so llmstable cannot compile it. Use train.compile=auto or false "
+                            "(eager), or distributed=fsdp2 or ddp to compile")
         if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
             problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
                             "distributed=fsdp2 (tested) or distributed.zero_stage<=2")

@@ -113,6 +113,9 @@ class DeepSpeedEngine(Engine):
             (run_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
+        # DeepSpeed caches the groups it makes; its own teardown releases them, so a later world in this process
+        # (a sweep, a notebook, the tests) does not meet a stale group.
+        world.destroy = deepspeed.comm.destroy_process_group
         return cls(world, model, engine, config["zero_optimization"]["stage"], run_dir)
 
     @property
