@@ -8,6 +8,7 @@
     llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
     llmstable report SWEEP_DIR
     llmstable spikes RUN_DIR                   the run's spikes: step, metric, value, threshold, action, layer, skipped
+    llmstable verify PATH                      hash every file of a prepared corpus, a checkpoint or a run's checkpoints
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ COMMANDS = {  # name -> (module, function), None for this module: only the chose
     "train": ("llmstable.train", "train_command"), "export": (None, "export_command"),
     "generate": (None, "generate_command"), "compare": ("llmstable.compare", "compare_command"),
     "report": ("llmstable.report", "report_command"), "prepare": (None, "prepare_command"),
-    "spikes": ("llmstable.spikes", "spikes_command"),
+    "spikes": ("llmstable.spikes", "spikes_command"), "verify": ("llmstable.verify", "verify_command"),
 }
 
 
@@ -35,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, name = COMMANDS[argv[0]]
-    command = globals()[name] if module is None else getattr(importlib.import_module(module), name)
-    return command(argv[1:]) or 0
+    try:
+        command = globals()[name] if module is None else getattr(importlib.import_module(module), name)
+        return command(argv[1:]) or 0
+    except KeyboardInterrupt:  # (a run in training checkpoints on Ctrl-C instead: llmstable.preemption)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 TRUST_HELP = ("also read a DCP or DeepSpeed checkpoint written under another account (its files are unpickled, "

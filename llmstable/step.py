@@ -30,9 +30,10 @@ class TrainStep:
     (the trainer saves and restores it with its state)."""
 
     def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], loader, faults: FaultInjector,
-                 forward):
+                 forward, signals=None):
         self.cfg, self.engine, self.stabilizers, self.loader = cfg, engine, stabilizers, loader
-        self.faults, self.forward = faults, forward
+        self.faults, self.forward, self.signals = faults, forward, signals
+        self.stop_agreed = False  # some rank received a preemption signal before this step's all-reduce
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.replays = any(s.replays for s in stabilizers)  # only then is a replay point kept each step
         self.first_batch_hash: str | None = None
@@ -66,7 +67,11 @@ class TrainStep:
             for stabilizer in self.stabilizers:
                 stabilizer.on_gradients(self.model)
         grad_norm = self.engine.clip_grad_norm_(self.cfg.train.max_norm)  # global, before clipping
-        loss_value, norm_value = torch.stack([self.world.mean(loss), grad_norm.float().to(loss.device)]).tolist()
+        # The step's one all-reduce carries the preemption flag with the loss, so every rank stops at the same step.
+        flag = float(self.signals is not None and self.signals.requested)
+        loss_mean, stop = self.world.mean(torch.stack([loss, torch.full_like(loss, flag)])).unbind()
+        loss_value, norm_value, stop_value = torch.stack([loss_mean, grad_norm.float().to(loss.device), stop]).tolist()
+        self.stop_agreed = stop_value > 0
         return {"loss": loss_value, "grad_norm": norm_value}
 
     def first_gradients(self, step: int) -> dict[str, float]:

@@ -2,9 +2,11 @@
 (`torchrun -m llmstable.train`, `deepspeed --module llmstable.train`).
 
 Exit codes: 0 done (or already complete); 2 a config, data or checkpoint error (the message names the key or
-file and the fix); 3 the spike guard aborted (the last good checkpoint is intact); 5 a checkpoint could not be
-written (disk full or another OSError: the partial write was removed and the earlier checkpoints are intact); 4 the
-spike guard's replays point at the machine (`stabilizer.spike_guard.max_sdc` silent-data-corruption suspects).
+file and the fix), or run_dir in use by another run; 3 the spike guard aborted (the last good checkpoint is intact);
+5 a checkpoint could not be written (disk full or another OSError: the partial write was removed and the earlier
+checkpoints are intact); 4 the spike guard's replays point at the machine (`stabilizer.spike_guard.max_sdc`
+silent-data-corruption suspects); 75 stopped by a preemption signal (SIGTERM, SIGUSR1: `train.preempt_signals`)
+or Ctrl-C, after writing a checkpoint: run the same command to resume; 130 a second Ctrl-C stopped it at once.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def train_command(overrides: list[str]) -> int:
         run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
         try:
             cfg = compose_config(overrides, run_dir=run_dir or "unused-for-validation")
-            if run_dir and launched_world_size() == 1:
-                preflight(cfg)
+            if run_dir and int(os.environ.get("RANK", "0")) == 0:
+                preflight(cfg)  # checks run_dir and locks it (for this process's lifetime) before Hydra writes there
         except (ConfigError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
@@ -48,6 +50,7 @@ def train_command(overrides: list[str]) -> int:
 
         from llmstable.checkpoint import CheckpointError, CheckpointWriteError
         from llmstable.data import DataError
+        from llmstable.preemption import EXIT_PREEMPTED, Preempted
         from llmstable.stabilizers.hooks import SuspectedHardwareFault
         from llmstable.trainer import SpikeAbort, train
 
@@ -65,6 +68,9 @@ def train_command(overrides: list[str]) -> int:
         except SuspectedHardwareFault as err:
             print(f"stopped: suspected hardware fault: {err}", file=sys.stderr)
             sys.exit(EXIT_HARDWARE)
+        except Preempted as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         except SpikeAbort as err:
             print(f"aborted: {err}", file=sys.stderr)
             from hydra.types import RunMode

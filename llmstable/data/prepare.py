@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -42,7 +43,8 @@ from llmstable.data.corpus import (
     unreadable_file_error,
 )
 from llmstable.data.shards import (
-    FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, token_dtype, write_json_atomic,
+    FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, record_verified, token_dtype,
+    write_json_atomic,
 )
 
 PROGRESS = "progress.json"
@@ -59,15 +61,18 @@ class Chunk:
 
 
 def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
-    """Tokenize the corpus of `cfg` into `out` (a no-op when it is already complete and intact)."""
+    """Tokenize the corpus of `cfg` into `out` (a no-op when it is already complete and intact). `out` must be new,
+    empty, or a directory `prepare` made: anything else is refused before a file is written into it."""
     root = Path(os.path.expanduser(str(out)))
+    check_output_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):  # one writer; other ranks (or runs) wait, then find the manifest
         ident = json.loads(json.dumps(source_identity(cfg)))
         state = _load_progress(root, ident)
         complete = (root / MANIFEST).exists()
-        for stale in root.glob(".*.tmp*"):  # temporary files of a killed run
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        for stale in root.iterdir():  # temporary files of a killed run: only the names prepare itself makes
+            if OWN_TEMPORARY.fullmatch(stale.name):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         parts = document_parts(cfg)
         if state["plan"] is None:  # a BPE needs the plan first; with a given tokenizer it is rarely needed
             state["plan"] = _plan(parts, cfg, progress) if cfg.tokenizer.kind == "bpe" else NO_PLAN
@@ -82,12 +87,34 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
                 s["val_docs"] for s in state["shards"]):
             # No document fell in validation (a small corpus): plan which one to hold out, and start again.
             state.update(plan=_plan(parts, cfg, progress), shards=[], fingerprint=_empty_fingerprint())
-            for shard in root.glob("*.bin"):
-                shard.unlink()
+            for shard in root.iterdir():
+                if SHARD.fullmatch(shard.name):
+                    shard.unlink()
             write_json_atomic(root / PROGRESS, state)
             _tokenize(cfg, parts, state, root, tok, progress)
         _write_manifest(root, state, tok, cfg)
     return root
+
+
+OWN_TEMPORARY = re.compile(r"\.(?:(?:train|val)-\d{5}\.bin|manifest\.json|progress\.json|verified\.json|tokenizer)"
+                           r"\.tmp\d+")
+SHARD = re.compile(r"(?:train|val)-\d{5}\.bin")  # the shard files prepare writes
+
+
+def check_output_dir(root: Path) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory `prepare` did not make (it holds neither a
+    manifest nor a progress record: a user's folder), naming what is in it."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"out={str(root)!r} is an existing file, not a directory: choose a new or empty directory")
+    if not root.is_dir():
+        return
+    names = sorted(p.name for p in root.iterdir())
+    ours = (root / MANIFEST).is_file() or (root / PROGRESS).is_file()
+    foreign = [n for n in names if n != ".lock"] if not ours else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"out={str(root)!r} is not empty and holds no prepared corpus ({shown}): llmstable prepare "
+                        "only writes into a new or empty directory, or one it prepared before. Choose another out=")
 
 
 def prepared_cache_dir(cfg: DataConfig) -> Path:
@@ -113,7 +140,7 @@ def _load_progress(root: Path, ident: dict) -> dict:
              "fingerprint": _empty_fingerprint()}
     path = root / PROGRESS
     if not path.exists():
-        if any(root.glob("*.bin")):
+        if any(SHARD.fullmatch(p.name) for p in root.iterdir()):
             raise DataError(f"out={str(root)!r} holds shard files but no {PROGRESS}: choose an empty directory")
         return fresh
     state = json.loads(path.read_text())
@@ -431,6 +458,7 @@ def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
         "train": train, "val": val,
     }
     write_json_atomic(root / MANIFEST, manifest)
+    record_verified(root, train + val)  # hashed as they were written: the first run need not hash them again
 
 
 def prepare_summary(cfg: DataConfig, out: str | Path, progress: bool = True) -> str:

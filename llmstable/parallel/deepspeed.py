@@ -97,6 +97,7 @@ class DeepSpeedEngine(Engine):
     fused_step = True
     can_compile = False  # the DeepSpeed engine wraps the module itself
     holds_whole_model = False
+    can_snapshot = False  # DeepSpeed writes its own files with collectives: saved in the step path
 
     def __init__(self, world: World, model: torch.nn.Module, ds_engine, stage: int, run_dir: Path):
         super().__init__(world, model, ds_engine.optimizer)

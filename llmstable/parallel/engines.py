@@ -42,6 +42,7 @@ class Engine:
     fused_step = False  # True when clipping and the update happen inside backward (DeepSpeed)
     can_compile = True  # torch.compile may wrap the forward
     holds_whole_model = True  # every rank holds every weight, as plain tensors
+    can_snapshot = True  # its checkpoint can be taken to CPU memory and written in the background (snapshot())
 
     def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.world, self.model, self.optimizer = world, model, optimizer
@@ -102,6 +103,31 @@ class Engine:
             save_model(self.model, str(directory / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
+    def snapshot(self) -> dict:
+        """What save() writes, copied to CPU memory in one blocking pass (llmstable.snapshot); every rank takes it
+        (the rollback ring restores it on every rank), rank 0 writes it."""
+        from llmstable.snapshot import model_snapshot, to_host
+
+        pin = self.world.device.type == "cuda"
+        snap = {"model": model_snapshot(self.model, pin), "optimizer": to_host(self.optimizer.state_dict(), pin)}
+        if pin:
+            torch.cuda.synchronize(self.world.device)  # the non-blocking copies have landed
+        return snap
+
+    def write_snapshot(self, directory: Path, snap: dict) -> None:
+        """(Rank 0, any thread.) The files save() writes, from a snapshot: the same bytes."""
+        from llmstable.snapshot import write_model
+
+        write_model(directory, snap["model"])
+        torch.save(snap["optimizer"], directory / "optimizer.pt")
+
+    def restore_snapshot(self, snap: dict) -> None:
+        """Model and optimizer as of a snapshot, with the values a load of its files would give."""
+        from llmstable.snapshot import copied, restore_model
+
+        restore_model(self.model, snap["model"])
+        self.optimizer.load_state_dict(copied(snap["optimizer"]))
+
     def readers(self) -> dict:
         """Checkpoint format -> the function that loads it into this engine's model and optimizer."""
         return {"safetensors": load_safetensors, "dcp": load_dcp}
@@ -139,6 +165,7 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     checkpoint_format = "dcp"
     holds_whole_model = False
+    can_snapshot = False  # DCP writes every rank's shards with collectives: saved in the step path
 
     @staticmethod
     def shard(model: torch.nn.Module, world: World, cfg) -> torch.nn.Module:

@@ -110,7 +110,7 @@ def init_world(cfg: DistributedConfig, device_name: str) -> World:
     if dist.is_initialized():  # an embedding program made the group already
         return World(rank, dist.get_world_size(), local_rank, device, owns_group=False)
     init_method, store_dir, env_set = os.environ.get(INIT_METHOD_ENV), None, ()
-    if init_method is None and "MASTER_ADDR" not in os.environ:
+    if init_method is None and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         if world_size > 1:
             raise ConfigError([f"WORLD_SIZE={world_size} but no rendezvous: set MASTER_ADDR and MASTER_PORT (torchrun "
                                f"does) or {INIT_METHOD_ENV}=file:///shared/path"])
