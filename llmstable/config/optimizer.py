@@ -246,8 +246,21 @@ class SOAPConfig(OptimizerConfig):
 @register("adam_mini")
 @dataclass
 class AdamMiniConfig(OptimizerConfig):
-    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793) from pytorch-optimizer: one second moment per block (query
-    and key per head, every other matrix and norm as a whole), Adam on the embeddings and the LM head."""
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793): one second moment per block. backend=llmstable is the
+    authors' official code today (v1.1.1: embedding and LM head per token, query and key per head, value, attention
+    output and MLP per output neuron, norms whole); backend=pytorch_optimizer is pytorch-optimizer 4.1's, which keeps
+    the old partition (Adam on the embedding and LM head, value, output and MLP matrices whole). lr, betas, eps and
+    weight_decay are AdamW's, as the authors' README recommends."""
 
     name: str = "adam_mini"
     lr: float = 3e-3
+    backend: str = "llmstable"  # llmstable (official partition) | pytorch_optimizer (4.1, the old partition)
+    value_blocks: str = "neuron"  # neuron (official) | whole: the README's advice for runs under 10k-20k steps
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        choice(problems, "optimizer.backend", self.backend, ("llmstable", "pytorch_optimizer"))
+        choice(problems, "optimizer.value_blocks", self.value_blocks, ("neuron", "whole"))
+        if self.backend == "pytorch_optimizer" and self.value_blocks != "neuron":
+            problems.append("optimizer.value_blocks=whole needs optimizer.backend=llmstable: pytorch-optimizer's "
+                            "Adam-mini already keeps the value matrix as one block")
