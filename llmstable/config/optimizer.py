@@ -33,6 +33,10 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
 
     variants: typing.ClassVar[dict[str, type]] = {}  # name -> schema, filled by @register
+    # Hyperparameters counted in optimizer steps. A study's shorter budget runs keep them as they are (they are the
+    # optimizer's own, as its paper sets them, not shares of the run); the report lists them. "auto" means the
+    # run's own steps.
+    step_counts: typing.ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def variant(cls, name: Any) -> type | None:
@@ -68,6 +72,7 @@ class AdamWConfig(OptimizerConfig):
 class SPAMConfig(OptimizerConfig):
     """SPAM (arXiv 2501.06842); defaults as the official code, warmup_steps as the paper (150)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("warmup_steps", "DeltaT", "grad_accu_steps")
     name: str = "spam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -95,6 +100,7 @@ class StableSPAMConfig(OptimizerConfig):
     """Stable-SPAM (arXiv 2502.17055); defaults as the official code, except total_T: auto = the run's steps,
     as the paper's training scripts set it (null turns the cosine damping off, the official default)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("total_T", "update_proj_gap")
     name: str = "stable_spam"
     betas: tuple[float, float] = (0.9, 0.999)
     amsgrad: bool = False
@@ -141,6 +147,7 @@ class FiraConfig(OptimizerConfig):
     residual with the norm-growth limiter. Class defaults as the official code; lr, rank, update_proj_gap and alpha
     as the official LLaMA-60M pre-training script (130M and 350M use rank 256, 1B rank 512 and alpha 0.0625)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("update_proj_gap",)
     name: str = "fira"
     lr: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
@@ -231,6 +238,7 @@ class SOAPConfig(OptimizerConfig):
     """SOAP (Vyas et al. 2024, arXiv 2409.11321) from pytorch-optimizer: Adam in the eigenbasis of Shampoo's
     preconditioner, refreshed every precondition_frequency steps; betas as the paper (0.95, 0.95)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("precondition_frequency",)
     name: str = "soap"
     lr: float = 3e-3
     betas: tuple[float, float] = (0.95, 0.95)
