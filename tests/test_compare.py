@@ -109,7 +109,7 @@ def test_each_arms_best_lr_paired_difference_and_columns_follow_from_the_files(s
     assert arms["muon"]["verdict"] in ("better", "worse", "not distinguishable at 2 seeds")
     curve = report["curve"]
     assert curve["budgets"] == [2 * 8 * 32, 3 * 8 * 32, 6 * 8 * 32] and curve["seeds"] == [1, 2]  # 2, 3, 6 steps
-    assert [r["steps"] for r in curve["runs"]] == [2, 3, 6]
+    assert [r["total_steps"] for r in curve["runs"]] == [2, 3, 6]
     assert [c["speedup"] for c in report["self_check"]] == [1.0, 1.0, 1.0]
     assert arms["adamw"]["speedup"]["value"] == 1.0 and arms["adamw"]["speedup"]["interval"] == [1.0, 1.0]
     for arm in arms.values():

@@ -1,6 +1,6 @@
 """The `compare` sweep files' schema (`configs/compare/*.yaml`, overridden with `compare.KEY=VALUE`): which arms,
-each arm's LR grid, the seeds the LRs are chosen on and those the arms are judged on, the baseline and its budgets. `load_sweep` merges and validates once, listing every
-problem with the key, the bad value and the fix."""
+each arm's LR grid, the seeds the LRs are chosen on and those the arms are judged on, the baseline and its
+budgets. `load_sweep` merges and validates once, listing every problem with the key, the bad value and the fix."""
 
 from __future__ import annotations
 

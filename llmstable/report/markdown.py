@@ -143,7 +143,8 @@ def conclusions(study: dict, rows: list[dict]) -> str:
             + ("The LRs were chosen on other seeds than those judged. " if study["clean_choice"] else
                "The LRs were chosen on the runs that are judged (winner's curse not corrected). ")
             + f"After Holm's correction over {plural(study['compared_arms'], 'arm')}, at {plural(n, 'judged seed')}: ")
-    text += (", ".join(decided) + " than the baseline. " if decided else "no arm is distinguishable from the baseline. ")
+    text += (", ".join(decided) + " than the baseline. " if decided else
+             "no arm is distinguishable from the baseline. ")
     if raw_only:
         text += (f"{', '.join(raw_only)}: the raw 95% interval excludes 0 but the corrected test does not decide; "
                  "treat as a lead for a study with more seeds, not a result. ")
@@ -171,12 +172,12 @@ def curve_cells(study: dict) -> list[list[str]]:
     """The baseline's budget runs: how each was made, its loss, and the self-check (its own speedup)."""
     curve, out = study["curve"], []
     for i, (made, check) in enumerate(zip(curve["runs"], study["self_check"])):
-        warm = made["warmup_steps"]
-        share = f"{warm} ({warm / made['steps']:.1%})" if warm is not None and made["steps"] else "-"
+        warm, steps = made["warmup_steps"], made["total_steps"]
+        share = f"{warm} ({warm / steps:.1%})" if warm is not None and steps else "-"
         loss = fmt(curve["mean"][i], curve["std"][i]) if i < len(curve["mean"]) else "-"
-        out.append([fmt(float(made["tokens"])), f"{made['tokens'] / study['budget_tokens']:.3g}", fmt(made["steps"]),
-                    share, ", ".join(map(str, made["seeds"])) + (f" (diverged: {made['diverged']})" if made["diverged"]
-                                                                  else ""), loss, fmt(check["speedup"])])
+        seeds = ", ".join(map(str, made["seeds"])) + (f" (diverged: {made['diverged']})" if made["diverged"] else "")
+        out.append([fmt(float(made["tokens"])), f"{made['tokens'] / study['budget_tokens']:.3g}", fmt(steps), share,
+                    seeds, loss, fmt(check["speedup"])])
     return out
 
 
@@ -187,8 +188,9 @@ def curve_notes(study: dict) -> list[str]:
     notes = [f"{baseline} at its chosen LR at each budget, on the judged seeds, with the same schedule "
              f"({runs[0]['schedule'] if runs else '?'}) scaled to the run: the LR warm-up is the same share of each "
              "run's steps (schedule.warmup_fraction), and the decay ends at each run's last step."]
-    shares = [r["warmup_steps"] / r["steps"] for r in runs if r["steps"] and r["warmup_steps"] is not None]
-    if shares and max(shares) - min(shares) > max(1.0 / r["steps"] for r in runs if r["steps"]):
+    made = [r for r in runs if r["total_steps"] and r["warmup_steps"] is not None]
+    shares = [r["warmup_steps"] / r["total_steps"] for r in made]
+    if shares and max(shares) - min(shares) > max(1.0 / r["total_steps"] for r in made):  # (more than rounding)
         notes.append("**The warm-up is not the same share of every budget run "
                      f"({', '.join(f'{x:.1%}' for x in shares)}): the shorter runs are not the same schedule, and the "
                      "curve is bent by it. Rerun them with schedule.warmup_fraction.**")
@@ -221,7 +223,8 @@ def markdown(study: dict, ranked: list[dict], rows: list[dict], fair: dict, targ
     warnings = grid_warnings(study)
     if warnings:
         lines += ["## Grid edges", ""] + [f"- **{w}**" for w in warnings] + [""]
-    lines += ["## The baseline's budget runs", "", "| " + " | ".join(CURVE_HEAD) + " |", "|" + " --- |" * len(CURVE_HEAD)]
+    lines += ["## The baseline's budget runs", "", "| " + " | ".join(CURVE_HEAD) + " |",
+              "|" + " --- |" * len(CURVE_HEAD)]
     lines += ["| " + " | ".join(c) + " |" for c in curve_cells(study)]
     lines += [""] + [f"- {note}" for note in curve_notes(study)]
     lines += ["", *settings_table(ranked, rows, target), "", *spike_lines(rows), "", "## Same start", ""]

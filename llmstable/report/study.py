@@ -79,10 +79,10 @@ def baseline_curve(rows: list[dict], baseline: str, lr: float | None, tuned_valu
         any(r["seed"] == s and not r["diverged"] for r in runs[d]) for d in budgets)]
     per_seed = {s: [next(r["final_val_loss"] for r in runs[d] if r["seed"] == s) for d in budgets] for s in complete}
     means = [statistics.fmean(per_seed[s][i] for s in complete) for i in range(len(budgets))] if complete else []
-    made = [{"tokens": d, "steps": runs[d][0].get("total_steps"), "warmup_steps": runs[d][0].get("warmup_steps"),
-             "schedule": runs[d][0].get("schedule"), "optimizer_step_counts": runs[d][0].get("optimizer_step_counts"),
-             "seeds": sorted(r["seed"] for r in runs[d]), "diverged": sorted(r["seed"] for r in runs[d] if r["diverged"])}
-            for d in budgets]
+    made = [{"tokens": d, **{k: runs[d][0].get(k) for k in ("total_steps", "warmup_steps", "schedule",
+                                                            "optimizer_step_counts")},
+             "seeds": sorted(r["seed"] for r in runs[d]),
+             "diverged": sorted(r["seed"] for r in runs[d] if r["diverged"])} for d in budgets]
     return {"budgets": budgets, "seeds": complete, "per_seed": {str(s): v for s, v in per_seed.items()},
             "mean": means, "std": [statistics.stdev(per_seed[s][i] for s in complete) if len(complete) > 1 else None
                                    for i in range(len(budgets))],
