@@ -34,7 +34,7 @@ def seeds_text(seeds: list) -> str:
 
 
 ARM_HEAD = ["arm", "best LR", "final val loss (judged)", "Δ vs baseline [raw 95% CI]", "Δ [Bonferroni CI]",
-            "p raw / Holm", "verdict (Holm, family 5%)", "speedup D_eff/D [95% CI]", "stable LRs",
+            "p raw / Holm", "verdict (family-wise 5%)", "speedup D_eff/D [95% CI]", "stable LRs",
             "spikes / rollbacks / skipped samples", "LR sensitivity", "tok/s ×", "peak mem ×", "state B/param"]
 
 
@@ -77,8 +77,9 @@ def arm_cells(a: dict) -> list[str]:
     if tuned:
         tuned_edge = {"low": " (low edge!)", "high": " (high edge!)"}.get(tuned["edge"], "")
         edge += f"; {tuned['key'].rsplit('.', 1)[-1]}={tuned['value']}{tuned_edge}"
+    verdict = a["verdict"] + (f" ({d['correction']})" if d is not None and d["p_holm"] is not None else "")
     return [a["arm"], fmt(a["best_lr"]) + edge, fmt(a["final_val_loss"], a["final_val_loss_std"]), diff, bonferroni,
-            p, a["verdict"], speedup_text(a), f"{a['stable_lrs']}/{a['grid_lrs']}",
+            p, verdict, speedup_text(a), f"{a['stable_lrs']}/{a['grid_lrs']}",
             f"{fmt(a['spikes'])} / {fmt(a['rollbacks'])} / {fmt(a['skipped_samples'])}",
             fmt(a["lr_sensitivity"], digits=3),
             fmt(a["tokens_per_sec_rel"], digits=3), fmt(a["peak_memory_rel"], digits=3),

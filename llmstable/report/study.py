@@ -158,7 +158,7 @@ def paired_entry(diff, p_holm: float | None, m: int) -> dict | None:
         return None
     return {"n": diff.n, "mean": diff.mean, "std": diff.std, "ci95": list(diff.ci95) if diff.ci95 else None,
             "ci_bonferroni": list(diff.interval(1 - ALPHA / m)) if diff.std is not None and m else None,
-            "p_value": diff.p_value, "p_holm": p_holm}
+            "p_value": diff.p_value, "p_holm": p_holm, "correction": f"Holm over {m} arm{'s' if m != 1 else ''}"}
 
 
 def arm_verdict(arm: str, baseline: str, runs: list[dict], diff, p_holm: float | None) -> str:
