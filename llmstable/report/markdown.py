@@ -152,10 +152,15 @@ def conclusions(study: dict, rows: list[dict]) -> str:
     text += (f"With {plural(n, 'seed')} the t interval has {plural(max(n - 1, 0), 'degree')} of freedom, so only "
              "differences several times the seeds' spread are resolved. ")
     if beyond:
+        answered = [f for f in SHORT_NAMES if any(a["speedup"]["families"][f]["value"] is not None for a in beyond)]
         text += ("The speedups of " + ", ".join(a["arm"] for a in beyond) + " lie beyond the budgets the baseline "
-                 "ran: they depend on the law assumed, and the two laws shown can disagree by more than their "
-                 "intervals, which carry the seeds' noise but not that choice; a run of the baseline at a larger "
-                 "budget would settle it. ")
+                 "ran, so they depend on the law assumed: "
+                 + ("the laws shown can disagree by more than their intervals, which carry the seeds' noise but not "
+                    "that choice" if len(answered) > 1 else
+                    f"here only the {SHORT_NAMES[answered[0]]} law gives one (the others refuse, with the reason in "
+                    "the table), and its interval carries the seeds' noise, not the choice of law" if answered else
+                    "here every law refuses (the reasons are in the table)")
+                 + "; a run of the baseline at a larger budget would settle it. ")
     text += ("Inside the measured budgets a speedup is read from the baseline's own points (its own speedup is 1 at "
              "each). Nothing here says how the ranking holds at larger models or budgets (the literature finds "
              "speedups shrink with scale). ")

@@ -89,24 +89,25 @@ def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
 def plot_speedup(root: Path, study: dict) -> None:
     """Speedup D_eff / D per arm with its 95% interval (a bar): a filled dot when read from the baseline's measured
     points; beyond them one hollow marker per law (circle: power law, square: log-linear), a refused law named in
-    words; log x."""
+    words at the row's left edge; log x."""
     plt = _pyplot()
     arms = study["arms"]
     fig, ax = plt.subplots(figsize=(7.5, 0.8 * len(arms) + 1.5))
     markers = {"power_law": ("o", 0.15), "log_linear": ("s", -0.15)}
-    notes = []
     for y, arm in enumerate(arms):
         color, sp = f"C{y % 10}", arm["speedup"]
+        notes = []  # (dy, text) written at the row's left edge
         if sp["method"] == "interpolated" and sp["value"] is not None:
             points = [("o", 0.0, sp["value"], sp["interval"], color)]
         elif sp["method"] == "extrapolated":
             points = [(markers[f][0], markers[f][1], e["value"], e["interval"], "none")
                       for f, e in sp["families"].items() if e["value"] is not None]
-            notes += [f"{arm['arm']}: {f.replace('_', '-')} refused" for f, e in sp["families"].items()
-                      if e["value"] is None]
+            notes = [(markers[f][1], f"{f.replace('_', ' ')}: refused") for f, e in sp["families"].items()
+                     if e["value"] is None]
         else:
-            points = []
-            notes.append(f"{arm['arm']}: unavailable")
+            points, notes = [], [(0.0, "unavailable")]
+        for dy, text in notes:
+            ax.text(0.01, y + dy, text, transform=ax.get_yaxis_transform(), fontsize=7, va="center", color=color)
         for marker, dy, value, interval, face in points:
             if interval:
                 ax.plot(interval, [y + dy] * 2, "-", color=color, linewidth=3, alpha=0.5)
@@ -120,8 +121,10 @@ def plot_speedup(root: Path, study: dict) -> None:
                                 ("s", "none", "beyond them: log-linear")):
         ax.plot([], [], marker, color="grey", markerfacecolor=face, linestyle="none", label=label)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("tokens the baseline needs for each arm's loss, over the arm's budget"
-                 + (f" ({'; '.join(notes)})" if notes else ""), fontsize=9)
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.xaxis.set_minor_formatter("{x:g}")
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_title("tokens the baseline needs for each arm's loss, over the arm's budget", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.set_ylim(-0.7, len(arms) - 0.3)
     fig.tight_layout()
