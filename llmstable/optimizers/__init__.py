@@ -18,7 +18,8 @@ from llmstable.optimizers.s3 import S3
 from llmstable.optimizers.spam import SPAM
 from llmstable.optimizers.stable_spam import StableSPAM
 
-__all__ = ["S3", "SPAM", "AdamMini", "Fira", "MuonWithAdamW", "StableSPAM", "build_optimizer", "fira_param_groups", "param_groups"]
+__all__ = ["S3", "SPAM", "AdamMini", "Fira", "MuonWithAdamW", "StableSPAM", "build_optimizer", "fira_param_groups",
+           "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -66,8 +66,9 @@ def report_command(args: list[str]) -> int:
     sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
+    confirm = list(sweep.get("confirm_seeds") or [])  # the seeds each arm is judged on (its LR chosen on others)
     try:
-        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline, list(sweep.get('confirm_seeds') or []))}")
+        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline, confirm)}")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ def schedule_steps(cfg: dict) -> tuple[int, int]:
     train = cfg["train"]
     per_step = int(train["global_batch_size"]) * int(cfg["data"]["seq_len"])
     steps = int(train["max_steps"]) if train.get("max_steps") is not None else -(-planned_tokens(cfg) // per_step)
-    schedule = ScheduleConfig(**{k: v for k, v in cfg["schedule"].items() if k in ScheduleConfig.__dataclass_fields__})
+    fields = ScheduleConfig.__dataclass_fields__  # (a run from before warmup_fraction existed lacks that key)
+    schedule = ScheduleConfig(**{k: v for k, v in cfg["schedule"].items() if k in fields})
     return steps, warmup_steps(steps, schedule)
 
 
