@@ -59,7 +59,7 @@ demo-spike: $(STAMP) ## Train with injected spikes; the spike guard rolls back a
 demo-warning: $(STAMP) ## AdamW spiking by itself; the preconditioner warning rises first (warning.png in the run dir)
 	$(BIN)/python scripts/demo_warning.py $(ARGS)
 
-compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, each LR-tuned, 2 seeds; report in runs/compare/quick_cpu
+compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, LR tuned on seed 0, judged on 1-3; report in runs/compare/quick_cpu
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
 
 clean: ## Remove the virtualenv and local run outputs

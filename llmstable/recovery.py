@@ -143,7 +143,7 @@ def _add_range(ranges: list, start: int, end: int) -> list:
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2",
-               "momentum_buffer", "m", "v", "v_mean")  # Muon; Adam-mini
+               "momentum_buffer", "m", "v", "v_mean", "vmean")  # Muon; Adam-mini (pytorch-optimizer's, ours)
 
 
 def zero_moments(optimizer: torch.optim.Optimizer) -> int:

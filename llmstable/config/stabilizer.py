@@ -132,7 +132,8 @@ ADAM_LIKE = ("adamw", "spam", "stable_spam")
 @dataclass
 class SoftmaxCollapseConfig:
     """The softmax-collapse monitor (Prieto et al. 2025, arXiv 2501.04697): the share of positions whose fp32
-    softmax probability of the target is exactly 1 (so its gradient is exactly 0), at logged steps."""
+    softmax probability of the target is exactly 1 (so the target's gradient component is exactly 0; the others
+    are tiny, not 0), at logged steps."""
 
     enabled: bool = True
 

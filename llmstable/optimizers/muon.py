@@ -81,7 +81,8 @@ def _newton_schulz_in(dtype: str):
 class MuonWithAdamW(Optimizer):
     """Muon on `muon_params` (2-D only), AdamW on `adamw_groups`; one LR schedule drives both.
 
-    Muon's algorithm lines (torch.optim.Muon): momentum B = mu*B + g, Nesterov g + mu*B, five quintic
+    Muon's algorithm lines (torch.optim.Muon): momentum as an EMA, B = mu*B + (1 - mu)*g (torch's lerp), the
+    Nesterov look-ahead (1 - mu)*g + mu*B, five quintic
     Newton-Schulz iterations in bfloat16 towards the nearest semi-orthogonal matrix, decoupled weight decay, and
     the LR scaled by the matrix shape (`adjust_lr_fn`: "match_rms_adamw" scales the update to AdamW's RMS,
     0.2*sqrt(max(A, B)), so the two parts share one LR, as Liu et al. do; "original" is Keller Jordan's

@@ -3,7 +3,8 @@ summary.json, metrics.jsonl, events.jsonl and config.yaml. Nothing is recomputed
 one of those files' numbers, or a mean, paired difference, interval or fit of them.
 
 - `runs`: one row per run, the table of every (arm, LR) setting, the same-start checks;
-- `study`: per arm, the best LR, the paired difference against the baseline, the speedup, stability and cost;
+- `study`: per arm, the best LR (chosen on the selection seeds), the paired difference against the baseline on
+  the judged seeds with Holm's and Bonferroni's corrections, the speedup (llmstable.speedup), stability and cost;
 - `markdown`, `page`, `plots`: report.md, report.html (self-contained) and the PNGs.
 """
 
@@ -24,21 +25,24 @@ from llmstable.report.study import analyse
 __all__ = ["report_command", "write_report"]
 
 
-def write_report(root: Path, target_loss: float | None = None, baseline: str = "adamw") -> Path:
+def write_report(root: Path, target_loss: float | None = None, baseline: str = "adamw",
+                 confirm_seeds: list[int] | tuple = ()) -> Path:
+    """The report of a sweep directory; runs of `confirm_seeds` are the fresh seeds each arm is judged on (its LR
+    chosen on the others)."""
     root = Path(root)
     runs = run_dirs(root)
     if not runs:
         raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json): run the sweep first")
     rows = [run_row(r, target_loss) for r in runs]
-    if all(r["budget_run"] for r in rows):
-        raise FileNotFoundError(f"{root} holds only budget runs, no grid run: run the sweep first")
-    ranked = aggregate([r for r in rows if not r["budget_run"]])
+    confirm = set(confirm_seeds)
+    if all(r["budget_run"] or r["seed"] in confirm for r in rows):
+        raise FileNotFoundError(f"{root} holds no grid run of the selection seeds: run the sweep first")
+    ranked = aggregate([r for r in rows if not r["budget_run"] and r["seed"] not in confirm])
     fair = fairness(runs, rows)
-    study = analyse(rows, baseline)
+    study = analyse(rows, baseline, confirm_seeds)
     (root / "report.json").write_text(json.dumps({
         "target_loss": target_loss, "ranked": ranked, "runs": rows, "fairness": fair,
-        "baseline": study["baseline"], "budget_tokens": study["budget_tokens"], "fit": study["fit"],
-        "arms": study["arms"]}, indent=2, default=str))
+        **{k: v for k, v in study.items() if k != "arms"}, "arms": study["arms"]}, indent=2, default=str))
     plot_lr_sensitivity(root, rows, study)
     plot_best_runs(root, rows, study)
     plot_speedup(root, study)
@@ -62,8 +66,9 @@ def report_command(args: list[str]) -> int:
     sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
+    confirm = list(sweep.get("confirm_seeds") or [])  # the seeds each arm is judged on (its LR chosen on others)
     try:
-        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline)}")
+        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline, confirm)}")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

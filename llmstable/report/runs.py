@@ -37,6 +37,28 @@ def planned_tokens(cfg: dict) -> int:
     return int(train["max_steps"]) * int(train["global_batch_size"]) * int(cfg["data"]["seq_len"])
 
 
+def schedule_steps(cfg: dict) -> tuple[int, int]:
+    """The run's optimizer steps and its LR warm-up in steps, as the trainer computes them (the warm-up is
+    schedule.warmup_fraction of the steps when set, else schedule.warmup_steps)."""
+    from llmstable.config import ScheduleConfig
+    from llmstable.schedule import warmup_steps
+
+    train = cfg["train"]
+    per_step = int(train["global_batch_size"]) * int(cfg["data"]["seq_len"])
+    steps = int(train["max_steps"]) if train.get("max_steps") is not None else -(-planned_tokens(cfg) // per_step)
+    fields = ScheduleConfig.__dataclass_fields__  # (a run from before warmup_fraction existed lacks that key)
+    schedule = ScheduleConfig(**{k: v for k, v in cfg["schedule"].items() if k in fields})
+    return steps, warmup_steps(steps, schedule)
+
+
+def step_counts(cfg: dict) -> dict:
+    """The optimizer's own hyperparameters counted in steps (OptimizerConfig.step_counts) and their values."""
+    from llmstable.config import OptimizerConfig
+
+    variant = OptimizerConfig.variant(cfg["optimizer"].get("name"))
+    return {k: cfg["optimizer"].get(k) for k in (variant.step_counts if variant else ())}
+
+
 def run_row(run: Path, target: float | None) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
@@ -45,6 +67,7 @@ def run_row(run: Path, target: float | None) -> dict:
     final = summary["final_val_loss"]
     tuned_key = next(iter(cfg.get("tune") or {}), None)  # an arm tuned over one more key (configs/arm/ `tune`)
     finite = isinstance(final, float) and math.isfinite(final) and not summary.get("diverged")
+    steps, warmup = schedule_steps(cfg)
     return {
         "run": run.name, "arm": cfg.get("name") or run.name, "lr": cfg["optimizer"]["lr"], "seed": cfg["train"]["seed"],
         "optimizer": cfg["optimizer"]["name"],
@@ -58,6 +81,8 @@ def run_row(run: Path, target: float | None) -> dict:
         "spikes": summary.get("spikes", 0), "rollbacks": summary.get("rollbacks", 0),
         "skipped_steps": summary.get("skipped_steps", 0), "skipped_samples": summary.get("skipped_samples", 0),
         "tokens": summary["tokens"], "planned_tokens": planned_tokens(cfg), "budget_run": BUDGET_TAG in run.name,
+        "total_steps": steps, "warmup_steps": warmup, "schedule": cfg["schedule"].get("name"),
+        "optimizer_step_counts": step_counts(cfg),
         "initial_loss": summary.get("initial_loss"), "num_params": num_params, "optimizer_state_bytes": state_bytes,
         "optimizer_state_bytes_per_param": state_bytes / num_params if state_bytes is not None and num_params else None,
         "tokens_per_sec": summary["tokens_per_sec"],
@@ -90,6 +115,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (arm, tuned_key, tuned_value, lr), runs in groups.items():
         entry = {"arm": arm, "tuned_key": tuned_key, "tuned_value": tuned_value, "lr": lr, "seeds": len(runs),
+                 "seed_list": sorted(r["seed"] for r in runs),
                  "diverged": sum(r["diverged"] for r in runs)}
         for key in ("final_val_loss", "best_val_loss", "final_val_ppl", "tokens_to_target", "spikes", "rollbacks",
                     "skipped_steps", "tokens_per_sec", "peak_memory_mb", "wall_s"):
