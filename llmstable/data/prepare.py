@@ -44,6 +44,7 @@ from llmstable.data.corpus import (
 from llmstable.data.shards import (
     FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, token_dtype, write_json_atomic,
 )
+from llmstable.progress import Progress
 
 PROGRESS = "progress.json"
 NO_PLAN = {"forced_val": None, "fingerprint": None}
@@ -191,12 +192,10 @@ def _chunks(parts: list[DocumentPart], cfg: DataConfig, start: dict, forced: int
 
 def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
     """Pass 1: document counts, the fingerprint and the document held out of a too-small validation split."""
-    from tqdm import tqdm
-
     n_train = n_val = 0
     fingerprints = _empty_fingerprint()
     smallest = (None, -1)
-    with tqdm(desc="prepare: hashing", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+    with Progress("prepare: hashing", unit="doc", enabled=progress) as bar:
         doc = 0
         for part in parts:
             if part.role == "val":
@@ -222,7 +221,7 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
                 f"{origin} has 1 document(s), too few to hold one out for validation and train on the rest: add "
                 "documents or use a corpus split into several files"
             )
-    return {"forced_val": forced, "fingerprint": _fingerprint(*fingerprints)}
+    return {"forced_val": forced, "fingerprint": _fingerprint(*fingerprints), "documents": n_train + n_val}
 
 
 def chain(fingerprint: str, doc_hash: str) -> str:
@@ -317,16 +316,14 @@ def tokenize_chunk(texts: list[str], forced_val: list[int], role: str):
 
 def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Path, tok, progress: bool) -> None:
     """Pass 3: chunks to the worker pool, results appended in order to the shards, progress after each shard."""
-    from tqdm import tqdm
-
     dtype = token_dtype(len(tok))
     shards = state["shards"]
     start = shards[-1]["end"] if shards else {"part": 0, "state": None, "docs": 0}
     workers = cfg.workers or len(os.sched_getaffinity(0))
     val_cap = cfg.val_max_blocks * (cfg.seq_len + 1) * 16  # bytes of text: ample for val_max_blocks blocks
     run = _ShardRun(root, dtype, len(shards), state)
-    bar = tqdm(desc="prepare: tokenizing", unit="doc", initial=start["docs"], disable=not progress,
-               dynamic_ncols=True)
+    bar = Progress("prepare: tokenizing", total=state["plan"].get("documents"), unit="doc", initial=start["docs"],
+                   enabled=progress)  # (the total is known once a BPE's plan has counted the documents)
     began, text_bytes = time.perf_counter(), 0
     with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                              initargs=(str(root / "tokenizer"), tok.eos_token_id, dtype.str, cfg.val_fraction)) as pool:
@@ -341,8 +338,9 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
                 run.close()
             text_bytes += nbytes
             bar.update(len(chunk.texts))
-            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M",
-                            MBps=f"{text_bytes / 1e6 / (time.perf_counter() - began):.1f}", refresh=False)
+            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M", file=f"{min(chunk.end['part'] + 1, len(parts))}"
+                            f"/{len(parts)}", MBps=f"{text_bytes / 1e6 / (time.perf_counter() - began):.1f}",
+                            refresh=False)
 
         try:
             for chunk in _chunks(parts, cfg, start, state["plan"]["forced_val"], val_cap):
