@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -38,8 +39,8 @@ import numpy as np
 
 from llmstable.config import DataConfig
 from llmstable.data.corpus import (
-    DataError, DocumentPart, cache_root, document_hash, document_parts, is_validation, source_identity,
-    unreadable_file_error,
+    DataError, DocumentPart, cache_root, document_hash, document_parts, document_texts, is_validation,
+    source_identity, unreadable_file_error,
 )
 from llmstable.data.shards import (
     FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, token_dtype, write_json_atomic,
@@ -49,6 +50,10 @@ from llmstable.progress import Progress
 PROGRESS = "progress.json"
 NO_PLAN = {"forced_val": None, "fingerprint": None}
 CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize the pickling
+
+
+class PrepareWorkerDied(DataError):
+    """A tokenizer worker process died (killed, or out of memory); the finished shards are kept."""
 
 
 @dataclass
@@ -149,20 +154,24 @@ def _empty_fingerprint() -> list[str]:
 
 def _documents(part: DocumentPart, cfg: DataConfig, state: dict | None, batch_size: int = 256):
     """(texts, stream) pairs: batches of one part's non-empty documents, resumed from a `state_dict()` (taken
-    between batches); read errors name the part."""
-    ds = part.open()
-    if state is not None:
-        ds.load_state_dict(state)
+    between batches); read errors name the part (and, for a file, the line and what is wrong with it)."""
     count = 0
     try:
+        try:
+            ds = part.open()  # (the json builder reads the first rows here: an empty file ends at once)
+        except StopIteration:
+            return  # an empty file holds no document; a corpus with none at all is refused later, by name
+        if state is not None:
+            ds.load_state_dict(state)
         for batch in ds.iter(batch_size=batch_size):  # Arrow batches: about twice as fast as row by row
             if part.field not in batch:
                 raise DataError(
                     f"data.text_field={part.field!r} is not a column of {part.name}; its columns are "
                     f"{list(batch)}. Set data.text_field to the column that holds the text."
                 )
+            texts = document_texts(batch[part.field], part.name, part.field)
             count += len(batch[part.field])
-            yield [t for t in batch[part.field] if t and t.strip()], ds
+            yield texts, ds
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable input
@@ -350,10 +359,15 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
             while pending:
                 collect()
             run.close()
-        except BaseException:
+        except BaseException as err:
             run.abort()
             for future, _ in pending:
                 future.cancel()
+            if isinstance(err, BrokenProcessPool):
+                raise PrepareWorkerDied(
+                    f"a tokenizer worker of `prepare` into {root} died ({err}): the system killed it (out of memory? "
+                    "see `dmesg`), or someone did. The shards finished so far are kept: rerun the same command to "
+                    f"continue; if it dies again, lower data.workers (now {workers}) or free memory") from err
             raise
         finally:
             bar.close()
