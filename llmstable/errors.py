@@ -40,7 +40,7 @@ USER_ERRORS: dict[str, tuple[int, str]] = {
     "llmstable.checkpoint.CheckpointWriteError": (EXIT_WRITE_FAILED, "error"),
     "llmstable.checkpoint.CheckpointError": (EXIT_ERROR, "error"),
     "llmstable.export.ExportError": (EXIT_ERROR, "error"),
-    "llmstable.weightfiles.WeightFileError": (EXIT_ERROR, "error"),
+    "llmstable.tensorfiles.TensorFileError": (EXIT_ERROR, "error"),
     "llmstable.generate.GenerateError": (EXIT_ERROR, "error"),
     "llmstable.trainer.SpikeAbort": (EXIT_ABORTED, "aborted"),
     "llmstable.stabilizers.hooks.SuspectedHardwareFault": (EXIT_HARDWARE, "stopped: suspected hardware fault"),
@@ -104,10 +104,16 @@ def classify(err: BaseException) -> tuple[int, str]:
             return code, f"{prefix}: {str(err).strip() or type(err).__name__}"
     if isinstance(err, OSError):
         return EXIT_ERROR, f"error: {os_message(err)}"
+    if type(err).__name__ == "UnpicklingError":  # (a load llmstable.tensorfiles does not guard: torch's advice, to
+        return EXIT_ERROR, UNPICKLING  # load the file with weights_only=False, must never reach the user)
     if isinstance(err, MemoryError):
         return EXIT_ERROR, ("error: out of memory: lower train.micro_batch_size (or data.workers for prepare), or run "
                             "on a machine with more memory")
     return EXIT_BUG, unexpected(err)
+
+
+UNPICKLING = ("error: a file holds a pickle that asks for more than tensors, and the weights-only reader refused "
+              "it (such a pickle can run code): use a file llmstable wrote, or convert it where you trust it")
 
 
 def os_message(err: OSError) -> str:

@@ -251,9 +251,7 @@ def _origin(cfg: DataConfig) -> str:
 
 def _tokenizer_copy(cfg: DataConfig, parts: list[DocumentPart], plan: dict, root: Path):
     """The tokenizer, saved into root/tokenizer (once) and loaded back from there, as training will."""
-    from transformers import AutoTokenizer
-
-    from llmstable.data.tokenizer import build_tokenizer
+    from llmstable.data.tokenizer import build_tokenizer, load_saved_tokenizer
 
     target = root / "tokenizer"
     if not target.exists():
@@ -273,7 +271,7 @@ def _tokenizer_copy(cfg: DataConfig, parts: list[DocumentPart], plan: dict, root
         tmp = root / f".tokenizer.tmp{os.getpid()}"
         tok.save_pretrained(str(tmp))
         os.replace(tmp, target)
-    return AutoTokenizer.from_pretrained(str(target))
+    return load_saved_tokenizer(target, f"Choose another out= (or remove {target}) and prepare again")
 
 
 # --- tokenizing in worker processes ----------------------------------------------------------------------------
@@ -426,7 +424,7 @@ class _ShardRun:
 
 
 def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
-    from llmstable.data.tokenizer import tokenizer_hash
+    from llmstable.data.tokenizer import folder_hash, tokenizer_hash
 
     train = [s["train"] for s in state["shards"] if s["train"]]
     val = [s["val"] for s in state["shards"] if s["val"]]
@@ -436,7 +434,8 @@ def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
     manifest = {
         "format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tok)).name,
         "vocab_size": len(tok), "eos_id": tok.eos_token_id,
-        "tokenizer": {"dir": "tokenizer", "hash": tokenizer_hash(tok)},
+        "tokenizer": {"dir": "tokenizer", "hash": tokenizer_hash(tok),
+                      "files_sha256": folder_hash(root / "tokenizer")},  # (checked before the copy is loaded)
         "corpus": {"fingerprint": fingerprint, "source": state["source"],
                    "documents": sum(s["docs"] for s in state["shards"])},
         "train_tokens": sum(e["tokens"] for e in train), "val_tokens": sum(e["tokens"] for e in val),

@@ -179,5 +179,6 @@ def _whole_json(path: str) -> Finding | None:
         whole = json.loads(b"".join(_lines(path)).decode("utf-8"))
     except (ValueError, EOFError, OSError, zlib.error, lzma.LZMAError):
         return None
-    return Finding(f"it is one JSON {_KINDS.get(type(whole), 'value')} spread over several lines, not JSON lines (one object per "
-                   "line)", "write one JSON object per line (`jq -c '.[]' FILE`), or point data.path at .jsonl files")
+    return Finding(f"it is one JSON {_KINDS.get(type(whole), 'value')} spread over several lines, not JSON lines "
+                   "(one object per line)", "write one JSON object per line (`jq -c '.[]' FILE`), or point data.path "
+                   "at .jsonl files")
