@@ -155,11 +155,10 @@ def render_tuned(sweep: SweepConfig, train_overrides: list[str], root: Path,
 
 
 def current_study(root: Path, baseline: str) -> dict:
-    from llmstable.report.runs import run_dirs, run_row
+    from llmstable.report.runs import readable_runs
     from llmstable.report.study import analyse
 
-    rows = [run_row(r, None) for r in run_dirs(root)]
-    return analyse(rows, baseline)
+    return analyse(readable_runs(root)[1], baseline)
 
 
 def budget_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> tuple[str, list[str]]:

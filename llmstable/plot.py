@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstable.metrics import read_jsonl
+from llmstable.metrics import read_events, read_metrics
 
 
 def final_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -24,8 +24,8 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    events = read_events(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
     train, val = final_curve(rows, "train/loss"), final_curve(rows, "val/loss")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmstable.metrics import read_jsonl
+from llmstable.metrics import read_events, skipped_warning
 
 ACTIONS = ("skip_step", "rollback", "abort")
 COLUMNS = ("step", "metric", "value", "threshold", "action", "layer", "skipped samples")
@@ -53,7 +53,7 @@ def cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, dict):
-        return ", ".join(f"{k} {x:.6g}" for k, x in v.items())
+        return ", ".join(f"{k} {x:.6g}" if isinstance(x, (int, float)) else f"{k} {x}" for k, x in v.items())
     return str(v)
 
 
@@ -73,7 +73,10 @@ def spikes_command(args: list[str]) -> int:
     if not path.is_file():
         print(f"error: {path} does not exist: pass a run directory of llmstable train", file=sys.stderr)
         return 2
-    rows = spike_rows(read_jsonl(path))
+    problems: list[str] = []
+    rows = spike_rows(read_events(path, problems))
+    if warning := skipped_warning(path, problems):  # damaged or foreign lines: skipped, and said so
+        print(warning, file=sys.stderr)
     if not rows:
         print(f"no spikes, warnings or SDC suspects in {path}")
         return 0

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from llmstable.report.markdown import markdown
 from llmstable.report.page import html
 from llmstable.report.plots import plot_best_runs, plot_lr_sensitivity, plot_speedup
-from llmstable.report.runs import aggregate, fairness, run_dirs, run_row
+from llmstable.report.runs import aggregate, fairness, readable_runs
 from llmstable.report.study import analyse
 
 __all__ = ["report_command", "write_report"]
@@ -26,10 +26,11 @@ __all__ = ["report_command", "write_report"]
 
 def write_report(root: Path, target_loss: float | None = None, baseline: str = "adamw") -> Path:
     root = Path(root)
-    runs = run_dirs(root)
+    runs, rows, skipped = readable_runs(root, target_loss)
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     if not runs:
-        raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json): run the sweep first")
-    rows = [run_row(r, target_loss) for r in runs]
+        raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json of a run): run the sweep first")
     if all(r["budget_run"] for r in rows):
         raise FileNotFoundError(f"{root} holds only budget runs, no grid run: run the sweep first")
     ranked = aggregate([r for r in rows if not r["budget_run"]])
@@ -59,7 +60,14 @@ def report_command(args: list[str]) -> int:
                         "file's baseline, else adamw)")
     ns = parser.parse_args(args)
     sweep_file = Path(ns.sweep_dir) / "sweep.yaml"
-    sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
+    try:
+        sweep = OmegaConf.load(sweep_file) if sweep_file.is_file() else {}
+    except Exception as err:  # noqa: BLE001  (yaml's and OmegaConf's errors)
+        print(f"warning: {sweep_file} is not readable YAML ({str(err).splitlines()[0][:120]}): using the defaults, "
+              "--target-loss and --baseline", file=sys.stderr)
+        sweep = {}
+    if not isinstance(sweep, dict) and not OmegaConf.is_dict(sweep):
+        sweep = {}
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
     try:
