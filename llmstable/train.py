@@ -73,6 +73,8 @@ def train_command(overrides: list[str]) -> int:
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # in a sweep, an aborted arm is a result
                 return json.loads((Path(container["run_dir"]) / "summary.json").read_text())
             sys.exit(EXIT_ABORTED)
+        except Exception as err:  # noqa: BLE001  (anything else: one paragraph too, not Hydra's report of it)
+            sys.exit(report(err))
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary, indent=2))
         return summary
