@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstable.config import LoggingConfig
+from llmstable.records import read_jsonl  # noqa: F401  (reading the logs back lives in llmstable.records)
 
 
 class RunLog:
@@ -138,72 +139,6 @@ class QuietLog:
 
     def close(self) -> None:
         pass
-
-
-def read_jsonl(path: Path, problems: list[str] | None = None) -> list[dict]:
-    """The JSON objects of a .jsonl file, one per line. A line that is not one (a last line cut off by a crash, a
-    binary tail, bytes that are not UTF-8, a list) is skipped, and described in `problems` if given."""
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                row, why = json.loads(raw.decode("utf-8")), "holds a JSON {} where an object belongs"
-            except UnicodeDecodeError:
-                row, why = None, "is not UTF-8 text (binary data)"
-            except json.JSONDecodeError:
-                row, why = None, "is not valid JSON (cut off by a crash?)"
-            if isinstance(row, dict):
-                rows.append(row)
-            elif raw.strip() and problems is not None:
-                kind = {"list": "list", "str": "string", "int": "number", "float": "number"}.get(type(row).__name__, "value")
-                problems.append(f"line {number} {why.format(kind)}")
-    return rows
-
-
-_NUMBER = (int, float)
-# The fields each kind of row must have, and the types a field must have wherever it appears: a row that breaks
-# them (a foreign or damaged line) is skipped by the readers below, so no tool stops on it.
-METRIC_FIELDS = {"step": int, "tokens": int}
-EVENT_FIELDS = {"event": str, "step": int}
-EVENT_EXTRA = {"rollback": ("tokens", "to_tokens"), "skip_data": ("tokens", "start", "end", "samples")}
-FIELD_TYPES = {"tokens": _NUMBER, "to_tokens": _NUMBER, "start": int, "end": int, "samples": int,
-               "layer": (int, type(None)), "metric": (str, type(None)), "signal": (str, type(None))}
-
-
-def read_metrics(path: Path, problems: list[str] | None = None) -> list[dict]:
-    """metrics.jsonl's rows that have an integer step and tokens (see read_jsonl for what is skipped)."""
-    return _shaped(path, read_jsonl(path, problems), METRIC_FIELDS, {}, problems)
-
-
-def read_events(path: Path, problems: list[str] | None = None) -> list[dict]:
-    """events.jsonl's rows that have an event name, an integer step, and the fields their kind needs."""
-    return _shaped(path, read_jsonl(path, problems), EVENT_FIELDS, EVENT_EXTRA, problems)
-
-
-def _shaped(path: Path, rows: list[dict], required: dict, extra: dict, problems: list[str] | None) -> list[dict]:
-    kept = []
-    for row in rows:
-        wrong = [k for k, t in required.items() if not _typed(row.get(k), t)]
-        wrong += [k for k in extra.get(row.get("event"), ()) if k not in row]
-        wrong += [k for k, t in FIELD_TYPES.items() if k in row and not _typed(row[k], t)]
-        if not wrong:
-            kept.append(row)
-        elif problems is not None:
-            problems.append(f"a row's {', '.join(sorted(set(wrong)))} is missing or of the wrong type: "
-                            f"{json.dumps(row)[:60]}")
-    return kept
-
-
-def skipped_warning(path: Path, problems: list[str], shown: int = 3) -> str | None:
-    """One warning for the lines of `path` a reader skipped (None if none): how many, and the first few."""
-    if not problems:
-        return None
-    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
-    return f"warning: skipped {len(problems)} line(s) of {path}: {'; '.join(problems[:shown])}{more}"
-
-
-def _typed(value: Any, types) -> bool:
-    return isinstance(value, types) and not isinstance(value, bool)  # (no field is a bool, and bool is an int)
 
 
 def _write_line(f, row: dict) -> None:

@@ -8,11 +8,11 @@ warnings (`spike_warning`) and silent-data-corruption suspects (`sdc_suspect`) a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from llmstable.metrics import read_events, skipped_warning
+from llmstable.errors import ArgumentParser
+from llmstable.records import read_events, skipped_warning
 
 ACTIONS = ("skip_step", "rollback", "abort")
 COLUMNS = ("step", "metric", "value", "threshold", "action", "layer", "skipped samples")
@@ -66,7 +66,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def spikes_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmstable spikes", description="Print the run's spikes as a table.")
+    parser = ArgumentParser(prog="llmstable spikes", description="Print the run's spikes as a table.")
     parser.add_argument("run_dir", help="a run directory (reads its events.jsonl)")
     ns = parser.parse_args(args)
     path = Path(ns.run_dir) / "events.jsonl"

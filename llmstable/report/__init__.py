@@ -50,9 +50,9 @@ def write_report(root: Path, target_loss: float | None = None, baseline: str = "
 
 
 def report_command(args: list[str]) -> int:
-    import argparse
+    from llmstable.errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="llmstable report", description="Write the report of a sweep directory.")
+    parser = ArgumentParser(prog="llmstable report", description="Write the report of a sweep directory.")
     parser.add_argument("sweep_dir")
     parser.add_argument("--target-loss", type=float, default=None,
                         help="validation loss for 'tokens to target' (default: the sweep file's target_loss)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from llmstable.metrics import read_events, read_metrics
+from llmstable.records import read_events, read_metrics
 from llmstable.plot import final_curve
 from llmstable.report.study import best_runs
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llmstable.metrics import read_events, read_metrics, skipped_warning
+from llmstable.records import read_events, read_metrics, skipped_warning
 from llmstable.plot import final_curve
 from llmstable.resume import flatten
 from llmstable.spikes import spike_rows
