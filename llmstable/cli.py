@@ -16,11 +16,10 @@ failed, 1 a bug, 130 Ctrl-C). `--debug` anywhere on the line, or LLMSTABLE_DEBUG
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Face import)
-from llmstable.errors import EXIT_ERROR, debug_requested, run_command, set_debug
+from llmstable.errors import EXIT_ERROR, ArgumentParser, debug_requested, run_command, set_debug
 
 
 COMMANDS = {  # name -> (module, function), None for this module: only the chosen command's module is imported
@@ -72,7 +71,7 @@ def prepare_command(args: list[str]) -> int:
 def export_command(args: list[str]) -> int:
     from llmstable.export import LOGITS_NOTE, export_hf
 
-    parser = argparse.ArgumentParser(prog="llmstable export", description="Write a Hugging Face LlamaForCausalLM folder.")
+    parser = ArgumentParser(prog="llmstable export", description="Write a Hugging Face LlamaForCausalLM folder.")
     parser.add_argument("path", help="a run directory or a checkpoint directory")
     parser.add_argument("out_dir", help="the folder to create (outside the run directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it holds an earlier export")
@@ -86,7 +85,7 @@ def export_command(args: list[str]) -> int:
 
 
 def generate_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmstable generate", description="Print a sample, token by token.")
+    parser = ArgumentParser(prog="llmstable generate", description="Print a sample, token by token.")
     parser.add_argument("path", help="a run directory or a checkpoint directory")
     parser.add_argument("--prompt", default="The")
     parser.add_argument("--max-new-tokens", type=int, default=100,

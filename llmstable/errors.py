@@ -23,6 +23,7 @@ Exit codes (the README lists them):
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -42,6 +43,7 @@ USER_ERRORS: dict[str, tuple[int, str]] = {
     "llmstable.export.ExportError": (EXIT_ERROR, "error"),
     "llmstable.tensorfiles.TensorFileError": (EXIT_ERROR, "error"),
     "llmstable.generate.GenerateError": (EXIT_ERROR, "error"),
+    "llmstable.errors.UsageError": (EXIT_ERROR, "error"),
     "llmstable.trainer.SpikeAbort": (EXIT_ABORTED, "aborted"),
     "llmstable.stabilizers.hooks.SuspectedHardwareFault": (EXIT_HARDWARE, "stopped: suspected hardware fault"),
     "hydra.errors.HydraException": (EXIT_ERROR, "error: the config does not compose"),
@@ -60,6 +62,18 @@ OS_FIXES = {  # errno -> what to do about it
     errno.ENOENT: "it does not exist: check the path",
     errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
 }
+
+
+class UsageError(ValueError):
+    """Command-line arguments that do not parse; the message names the argument and shows the usage."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reporting a bad argument through the one error path (`error: ...`, exit 2) rather than
+    its own `prog: error:` lines."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; {' '.join(self.format_usage().split())}")  # ("usage: prog ...")
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
