@@ -75,8 +75,9 @@ def _explain_jsonl(path: str, field: str) -> Finding | None:
                 whole = _whole_json(path) if number == 1 else None
                 if whole is not None:
                     return whole
-                return Finding(f"line {number} is not valid JSON ({err.msg} at column {err.colno}; {number - 1} "
-                               "lines before it are fine)", "fix or remove that line; each line must be one JSON "
+                what = err.msg.removesuffix(" starting at").lower()  # (json's message ends where its position began)
+                return Finding(f"line {number} is not valid JSON ({what}, column {err.colno}; the {number - 1} lines "
+                               "before it are fine)", "fix or remove that line; each line must be one JSON "
                                "object, e.g. {\"text\": \"...\"}")
             if not isinstance(row, dict):
                 return Finding(f"line {number} holds a JSON {_KINDS.get(type(row), 'value')}, not an object",
