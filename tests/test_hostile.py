@@ -237,7 +237,7 @@ CASES = [
                     lambda root: fake_run(root, "adamw_lr0.01_seed0", metrics=BINARY, lr=0.01)),
          watch=("in/sweep/foreign", "in/sweep/binary", "in/sweep/adamw_lr0.001_seed0")),
     # --- input corpora -------------------------------------------------------------------------------------------
-    Case("jsonl_empty_alone", JSONL, 2, ("holds no text",), make=files(**{"a.jsonl": ""})),
+    Case("jsonl_empty_alone", JSONL, 2, ("holds no text",), make=files(**{"a.jsonl": ""}), long=True),
     Case("jsonl_empty_in_a_glob", JSONL, 0, ("prepared", "from 50 documents"),
          make=files(**{"a.jsonl": good_jsonl(), "b.jsonl": ""}), long=True),
     Case("jsonl_invalid_utf8_after_50_lines", JSONL, 2,
@@ -272,7 +272,7 @@ CASES = [
     # --- the data cache ------------------------------------------------------------------------------------------
     Case("cache_is_a_file", TEXT, 2, ("LLMSTABLE_CACHE=", "is a file, not a folder"),
          make=files(**{"a.txt": _docs(1)[0], "b.txt": _docs(2)[1], "cache": "not a folder"}),
-         env={"LLMSTABLE_CACHE": "{case}/in/cache"}),
+         env={"LLMSTABLE_CACHE": "{case}/in/cache"}, long=True),
     Case("cache_dir_under_a_file", (*TEXT, "data.cache_dir={case}/in/file/cache"), 2,
          ("data.cache_dir=", "cannot be written", "Not a directory"),
          make=files(**{"a.txt": _docs(1)[0], "b.txt": _docs(2)[1], "file": "x"}), long=True),

@@ -345,9 +345,9 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
                 run.close()
             text_bytes += nbytes
             bar.update(len(chunk.texts))
-            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M", file=f"{min(chunk.end['part'] + 1, len(parts))}"
-                            f"/{len(parts)}", MBps=f"{text_bytes / 1e6 / (time.perf_counter() - began):.1f}",
-                            refresh=False)
+            part = min(chunk.end["part"] + 1, len(parts))  # (the file being read, or the last one finished)
+            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M", file=f"{part}/{len(parts)}",
+                            MBps=f"{text_bytes / 1e6 / (time.perf_counter() - began):.1f}", refresh=False)
 
         try:
             for chunk in _chunks(parts, cfg, start, state["plan"]["forced_val"], val_cap):

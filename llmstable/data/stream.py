@@ -87,7 +87,6 @@ class LaneStream:
                                   "data.stream_lanes, or use a corpus with more files")
             c = {"epoch": c["epoch"] + 1, "state": None, "window": 0, "doc": 0, "token": 0}
 
-
     def _read(self, rows) -> list[str]:
         """The next window's texts; a read that fails (a bad file met mid-run) becomes the named error."""
         try:
@@ -215,7 +214,8 @@ def build_stream_data(cfg: DataConfig, seed: int, min_train_blocks: int):
                           f"{min_train_blocks}: each global batch takes the same number of blocks from every lane")
     corpus = load_corpus(cfg)
     tok = build_tokenizer(cfg.tokenizer, iter(()), corpus.fingerprint, cache_root(cfg))
-    def read_error(err: Exception) -> DataError:
+
+    def read_error(err: Exception) -> DataError:  # (a bad file met while reading: named with its line)
         return corpus_read_error(cfg, err)
 
     train = StreamingSampleLoader(corpus.train, tok, cfg.seq_len, seed, cfg.shuffle_buffer, cfg.stream_lanes,
