@@ -128,9 +128,9 @@ def test_init_from_names_each_tensor_that_does_not_fit_with_both_shapes(trained_
     _, tokenizer, cfg = load_trained(trained_run)
     narrow = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=64, intermediate_size=176))
     model, _ = build_model_and_stabilizers(narrow, len(tokenizer))
-    with pytest.raises(CheckpointError, match=r"does not fit this model: tok_embeddings.weight is \[512, 128\] in the "
-                                              r"file and \[512, 64\] in the model; .*\(and \d+ more\)"):
+    with pytest.raises(CheckpointError, match=r"does not fit this model: .*\(and \d+ more\)") as caught:
         load_initial_weights(model, out / "model.safetensors")
+    assert "tok_embeddings.weight is [512, 128] in the file and [512, 64] in the model" in str(caught.value)
 
 
 def test_our_names_and_hugging_faces_map_one_to_one(trained_run):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,9 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_dir: str, eos: int, dtype: str, val_fraction: float) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
+    # Ctrl-C reaches the whole process group: the parent stops the pool and says so once; a worker interrupted in
+    # the middle of a task would print its own traceback and leave the parent waiting for it forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     from tokenizers import Tokenizer
 
@@ -294,7 +298,6 @@ def _die_with_parent() -> None:
     """Ask Linux to kill this worker when the prepare process dies (kill -9 leaves no orphan tokenizing on)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except OSError:  # not Linux: the orphan exits when it next finds its queue closed
@@ -359,8 +362,7 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
             run.close()
         except BaseException as err:
             run.abort()
-            for future, _ in pending:
-                future.cancel()
+            _stop_workers(pool)  # (an error or Ctrl-C: the chunks in flight would be thrown away anyway)
             if isinstance(err, BrokenProcessPool):
                 raise PrepareWorkerDied(
                     f"a tokenizer worker of `prepare` into {root} died ({err}): the system killed it (out of memory? "
@@ -369,6 +371,14 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
             raise
         finally:
             bar.close()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers and shut it down without waiting for the chunks already handed out: under load those
+    can take minutes, and the interpreter would wait for them again at exit (Ctrl-C used to hang here)."""
+    for child in active_children():  # (prepare starts no other processes)
+        child.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardRun:
