@@ -114,6 +114,32 @@ def test_kill_9_during_prepare_then_rerun_gives_the_same_shards_without_redoing_
     assert not list(out.glob(".*.tmp*"))
 
 
+def test_ctrl_c_during_prepare_stops_at_once_with_one_line(tmp_path, tokenizer_dir, jsonl_dir):
+    # Ctrl-C reaches the whole process group. The pool used to wait for every chunk already handed to the workers
+    # (here each takes 30 s: it hung for minutes on big chunks under load); the workers printed their own tracebacks.
+    out = tmp_path / "out"
+    script = ("import sys, time; from llmstable.data import prepare as p; from llmstable.cli import main\n"
+              "chunk = p.tokenize_chunk\n"
+              "def slow(*args):\n    time.sleep(30)\n    return chunk(*args)\n"
+              "p.tokenize_chunk = slow\n"
+              f"sys.exit(main(['prepare', 'data=local_files', 'data.path={jsonl_dir}/*.json.gz', 'data.format=jsonl', "
+              f"'data.tokenizer.kind=hf', 'data.tokenizer.name_or_path={tokenizer_dir}', 'data.workers=2', "
+              f"'data.shard_tokens=4000', 'out={out}']))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "tokenizer").exists():  # (then the pool is at work)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    began = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - began < 10, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp*"))
+
+
 def test_a_full_disk_is_a_named_error_leaves_no_half_shard_and_a_rerun_completes(tmp_path, tokenizer_dir, jsonl_dir,
                                                                                  monkeypatch):
     cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, shard_tokens=5000, workers=1)
