@@ -84,7 +84,7 @@ def _explain_jsonl(path: str, field: str) -> Finding | None:
                                "each line must be one JSON object with the text in data.text_field, e.g. "
                                "{\"text\": \"...\"}")
             if (problem := text_problem(row.get(field), field)) is not None:
-                return Finding(f"line {number}: {problem}", f"fix that line, or set data.text_field to the key that "
+                return Finding(f"line {number}: {problem}", "fix that line, or set data.text_field to the key that "
                                "holds the text")
     except (EOFError, zlib.error, lzma.LZMAError, OSError, ValueError) as err:
         return _truncated(lines, err)
