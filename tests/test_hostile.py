@@ -70,7 +70,7 @@ def good_jsonl(n: int = 50) -> str:
 
 
 def files(**named: str | bytes) -> Callable[[Path], None]:
-    """A `make` that writes the named files (a/b.jsonl -> in/a/b.jsonl)."""
+    """A `make` that writes the named files into {case}/in (`a__b.jsonl=...` writes in/a/b.jsonl)."""
     def make(root: Path) -> None:
         for name, content in named.items():
             path = root / name.replace("__", "/")
