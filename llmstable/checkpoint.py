@@ -41,6 +41,7 @@ import torch
 
 from llmstable import trust
 from llmstable.runtime import rng_state, set_rng_state
+from llmstable.tensorfiles import describe_misfit, fit_problems, load_weights_only, read_safetensors
 
 MANIFEST = "manifest.json"
 GOOD = "GOOD"
@@ -363,7 +364,7 @@ def load_checkpoint(path: Path, engine, check: bool = True, trusted: bool = Fals
         check_trusted(path, trusted, "resume_trust=true")
     state = read_state(path)
     engine.load(path, state.get("engine", {}))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = load_weights_only(path / "rng.pt", "Resume from another checkpoint (resume=PATH), or start a new run_dir")
     if "torch" not in rng:  # written before every RNG went into rng.pt: torch's here, the others in state.json
         old = state.get("rng") or {"python": state.get("rng_python"), "numpy": state.get("rng_numpy")}
         rng = {"torch": rng, **{k: v for k, v in old.items() if v is not None}}
@@ -376,17 +377,18 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
-    """Weights from a safetensors file; parameters the file lacks (an arm's QK-norm weights) keep their init."""
-    from safetensors.torch import load_file
+    """Weights from a safetensors file, in our parameter names or Hugging Face's (`llmstable export OUT`, then
+    OUT/model.safetensors); parameters the file lacks (an arm's QK-norm weights) keep their init. A file that is not
+    safetensors (a pickle) is refused before it is read; a tensor that does not fit is named with both shapes."""
+    from llmstable.model.names import to_ours
 
-    if not path.is_file():
-        raise CheckpointError(f"train.init_from={str(path)!r} does not exist: point it at a .safetensors file")
-    weights = load_file(str(path))
-    own = model.state_dict()
-    wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    what = f"train.init_from={str(path)!r}"
+    weights = to_ours(read_safetensors(path, what))
+    wrong = fit_problems({k: list(v.shape) for k, v in weights.items()},
+                         {k: list(v.shape) for k, v in model.state_dict().items()})
     if wrong:
-        raise CheckpointError(f"train.init_from={str(path)!r} does not fit this model: {wrong[:5]} are missing "
-                              "from the model or have another shape")
+        raise CheckpointError(f"{what} does not fit this model: {describe_misfit(wrong)}. Build the model it was made "
+                              "for (model=..., model.vocab_size, the same tokenizer), or start from another file")
     model.load_state_dict(weights, strict=False)
 
 

@@ -76,12 +76,18 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
         os.replace(tmp, path)
 
 
+def unfinished(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> list[tuple]:
+    """(lr, seed, run directory) of every run that has no summary.json yet (finished and diverged runs have one),
+    as Hydra names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
+    runs = [(lr, seed, root / f"{arm}_lr{float(lr)}_seed{seed}{tag}")
+            for arm in arms for lr in lrs for seed in seeds for tag in tags]
+    return [run for run in runs if not (run[2] / "summary.json").exists()]
+
+
 def pending(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> tuple[list, list]:
-    """The LRs and seeds with a run that has no summary.json yet (finished and diverged runs have one), as Hydra
-    names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
-    missing = [(lr, seed) for arm in arms for lr in lrs for seed in seeds for tag in tags
-               if not (root / f"{arm}_lr{float(lr)}_seed{seed}{tag}" / "summary.json").exists()]
-    return sorted({lr for lr, _ in missing}), sorted({seed for _, seed in missing})
+    """The LRs and seeds with a run still to do (see `unfinished`)."""
+    missing = unfinished(root, arms, lrs, seeds, tags)
+    return sorted({lr for lr, _, _ in missing}), sorted({seed for _, seed, _ in missing})
 
 
 def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: list[str], lrs: list[float],
@@ -90,9 +96,12 @@ def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: lis
     `extra`) for the LRs and seeds with a run still to do; run directories are NAME_lrLR_seedSEED plus `tag`
     (`tags`: its values), so a rerun finds, skips or resumes its runs. Nothing is launched when every run has its
     summary: a diverged run would otherwise resume from its last checkpoint and diverge again."""
+    from llmstable.progress import Progress
     from llmstable.train import train_command
 
-    lrs, seeds = pending(root, arms, lrs, list(sweep.seeds if seeds is None else seeds), list(tags))
+    seeds = list(sweep.seeds if seeds is None else seeds)
+    todo = [run for _, _, run in unfinished(root, arms, lrs, seeds, list(tags))]
+    lrs, seeds = pending(root, arms, lrs, seeds, list(tags))
     if not lrs:
         return 0
     overrides = [
@@ -109,7 +118,11 @@ def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: lis
     ]
     if sweep.parallel > 1:
         overrides += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={sweep.parallel}"]
-    return train_command(overrides)
+    # The runs' own bars are off (they may run in parallel): the sweep's progress is its finished runs, counted on
+    # disk, since under the joblib launcher they run in other processes.
+    with Progress(f"compare: {','.join(arms)}", total=len(todo), unit="run",
+                  poll=lambda: sum((run / "summary.json").exists() for run in todo)):
+        return train_command(overrides)
 
 
 def grids(sweep: SweepConfig, arm_files: dict[str, dict]) -> dict[str, list[float]]:
@@ -150,11 +163,10 @@ def render_tuned(sweep: SweepConfig, train_overrides: list[str], root: Path,
 
 def current_study(root: Path, sweep: SweepConfig) -> dict:
     """The study of the runs finished so far: each arm's chosen LR comes from the selection seeds' runs alone."""
-    from llmstable.report.runs import run_dirs, run_row
+    from llmstable.report.runs import readable_runs
     from llmstable.report.study import analyse
 
-    rows = [run_row(r, None) for r in run_dirs(root)]
-    return analyse(rows, sweep.baseline, sweep.confirm_seeds)
+    return analyse(readable_runs(root)[1], sweep.baseline, sweep.confirm_seeds)
 
 
 def budget_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> tuple[str, list[str], tuple]:

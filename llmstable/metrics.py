@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstable.config import LoggingConfig
+from llmstable.records import read_jsonl  # noqa: F401  (reading the logs back lives in llmstable.records)
 
 
 class RunLog:
@@ -178,18 +179,6 @@ def cut_partial_line(path: Path) -> bytes:
     logging.getLogger("llmstable").warning("%s ended in a partial line (%d bytes, a write cut short by a crash): "
                                            "removed before appending", path, len(cut))
     return cut
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a .jsonl file; a last line cut off by a crash is ignored."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _write_line(f, row: dict) -> None:

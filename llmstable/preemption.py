@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = 75  # (as llmstable.errors, which maps Preempted to it)
 EXIT_INTERRUPTED = 130
 
 

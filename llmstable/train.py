@@ -19,6 +19,7 @@ from pathlib import Path
 import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Face import)
 from llmstable.compose import CONFIG_DIR, compose_config, register_resolvers
 from llmstable.config import ConfigError, load_config
+from llmstable.errors import report, run_command
 from llmstable.parallel.world import launched_world_size
 
 EXIT_ERROR, EXIT_ABORTED, EXIT_HARDWARE, EXIT_WRITE_FAILED = 2, 3, 4, 5
@@ -60,24 +61,26 @@ def train_command(overrides: list[str]) -> int:
         try:
             summary = train(load_config(container))
         except CheckpointWriteError as err:
-            print(f"error: {err}", file=sys.stderr)
+            report(err)  # (llmstable.errors: the paragraph, and the traceback under --debug)
             sys.exit(EXIT_WRITE_FAILED)
         except (ConfigError, DataError, CheckpointError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            report(err)
             sys.exit(EXIT_ERROR)
         except SuspectedHardwareFault as err:
-            print(f"stopped: suspected hardware fault: {err}", file=sys.stderr)
+            report(err)
             sys.exit(EXIT_HARDWARE)
         except Preempted as err:
-            print(f"stopped: {err}", file=sys.stderr)
+            report(err)
             sys.exit(EXIT_PREEMPTED)
         except SpikeAbort as err:
-            print(f"aborted: {err}", file=sys.stderr)
+            report(err)
             from hydra.types import RunMode
 
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # in a sweep, an aborted arm is a result
                 return json.loads((Path(container["run_dir"]) / "summary.json").read_text())
             sys.exit(EXIT_ABORTED)
+        except Exception as err:  # noqa: BLE001  (anything else: one paragraph too, not Hydra's report of it)
+            sys.exit(report(err))
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary, indent=2))
         return summary
@@ -96,9 +99,14 @@ def train_command(overrides: list[str]) -> int:
         print(f"error: {ConfigError(problems)}", file=sys.stderr)
         return EXIT_ERROR
     sys.argv = ["llmstable train", *overrides]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises what the run raised: llmstable.errors reports it
     hydra_train()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(train_command([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+    from llmstable.errors import debug_requested, set_debug
+
+    debug, args = debug_requested([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    set_debug(debug)
+    sys.exit(run_command(train_command, args))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from llmstable import checkpoint as ckpt
 from llmstable.compiled import compiled_forward
@@ -39,6 +38,7 @@ from llmstable.optimizers import build_optimizer
 from llmstable.optimizers.reporting import state_bytes
 from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
 from llmstable.preemption import EvalInterrupted, Preempted, SignalFlag
+from llmstable.progress import Progress
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
 from llmstable.runtime import memory_mb, seed_everything, use_deterministic_algorithms
@@ -171,8 +171,8 @@ class Trainer:
             self.log.event("already_complete", self.step)
             return json.loads(done.read_text())
         self._started = (self.step, self.tokens, time.perf_counter())  # also for the summary of an aborted run
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.train.progress and self.world.is_main),
-                   unit="step", dynamic_ncols=True)
+        bar = Progress("train", total=total, initial=self.step, enabled=cfg.train.progress and self.world.is_main,
+                       unit="step")  # a live bar on a terminal, a plain line every 20 s in a log
         self.meter.restart(self.tokens)
         while self.step < total:
             lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale

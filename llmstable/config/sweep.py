@@ -5,6 +5,7 @@ budgets. `load_sweep` merges and validates once, listing every problem with the 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class SweepConfig:
                 self.check_grid(problems, arm, arm_files[arm])
                 check_tune(problems, arm, arm_files[arm])
         fractions = self.budget_fractions
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
+        if not all(positive_number(f) for f in fractions):
             problems.append(f"compare.budget_fractions={list(fractions)} must be numbers > 0 (fractions of the "
                             "budget, 1.0 = the grid runs' own), e.g. [0.25,0.5,1.0]")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds) or not self.seeds:
@@ -69,6 +70,8 @@ class SweepConfig:
             problems.append(f"compare.confirm_seeds={list(confirm)} shares {sorted(set(confirm) & set(self.seeds))} "
                             f"with compare.seeds={list(self.seeds)}: the seeds an arm is judged on must be fresh, "
                             "not those its LR was chosen on")
+        if self.target_loss is not None and not (positive_number(self.target_loss) or self.target_loss == 0):
+            problems.append(f"compare.target_loss={self.target_loss} must be a finite loss >= 0, or null for none")
         if self.parallel < 1:
             problems.append(f"compare.parallel={self.parallel} must be >= 1 (runs at a time), e.g. 2")
         if self.threads_per_run is not None and self.threads_per_run < 1:
@@ -80,7 +83,7 @@ class SweepConfig:
         if grid is None:
             problems.append(f"arm {arm!r} has no LR grid: set lr_grid in configs/arm/{arm}.yaml, or "
                             f"compare.lrs=[...] for every arm, or compare.grids.{arm}=[...]")
-        elif not grid or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in grid):
+        elif not grid or not all(positive_number(x) for x in grid):
             problems.append(f"{key}={grid!r} must be a non-empty list of LRs > 0, e.g. [0.001,0.003,0.01]")
         elif len(set(grid)) != len(grid):
             problems.append(f"{key}={grid!r} repeats an LR: list each once")
@@ -133,6 +136,11 @@ def tuned(arm_file: dict) -> tuple[str, list] | None:
     """The arm's tuned key and its values, or None (the arm is tuned over its LR grid only)."""
     tune = arm_file.get("tune")
     return next(iter(tune.items())) if tune else None
+
+
+def positive_number(x) -> bool:
+    """A finite number > 0 (inf passes `> 0`, and nan fails every comparison silently)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _as_list(value):

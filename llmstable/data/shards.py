@@ -260,9 +260,7 @@ class PreparedCorpus:
     """A verified prepared directory: its tokenizer copy and its train and validation token streams."""
 
     def __init__(self, root: Path, name_or_path: str | None = None):
-        from transformers import AutoTokenizer
-
-        from llmstable.data.tokenizer import load_hf_tokenizer, tokenizer_hash
+        from llmstable.data.tokenizer import load_hf_tokenizer, load_saved_tokenizer, tokenizer_hash
 
         self.root, self.manifest = root, read_manifest(root)
         m = self.manifest
@@ -270,7 +268,9 @@ class PreparedCorpus:
         if not copy.is_dir():
             raise DataError(f"{copy} is missing (the tokenizer the shards were made with): restore it, or rerun "
                             f"`llmstable prepare` into a new directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(copy))
+        self.tokenizer = load_saved_tokenizer(  # (its files' hash and a screen for code come before any load)
+            copy, "Restore the original tokenizer folder, or rerun `llmstable prepare` into a new directory",
+            m["tokenizer"].get("files_sha256"), root / MANIFEST, since="the shards were made")
         if tokenizer_hash(self.tokenizer) != m["tokenizer"]["hash"]:
             raise DataError(
                 f"{copy} has changed since the shards were made (tokenizer hash {tokenizer_hash(self.tokenizer)}, "

@@ -28,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from llmstable.checkpoint import CheckpointError
+from llmstable.tensorfiles import load_weights_only
 from llmstable.optimizers.reporting import CountingOptimizer
 from llmstable.parallel.world import World
 
@@ -219,6 +220,7 @@ def cannot_load(directory: Path, fmt: str, engine: str) -> str:
 def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     from safetensors.torch import load_model
 
+    check_fits(directory, model)
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -226,7 +228,36 @@ def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.o
             f"{sorted(unexpected)}. Was it written with another model config?"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+        load_optimizer(directory, optimizer, load_weights_only(directory / "optimizer.pt", NOT_OURS))
+
+
+NOT_OURS = ("Resume from another checkpoint (resume=PATH), or start a new run from this one's weights: llmstable "
+            "export on it, then train.init_from=OUT/model.safetensors in a new run_dir")
+MISFIT = ("A run resumes only onto a model whose every tensor keeps its shape, resume_force=true included (a changed "
+          "vocabulary or model size does not): resume with the config the checkpoint was written with, or start a "
+          "new run_dir (train.init_from takes weights that fit)")
+
+
+def check_fits(directory: Path, model: torch.nn.Module) -> None:
+    """Compare the shapes in model.safetensors' header with the model's before loading (torch would stop at the
+    first with a size-mismatch traceback)."""
+    from llmstable.tensorfiles import describe_misfit, fit_problems, safetensors_shapes
+
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    wrong = [p for p in fit_problems(safetensors_shapes(directory / "model.safetensors"), own)
+             if "is not a parameter" not in p]  # (names are load_model's to report)
+    if wrong:
+        raise CheckpointError(f"checkpoint {directory} does not fit the model this config builds: "
+                              f"{describe_misfit(wrong)}. {MISFIT}")
+
+
+def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, with the checkpoint named when its state belongs to another optimizer or model."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{directory / 'optimizer.pt'} holds the state of another optimizer or model "
+                              f"({type(err).__name__}: {str(err)[:200]}). {MISFIT}") from err
 
 
 def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -286,8 +317,9 @@ def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: t
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    check_fits(directory, model)
     full = load_file(str(directory / "model.safetensors"))
-    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    saved = load_weights_only(directory / "optimizer.pt", NOT_OURS)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     osd = {"state": {order[i]: v for i, v in saved["state"].items()},

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from llmstable.report.markdown import markdown
 from llmstable.report.page import html
 from llmstable.report.plots import plot_best_runs, plot_lr_sensitivity, plot_speedup
-from llmstable.report.runs import aggregate, fairness, run_dirs, run_row
+from llmstable.report.runs import aggregate, fairness, readable_runs
 from llmstable.report.study import analyse
 
 __all__ = ["report_command", "write_report"]
@@ -30,10 +30,11 @@ def write_report(root: Path, target_loss: float | None = None, baseline: str = "
     """The report of a sweep directory; runs of `confirm_seeds` are the fresh seeds each arm is judged on (its LR
     chosen on the others)."""
     root = Path(root)
-    runs = run_dirs(root)
+    runs, rows, skipped = readable_runs(root, target_loss)
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     if not runs:
-        raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json): run the sweep first")
-    rows = [run_row(r, target_loss) for r in runs]
+        raise FileNotFoundError(f"{root} holds no finished runs (no */summary.json of a run): run the sweep first")
     confirm = set(confirm_seeds)
     if all(r["budget_run"] or r["seed"] in confirm for r in rows):
         raise FileNotFoundError(f"{root} holds no grid run of the selection seeds: run the sweep first")
@@ -53,9 +54,9 @@ def write_report(root: Path, target_loss: float | None = None, baseline: str = "
 
 
 def report_command(args: list[str]) -> int:
-    import argparse
+    from llmstable.errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="llmstable report", description="Write the report of a sweep directory.")
+    parser = ArgumentParser(prog="llmstable report", description="Write the report of a sweep directory.")
     parser.add_argument("sweep_dir")
     parser.add_argument("--target-loss", type=float, default=None,
                         help="validation loss for 'tokens to target' (default: the sweep file's target_loss)")
@@ -63,7 +64,14 @@ def report_command(args: list[str]) -> int:
                         "file's baseline, else adamw)")
     ns = parser.parse_args(args)
     sweep_file = Path(ns.sweep_dir) / "sweep.yaml"
-    sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
+    try:
+        sweep = OmegaConf.load(sweep_file) if sweep_file.is_file() else {}
+    except Exception as err:  # noqa: BLE001  (yaml's and OmegaConf's errors)
+        print(f"warning: {sweep_file} is not readable YAML ({str(err).splitlines()[0][:120]}): using the defaults, "
+              "--target-loss and --baseline", file=sys.stderr)
+        sweep = {}
+    if not isinstance(sweep, dict) and not OmegaConf.is_dict(sweep):
+        sweep = {}
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
     confirm = list(sweep.get("confirm_seeds") or [])  # the seeds each arm is judged on (its LR chosen on others)

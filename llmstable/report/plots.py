@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from llmstable.metrics import read_jsonl
+from llmstable.records import read_events, read_metrics
 from llmstable.plot import final_curve
 from llmstable.report.study import best_runs
 
@@ -60,13 +60,13 @@ def plot_best_runs(root: Path, rows: list[dict], study: dict) -> None:
         runs = best_runs(rows, arm)
         for k, row in enumerate(runs):
             run = root / row["run"]
-            metrics = read_jsonl(run / "metrics.jsonl")
+            metrics = read_metrics(run / "metrics.jsonl")
             label = f"{arm['arm']} lr={arm['best_lr']:g}" if k == 0 else None
             for ax, key in ((ax_train, "train/loss"), (ax_val, "val/loss")):
                 curve = [(t, v) for t, v in final_curve(metrics, key) if math.isfinite(v)]
                 if curve:
                     ax.plot(*zip(*curve), color=color, label=label, linewidth=1, alpha=1.0 if k == 0 else 0.5)
-            for event in read_jsonl(run / "events.jsonl"):
+            for event in read_events(run / "events.jsonl") if (run / "events.jsonl").is_file() else ():
                 if event["event"] in ("spike", "rollback") and "tokens" in event:
                     ax_train.axvline(event["tokens"], color=color, linewidth=0.8, alpha=0.6,
                                      linestyle="--" if event["event"] == "spike" else ":")
