@@ -174,44 +174,46 @@ class Trainer:
         bar = Progress("train", total=total, initial=self.step, enabled=cfg.train.progress and self.world.is_main,
                        unit="step")  # a live bar on a terminal, a plain line every 20 s in a log
         self.meter.restart(self.tokens)
-        while self.step < total:
-            lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
-                  * stabilizer_lr_factor(self.stabilizers, self.step + 1))
-            lr = self.faults.lr(self.step + 1, lr)
-            if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
-                self.log.event("disk_warning", self.step + 1, message=warning)
-            log_now = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == total
-            loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
-            if not self.rollback.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
-                self.diverged_step = self.step + 1
-                self.log.event("diverged", self.diverged_step, loss=loss)
-                break
-            self.faults.step_done(self.step + 1, before_kill=self.run.checkpointer.wait)
-            if action is not None and action.kind != "skip_step":
-                self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
-                bar.reset(total=total)
-                bar.update(self.step)
-                self.meter.restart(self.tokens)
+        try:
+            while self.step < total:
+                lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
+                      * stabilizer_lr_factor(self.stabilizers, self.step + 1))
+                lr = self.faults.lr(self.step + 1, lr)
+                if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
+                    self.log.event("disk_warning", self.step + 1, message=warning)
+                log_now = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == total
+                loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
+                if not self.rollback.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
+                    self.diverged_step = self.step + 1
+                    self.log.event("diverged", self.diverged_step, loss=loss)
+                    break
+                self.faults.step_done(self.step + 1, before_kill=self.run.checkpointer.wait)
+                if action is not None and action.kind != "skip_step":
+                    self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
+                    bar.reset(total=total)
+                    bar.update(self.step)
+                    self.meter.restart(self.tokens)
+                    self.step_boundary()
+                    continue
+                self.step += 1
+                self.tokens += cfg.tokens_per_step
+                self.meter.add(loss)
+                if self.step == 1 and self.initial_loss is None:
+                    self.initial_loss = loss
+                self.after_step(action)
+                bar.update(1)
+                if self.step % cfg.train.log_interval == 0 or self.step == total:
+                    bar.set_postfix(self.log_metrics(lr, grad_norm, indicators))
+                if self.step % cfg.train.eval_interval == 0 or self.step == total:
+                    if self.update.stop_agreed:  # a stop agreed in this step: the evaluation runs after the resume
+                        self.eval_pending = True
+                        self.preempt()
+                    self.evaluate()
+                if self.run.checkpoint_due(self.step):
+                    self.save()
                 self.step_boundary()
-                continue
-            self.step += 1
-            self.tokens += cfg.tokens_per_step
-            self.meter.add(loss)
-            if self.step == 1 and self.initial_loss is None:
-                self.initial_loss = loss
-            self.after_step(action)
-            bar.update(1)
-            if self.step % cfg.train.log_interval == 0 or self.step == total:
-                bar.set_postfix(self.log_metrics(lr, grad_norm, indicators))
-            if self.step % cfg.train.eval_interval == 0 or self.step == total:
-                if self.update.stop_agreed:  # a stop agreed in this step: the evaluation runs after the resume
-                    self.eval_pending = True
-                    self.preempt()
-                self.evaluate()
-            if self.run.checkpoint_due(self.step):
-                self.save()
-            self.step_boundary()
-        bar.close()
+        finally:
+            bar.close()
         self.run.checkpointer.wait()
         self.log_checkpoints()
         wall_s = time.perf_counter() - self._started[2]
@@ -357,10 +359,11 @@ class Trainer:
         self.run.write_tokenizer(self.data.tokenizer)
         path = self.resume_from
         if path is not None:
-            for change in self.run.check_config_changes(path):
-                self.log.event("config_change", 0, change=change)
+            changes = self.run.check_config_changes(path)
             self.restore(path)
             self.run.write_config()  # only once the resume has passed its checks
+            for change in changes:
+                self.log.event("config_change", 0, change=change)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
             self.last_saved_step = self.step
             if self.eval_pending:  # the evaluation a preemption cut short

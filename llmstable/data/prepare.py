@@ -72,7 +72,24 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
     empty, or a directory `prepare` made: anything else is refused before a file is written into it."""
     root = Path(os.path.expanduser(str(out)))
     check_output_dir(root)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(cfg, root, progress)
+    except DataError:
+        if created and not _finished_shards(root):
+            shutil.rmtree(root, ignore_errors=True)  # refused before any shard: leave no trace of a new folder
+        raise
+
+
+def _finished_shards(root: Path) -> list:
+    try:
+        return json.loads((root / PROGRESS).read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _prepare_into(cfg: DataConfig, root: Path, progress: bool) -> Path:
     with _locked(root):  # one writer; other ranks (or runs) wait, then find the manifest
         ident = json.loads(json.dumps(source_identity(cfg)))
         state = _load_progress(root, ident)
