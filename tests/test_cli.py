@@ -51,7 +51,7 @@ def test_train_then_generate_then_export_from_the_command_line(tmp_path):
 def test_prepare_and_spikes_start_without_torch():
     # `llmstable prepare` spends its first seconds importing; torch (2-3 s) is not needed until training, and
     # `llmstable spikes` only reads JSON. A lazy package import that turns eager again fails here.
-    code = ("import sys, llmstable.cli, llmstable.compose, llmstable.data.prepare, llmstable.spikes; "
+    code = ("import sys, llmstable.cli, llmstable.compose, llmstable.data.prepare, llmstable.report.spikes; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -72,3 +72,20 @@ def test_deepspeed_started_as_a_plain_command_trains_as_a_world_of_one(tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["engine"] == "deepspeed" and summary["world_size"] == 1 and summary["steps"] == 3
 
+
+
+def test_train_composes_its_config_once(tmp_path, monkeypatch):
+    """One path from the command line to the run: Hydra's compose runs once, and no Hydra app composes again."""
+    import hydra
+
+    from conftest import TINY
+    from llmstable.cli import main
+
+    calls = []
+    real = hydra.compose
+    monkeypatch.setattr(hydra, "compose", lambda *a, **k: calls.append(k.get("overrides")) or real(*a, **k))
+    monkeypatch.setattr(hydra, "main", lambda *a, **k: pytest.fail("a single run needs no Hydra app"))
+    assert main(["train", *TINY, "train.max_steps=2", f"run_dir={tmp_path}/run"]) == 0
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert (tmp_path / "run" / "train.log").is_file()

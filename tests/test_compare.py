@@ -16,7 +16,7 @@ import pytest
 from browser import check_page, chromium
 from conftest import TINY
 from llmstable.metrics import read_jsonl
-from llmstable.plot import final_curve
+from llmstable.loss_plot import final_curve
 from llmstable.statistics import t975
 
 PNG = b"\x89PNG\r\n\x1a\n"

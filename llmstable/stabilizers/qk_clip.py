@@ -32,7 +32,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from llmstable.indicators import replicated_like
+from llmstable.parallel.dtensors import replicated_like
 from llmstable.model.llama import apply_rope
 from llmstable.stabilizers.hooks import Stabilizer
 

@@ -9,7 +9,7 @@ import torch
 from llmstable import checkpoint as ckpt
 from llmstable.metrics import read_jsonl
 from llmstable.stabilizers import Action, Stabilizer
-from llmstable.evaluate import cross_entropy
+from llmstable.losses import cross_entropy
 from llmstable.trainer import train
 
 

@@ -6,7 +6,7 @@ run with a message to check the machine."""
 import pytest
 
 from llmstable.metrics import read_jsonl
-from llmstable.spikes import format_table, spike_rows
+from llmstable.report.spikes import format_table, spike_rows
 from llmstable.stabilizers.hooks import SuspectedHardwareFault
 from llmstable.stabilizers.sdc import SDCReplay
 from llmstable.trainer import train
