@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu bench bench-data demo-spike demo-warning compare clean
+.PHONY: help venv train test test-all test-gpu bench bench-data demo-spike demo-warning compare study-proxies clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,10 +35,11 @@ test-all: $(STAMP) ## Every CPU test, including the long suites
 test-gpu: $(STAMP) ## The GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu $(ARGS)
 
-bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps vs torch AdamW; hook costs; data
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps vs torch AdamW; hook and indicator costs; data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
 	$(BIN)/python scripts/bench_hooks.py
+	$(BIN)/python scripts/bench_indicators.py
 	$(BIN)/python scripts/bench_warning.py
 	$(MAKE) bench-data
 
@@ -53,6 +54,9 @@ demo-warning: $(STAMP) ## AdamW spiking by itself; the preconditioner warning ri
 
 compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, each LR-tuned, 2 seeds; report in runs/compare/quick_cpu
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
+
+study-proxies: $(STAMP) ## Wortsman et al.'s small-scale proxies on CPU: 3 sizes, LRs 1e-3..3e-1, QK-norm/z-loss; runs/compare/proxies_cpu
+	$(BIN)/llmstable compare compare=proxies_cpu $(ARGS)
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs .pytest_cache

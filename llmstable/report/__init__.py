@@ -4,7 +4,9 @@ one of those files' numbers, or a mean, paired difference, interval or fit of th
 
 - `runs`: one row per run, the table of every (arm, LR) setting, the same-start checks;
 - `study`: per arm, the best LR, the paired difference against the baseline, the speedup, stability and cost;
-- `markdown`, `page`, `plots`: report.md, report.html (self-contained) and the PNGs.
+- `markdown`, `page`, `plots`: report.md, report.html (self-contained) and the PNGs;
+- `proxies`, `proxy_page`, `proxy_plots`: a study run at several model sizes (`compare.models`): each size's report
+  in its subdirectory, and one across sizes that says which of Wortsman et al.'s claims reproduced.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from omegaconf import OmegaConf
 from llmstable.report.markdown import markdown
 from llmstable.report.page import html
 from llmstable.report.plots import plot_best_runs, plot_lr_sensitivity, plot_speedup
+from llmstable.report.proxy_page import write_proxy_report
 from llmstable.report.runs import aggregate, fairness, run_dirs, run_row
 from llmstable.report.study import analyse
 
@@ -62,8 +65,12 @@ def report_command(args: list[str]) -> int:
     sweep = OmegaConf.load(sweep_file) if sweep_file.exists() else {}
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
+    root, models = Path(ns.sweep_dir), list(sweep.get("models") or [])
     try:
-        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline)}")
+        for model in models:  # a study at several sizes: each size's report, then the one across sizes
+            write_report(root / model, target, baseline)
+        path = write_proxy_report(root, models) if models else write_report(root, target, baseline)
+        print(f"report: {path}")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
