@@ -107,9 +107,10 @@ def summarise(size: dict) -> dict:
     return size
 
 
-SETUP_KEYS = ("data.name", "data.tokenizer.vocab_size", "data.seq_len", "train.global_batch_size", "train.budget_tokens",
-              "train.max_steps", "train.max_norm", "schedule.name", "schedule.warmup_fraction", "schedule.min_lr_ratio",
-              "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "stabilizer.zloss.coef", "train.log_interval")
+SETUP_KEYS = ("data.name", "data.tokenizer.vocab_size", "data.seq_len", "train.global_batch_size",
+              "train.budget_tokens", "train.max_steps", "train.max_norm", "schedule.name", "schedule.warmup_fraction",
+              "schedule.min_lr_ratio", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay",
+              "stabilizer.zloss.coef", "train.log_interval")
 
 
 def setup(root: Path, sizes: list[dict]) -> dict:
@@ -204,7 +205,8 @@ def sensitivity_grows_with_size(sizes: list[dict]) -> dict:
     if len(known) >= 2:
         delta = known[-1][1] - known[0][1]
         outcome = True if delta > NOISE else False if delta < -NOISE else None
-    return {"id": "lr_sensitivity_grows_with_size", "source": "Figure 1, as summaries of the paper state it (its text was not reachable here)",
+    return {"id": "lr_sensitivity_grows_with_size",
+            "source": "Figure 1, as summaries of the paper state it (its text was not reachable here)",
             "claim": "Without the mitigations, LR sensitivity grows with model size.",
             "rule": f"the baseline's LR sensitivity at the largest size exceeds the smallest size's by more than "
                     f"{NOISE:g}",
@@ -231,8 +233,8 @@ def log_z_divergence(sizes: list[dict]) -> dict:
                            f"z-loss{' (diverged)' if base['diverged'] else ''}, {cured['log_z_curve'][-1][1]:+.3g} "
                            f"with it (ln V = {scale:.3g})")
     return {"id": "output_logit_divergence", "source": "section 3.1.2 (output logit divergence)",
-            "claim": "Without weight decay, the output logits diverge from the log probabilities at high learning rates "
-                     "(log Z drifts far from 0); z-loss (1e-4) keeps log Z near 0 and prevents it.",
+            "claim": "Without weight decay, the output logits diverge from the log probabilities at high learning "
+                     "rates (log Z drifts far from 0); z-loss (1e-4) keeps log Z near 0 and prevents it.",
             "rule": f"at each size and each of the {TOP_LRS} highest LRs: without z-loss the run diverges or the "
                     "magnitude of log Z ends above 2 ln V (twice its value at initialisation), and with z-loss the run "
                     "does not diverge and that magnitude ends at most half as large",

@@ -64,8 +64,8 @@ def conclusions(study: dict) -> str:
             "reached 0.045). The best loss of each grid is picked from the same runs it is judged on, as the "
             "definition of LR sensitivity does. The models are orders of magnitude smaller and the runs orders of "
             "magnitude shorter than the paper's, so a claim that does not reproduce here says what happens at this "
-            "scale, not that the paper is wrong; one that reproduces says the proxy shows it on a laptop. Throughput and "
-            "memory are not compared: runs shared the machine's cores.")
+            "scale, not that the paper is wrong; one that reproduces says the proxy shows it on a laptop. Throughput "
+            "and memory are not compared: runs shared the machine's cores.")
 
 
 def sensitivity_table(study: dict) -> tuple[list[str], list[list[str]]]:
@@ -148,6 +148,7 @@ def html(root: Path, study: dict) -> str:
               table("stability", STABILITY_HEAD, stability_rows(study)),
               "<h2>What this can and cannot conclude</h2>", f"<p>{escape(conclusions(study))}</p>",
               "<h2>Each size's own report</h2><ul>",
-              *(f'<li><a href="{escape(s["model"])}/report.html">{escape(s["model"])}</a></li>' for s in study["sizes"]),
+              *(f'<li><a href="{escape(m)}/report.html">{escape(m)}</a></li>'
+                for m in (size["model"] for size in study["sizes"])),
               "</ul></body></html>"]
     return "\n".join(parts) + "\n"

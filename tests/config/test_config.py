@@ -62,7 +62,8 @@ def test_unknown_key_added_with_plus_is_caught_by_validation(tmp_path):
 
 def test_unknown_group_option_lists_the_valid_ones(tmp_path):
     check_error(["model=llama_7b"], "model=llama_7b: 'llama_7b' is not an option of the model group; options: "
-                "llama_130m, llama_1b, llama_350m, llama_60m, proxy_100k, proxy_1m, proxy_300k, tiny_10m, tiny_1m", tmp_path=tmp_path)
+                "llama_130m, llama_1b, llama_350m, llama_60m, proxy_100k, proxy_1m, proxy_300k, tiny_10m, tiny_1m",
+                tmp_path=tmp_path)
     # In a list, the wrong option is named, with every option of the group.
     check_error(["stabilizer=[zloss,foo]"], "stabilizer=[zloss,foo]: 'foo' is not an option of the stabilizer "
                 "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_clip, qk_norm, quant4, "

@@ -59,7 +59,8 @@ def test_bad_sweep_input_names_the_key_the_value_and_the_fix(args, expected):
 def test_a_study_across_sizes_refuses_a_model_override():
     with pytest.raises(ConfigError) as err:
         load_sweep(["compare=proxies_cpu", "model=tiny_10m"], CONFIG_DIR)
-    assert "model=tiny_10m chooses one model but compare.models=['proxy_100k', 'proxy_300k', 'proxy_1m']" in str(err.value)
+    assert ("model=tiny_10m chooses one model but compare.models=['proxy_100k', 'proxy_300k', 'proxy_1m']"
+            in str(err.value))
 
 
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
