@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# GPU machines bring their own torch (the CUDA image's): the GPU targets use the venv when it exists, else python3.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Offline by default; export these as 0 yourself to reach the Hugging Face Hub.
@@ -11,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu bench bench-data demo-spike demo-warning compare study-proxies clean
+.PHONY: help venv train test test-all test-gpu gpu-check bench bench-data demo-spike demo-warning compare study-proxies clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,15 +34,21 @@ test: $(STAMP) ## The test suite CI runs (CPU, includes the slow end-to-end test
 test-all: $(STAMP) ## Every CPU test, including the long suites
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
 
-test-gpu: $(STAMP) ## The GPU tests (needs CUDA)
-	$(BIN)/python -m pytest -m gpu $(ARGS)
+test-gpu: ## The GPU tests (needs CUDA; the venv's python if there is one, else python3 with your own torch)
+	$(GPU_PYTHON) -m pytest -m gpu $(ARGS)
 
-bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps vs torch AdamW; hook and indicator costs; data
+gpu-check: ## On one GPU: make test-gpu, then the GPU benchmarks (MFU, optimizers, checkpoints); writes gpu_check.json
+	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
+
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps; hooks; indicators; checkpoints; start; data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
 	$(BIN)/python scripts/bench_hooks.py
 	$(BIN)/python scripts/bench_indicators.py
 	$(BIN)/python scripts/bench_warning.py
+	$(BIN)/python scripts/bench_checkpoint.py
+	$(BIN)/python scripts/bench_start.py
+	$(BIN)/python scripts/preempt_check.py
 	$(MAKE) bench-data
 
 bench-data: $(STAMP) ## Data: prepare throughput vs a one-process encode_batch loop, flat memory, resume cost
@@ -52,7 +60,7 @@ demo-spike: $(STAMP) ## Train with injected spikes; the spike guard rolls back a
 demo-warning: $(STAMP) ## AdamW spiking by itself; the preconditioner warning rises first (warning.png in the run dir)
 	$(BIN)/python scripts/demo_warning.py $(ARGS)
 
-compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, each LR-tuned, 2 seeds; report in runs/compare/quick_cpu
+compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, LR tuned on seed 0, judged on 1-3; report in runs/compare/quick_cpu
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
 
 study-proxies: $(STAMP) ## Wortsman et al.'s small-scale proxies on CPU: 3 sizes, LRs 1e-3..3e-1, QK-norm/z-loss; runs/compare/proxies_cpu

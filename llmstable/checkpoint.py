@@ -41,6 +41,7 @@ import torch
 
 from llmstable import trust
 from llmstable.runtime import rng_state, set_rng_state
+from llmstable.tensorfiles import describe_misfit, fit_problems, load_weights_only, read_safetensors
 
 MANIFEST = "manifest.json"
 GOOD = "GOOD"
@@ -77,32 +78,61 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"  # the same name on every rank; a leftover of a killed write is replaced
     try:
         if world.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            _fresh(tmp)
         world.barrier()
         engine.save(tmp)
         world.barrier()
         if before_commit is not None:
             before_commit()
         if world.is_main:
-            _write_rest_and_commit(tmp, final, step, state, config_yaml, good)
+            _write_rest_and_commit(tmp, final, step, rng_state(), json.dumps(state, indent=1), config_yaml, good)
     except Exception as err:  # noqa: BLE001  (safetensors and torch.save report a full disk as their own errors)
-        needed = checkpoint_bytes(latest_valid(root, warn=False))
-        if world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint filling the disk
-        raise CheckpointWriteError(write_failure(final, err, needed)) from err
+        _give_up(root, tmp, final, err, world.is_main)
     if world.is_main:
         _prune(root, keep)
     world.barrier()
     return final
 
 
-def _write_rest_and_commit(tmp: Path, final: Path, step: int, state: dict, config_yaml: str, good: bool) -> None:
+def write_snapshot(root: Path, snapshot, write_engine_files, keep: int, before_commit=None,
+                   good: bool = False) -> Path:
+    """(One process, any thread: llmstable.checkpointer's writer.) Checkpoint `snapshot.step` from a snapshot taken
+    earlier (llmstable.snapshot): the engine's files by `write_engine_files(directory, snapshot.engine)`, then the
+    rest, the manifest and the rename, exactly as save_checkpoint; then pruning."""
+    final = root / checkpoint_name(snapshot.step)
+    tmp = root / f".tmp-{final.name}"
+    try:
+        _fresh(tmp)
+        write_engine_files(tmp, snapshot.engine)
+        if before_commit is not None:
+            before_commit()
+        _write_rest_and_commit(tmp, final, snapshot.step, snapshot.rng, snapshot.state_json, snapshot.config_yaml,
+                               good)
+    except Exception as err:  # noqa: BLE001
+        _give_up(root, tmp, final, err, True)
+    _prune(root, keep)
+    return final
+
+
+def _fresh(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _give_up(root: Path, tmp: Path, final: Path, err: BaseException, main: bool) -> None:
+    needed = checkpoint_bytes(latest_valid(root, warn=False))
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint filling the disk
+    raise CheckpointWriteError(write_failure(final, err, needed)) from err
+
+
+def _write_rest_and_commit(tmp: Path, final: Path, step: int, rng: dict, state_json: str, config_yaml: str,
+                           good: bool) -> None:
     """(Rank 0.) The files besides the engine's, the signed manifest over all of them, then the rename."""
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(state_json)
     (tmp / "config.yaml").write_text(config_yaml)
     files = _files(tmp)
     for name in files:
@@ -160,11 +190,39 @@ def _files(directory: Path) -> list[str]:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete-looking checkpoint directories, newest first (temporary directories are ignored)."""
+    """Complete-looking checkpoint directories, newest first by the step recorded inside them (`content_step`), not
+    by their name: a renamed directory never passes for a newer one (temporary directories are ignored)."""
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    steps = {p: content_step(p) for p in dirs}
+    return sorted(dirs, key=lambda p: (steps[p], steps[p] == name_step(p), name_step(p)), reverse=True)
+
+
+def name_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def content_step(path: Path) -> int:
+    """The step a checkpoint directory holds: its manifest's (which the checksums cover), else its state.json's,
+    else (neither readable: verify() will refuse it anyway) the one in its name."""
+    for name in (MANIFEST, "state.json"):
+        try:
+            step = json.loads((path / name).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    return name_step(path)
+
+
+def misnamed(path: Path) -> str | None:
+    """A warning when a checkpoint directory's name disagrees with the step inside it, else None."""
+    step = content_step(path)
+    if step == name_step(path):
+        return None
+    return (f"checkpoint directory {path} holds step {step} (its manifest says so) but is named for step "
+            f"{name_step(path)}: it counts as step {step}. Rename it to {checkpoint_name(step)} or remove it")
 
 
 def read_manifest(path: Path) -> dict:
@@ -212,10 +270,14 @@ def verify(path: Path) -> str | None:
 
 def _verify(path: Path) -> str | None:
     try:
-        files = read_manifest(path)["files"]
+        manifest = read_manifest(path)
+        files = manifest["files"]
         state = _check_files(path, files)
     except CheckpointError as err:
         return str(err)
+    if manifest.get("step", state["step"]) != state["step"]:
+        return (f"{path / MANIFEST} says step {manifest.get('step')!r} but {path / 'state.json'} holds step "
+                f"{state['step']}: the checkpoint was changed after it was written")
     fmt = state_format(state)
     if fmt not in FORMAT_FILES:
         return f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}"
@@ -302,7 +364,7 @@ def load_checkpoint(path: Path, engine, check: bool = True, trusted: bool = Fals
         check_trusted(path, trusted, "resume_trust=true")
     state = read_state(path)
     engine.load(path, state.get("engine", {}))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = load_weights_only(path / "rng.pt", "Resume from another checkpoint (resume=PATH), or start a new run_dir")
     if "torch" not in rng:  # written before every RNG went into rng.pt: torch's here, the others in state.json
         old = state.get("rng") or {"python": state.get("rng_python"), "numpy": state.get("rng_numpy")}
         rng = {"torch": rng, **{k: v for k, v in old.items() if v is not None}}
@@ -315,17 +377,18 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
-    """Weights from a safetensors file; parameters the file lacks (an arm's QK-norm weights) keep their init."""
-    from safetensors.torch import load_file
+    """Weights from a safetensors file, in our parameter names or Hugging Face's (`llmstable export OUT`, then
+    OUT/model.safetensors); parameters the file lacks (an arm's QK-norm weights) keep their init. A file that is not
+    safetensors (a pickle) is refused before it is read; a tensor that does not fit is named with both shapes."""
+    from llmstable.model.names import to_ours
 
-    if not path.is_file():
-        raise CheckpointError(f"train.init_from={str(path)!r} does not exist: point it at a .safetensors file")
-    weights = load_file(str(path))
-    own = model.state_dict()
-    wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    what = f"train.init_from={str(path)!r}"
+    weights = to_ours(read_safetensors(path, what))
+    wrong = fit_problems({k: list(v.shape) for k, v in weights.items()},
+                         {k: list(v.shape) for k, v in model.state_dict().items()})
     if wrong:
-        raise CheckpointError(f"train.init_from={str(path)!r} does not fit this model: {wrong[:5]} are missing "
-                              "from the model or have another shape")
+        raise CheckpointError(f"{what} does not fit this model: {describe_misfit(wrong)}. Build the model it was made "
+                              "for (model=..., model.vocab_size, the same tokenizer), or start from another file")
     model.load_state_dict(weights, strict=False)
 
 

@@ -3,14 +3,20 @@ own tuned LR, over paired seeds, at a fixed token budget, then the report (llmst
 
 A sweep file (`configs/compare/NAME.yaml`, schema `llmstable.config.sweep`) names arms from the `arm` group
 (`configs/arm/*.yaml`: an optimizer with its hyperparameters, a stabilizer set, and its default `lr_grid`), the
-seeds, the baseline and its budget fractions, and the overrides every arm shares. The study runs in three steps,
+seeds, the baseline and its budget fractions, and the overrides every arm shares. The study runs in four steps,
 each a Hydra multirun of `llmstable train` that skips what is already finished:
 
-1. every arm over its own LR grid and every seed (an arm with `tune` in its file, e.g. AdamW's clipping threshold,
-   over its LR grid times the values of that one key: the report keeps the value with the best loss);
+1. every arm over its own LR grid and every seed of `compare.seeds` (an arm with `tune` in its file, e.g. AdamW's
+   clipping threshold, over its LR grid times the values of that one key: the report keeps the value with the best
+   loss); the LRs are chosen on these runs;
 2. with `compare.extend_grid=true`, one more LR past the edge of each grid whose best LR sits on it;
-3. the baseline at its best LR at each fraction of the budget (`compare.budget_fractions`, the 1.0 run is the
-   grid's), for the fit L(D) the speedups come from.
+3. with `compare.confirm_seeds`, every arm again at its chosen LR (and value) on those fresh seeds: the verdicts
+   and speedups are computed on these runs alone, so the choice and the judgement share none;
+4. the baseline at its chosen LR at each fraction of the budget (`compare.budget_fractions`, the 1.0 run is the
+   grid's or the confirmation's), on the judged seeds, for the curve L(D) the speedups are read from. These are
+   the same run, shorter: a warm-up given in steps becomes the same share of each run (schedule.warmup_fraction),
+   the decay ends at each run's own last step, and Stable-SPAM's total_T=auto follows the run; an optimizer's own
+   step counts (SPAM's DeltaT, ...) stay as set, and the report lists them.
 
 Fair by construction:
 - one initial-weights file per seed, written once into the sweep directory, loaded by every arm
@@ -52,7 +58,7 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
     from llmstable.model import build_model, llama_config
 
     (root / "init").mkdir(parents=True, exist_ok=True)
-    for seed in sweep.seeds:
+    for seed in [*sweep.seeds, *sweep.confirm_seeds]:
         path = root / "init" / f"seed{seed}.safetensors"
         if path.exists():
             continue
@@ -70,23 +76,32 @@ def write_initial_weights(sweep: SweepConfig, train_overrides: list[str], root: 
         os.replace(tmp, path)
 
 
+def unfinished(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> list[tuple]:
+    """(lr, seed, run directory) of every run that has no summary.json yet (finished and diverged runs have one),
+    as Hydra names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
+    runs = [(lr, seed, root / f"{arm}_lr{float(lr)}_seed{seed}{tag}")
+            for arm in arms for lr in lrs for seed in seeds for tag in tags]
+    return [run for run in runs if not (run[2] / "summary.json").exists()]
+
+
 def pending(root: Path, arms: list[str], lrs: list[float], seeds: list[int], tags: list[str]) -> tuple[list, list]:
-    """The LRs and seeds with a run that has no summary.json yet (finished and diverged runs have one), as Hydra
-    names the directories (${name}_lr${optimizer.lr}_seed${train.seed} plus the tag)."""
-    missing = [(lr, seed) for arm in arms for lr in lrs for seed in seeds for tag in tags
-               if not (root / f"{arm}_lr{float(lr)}_seed{seed}{tag}" / "summary.json").exists()]
-    return sorted({lr for lr, _ in missing}), sorted({seed for _, seed in missing})
+    """The LRs and seeds with a run still to do (see `unfinished`)."""
+    missing = unfinished(root, arms, lrs, seeds, tags)
+    return sorted({lr for lr, _, _ in missing}), sorted({seed for _, seed, _ in missing})
 
 
 def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: list[str], lrs: list[float],
-           extra: tuple[str, ...] = (), tag: str = "", tags: tuple[str, ...] = ("",)) -> int:
-    """One Hydra multirun of `llmstable train` over arms x lrs x seeds (x the values in `extra`) for the LRs and
-    seeds with a run still to do; run directories are NAME_lrLR_seedSEED plus `tag` (`tags`: its values), so a
-    rerun finds, skips or resumes its runs. Nothing is launched when every run has its summary: a diverged run
-    would otherwise resume from its last checkpoint and diverge again."""
+           extra: tuple[str, ...] = (), tag: str = "", tags: tuple[str, ...] = ("",), seeds=None) -> int:
+    """One Hydra multirun of `llmstable train` over arms x lrs x seeds (the sweep's, or `seeds`) (x the values in
+    `extra`) for the LRs and seeds with a run still to do; run directories are NAME_lrLR_seedSEED plus `tag`
+    (`tags`: its values), so a rerun finds, skips or resumes its runs. Nothing is launched when every run has its
+    summary: a diverged run would otherwise resume from its last checkpoint and diverge again."""
+    from llmstable.progress import Progress
     from llmstable.train import train_command
 
-    lrs, seeds = pending(root, arms, lrs, list(sweep.seeds), list(tags))
+    seeds = list(sweep.seeds if seeds is None else seeds)
+    todo = [run for _, _, run in unfinished(root, arms, lrs, seeds, list(tags))]
+    lrs, seeds = pending(root, arms, lrs, seeds, list(tags))
     if not lrs:
         return 0
     overrides = [
@@ -103,7 +118,11 @@ def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: lis
     ]
     if sweep.parallel > 1:
         overrides += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={sweep.parallel}"]
-    return train_command(overrides)
+    # The runs' own bars are off (they may run in parallel): the sweep's progress is its finished runs, counted on
+    # disk, since under the joblib launcher they run in other processes.
+    with Progress(f"compare: {','.join(arms)}", total=len(todo), unit="run",
+                  poll=lambda: sum((run / "summary.json").exists() for run in todo)):
+        return train_command(overrides)
 
 
 def grids(sweep: SweepConfig, arm_files: dict[str, dict]) -> dict[str, list[float]]:
@@ -142,23 +161,47 @@ def render_tuned(sweep: SweepConfig, train_overrides: list[str], root: Path,
     return out
 
 
-def current_study(root: Path, baseline: str) -> dict:
-    from llmstable.report.runs import run_dirs, run_row
+def current_study(root: Path, sweep: SweepConfig) -> dict:
+    """The study of the runs finished so far: each arm's chosen LR comes from the selection seeds' runs alone."""
+    from llmstable.report.runs import readable_runs
     from llmstable.report.study import analyse
 
-    rows = [run_row(r, None) for r in run_dirs(root)]
-    return analyse(rows, baseline)
+    return analyse(readable_runs(root)[1], sweep.baseline, sweep.confirm_seeds)
 
 
-def budget_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> tuple[str, list[str]]:
-    """The key that sets the budget and its values at each fraction other than 1 (the grid runs are the 1)."""
+def budget_overrides(sweep: SweepConfig, train_overrides: list[str], root: Path) -> tuple[str, list[str], tuple]:
+    """The key that sets the budget, its values at each fraction other than 1 (the full-budget runs are the 1),
+    and the overrides that keep the schedule's shape: a warm-up given in steps becomes that share of every run."""
     from llmstable.compose import compose_config
 
     cfg = compose_config([*sweep.overrides, *train_overrides, f"arm={sweep.baseline}"], run_dir=root / "init")
     key = "train.budget_tokens" if cfg.train.budget_tokens is not None else "train.max_steps"
     full = cfg.train.budget_tokens if cfg.train.budget_tokens is not None else cfg.train.max_steps
     values = sorted({max(1, round(f * full)) for f in sweep.budget_fractions if f != 1.0} - {full})
-    return key, [str(v) for v in values]
+    shape: tuple = ()
+    if values and cfg.schedule.warmup_fraction is None and cfg.schedule.warmup_steps > 0:
+        share = cfg.schedule.warmup_steps / cfg.total_steps  # (times the full run's steps: exactly its warm-up)
+        shape = (f"schedule.warmup_fraction={share!r}",)
+        print(f"compare: the budget runs warm up for the same share of their steps as the full runs: "
+              f"schedule.warmup_fraction={share:.4g} ({cfg.schedule.warmup_steps} of {cfg.total_steps} steps)",
+              file=sys.stderr)
+    return key, [str(v) for v in values], shape
+
+
+def launch_confirmations(sweep: SweepConfig, train_overrides: list[str], root: Path,
+                         rendered: dict[str, tuple[str, list[str]]]) -> int:
+    """Every arm at its chosen LR (and tuned value) on the fresh seeds of compare.confirm_seeds; untuned arms that
+    chose the same LR share one multirun."""
+    groups: dict[tuple, list[str]] = {}
+    for arm in current_study(root, sweep)["arms"]:
+        if arm["best_lr"] is not None and arm["arm"] in sweep.arms:  # (None: every LR diverged; the report says)
+            value = (arm["tuned"] or {}).get("value")
+            groups.setdefault((arm["best_lr"], arm["arm"] if arm["tuned"] else None, value), []).append(arm["arm"])
+    for (lr, _, value), arms in groups.items():
+        if code := launch(sweep, train_overrides, root, arms, [lr], **tune_launch(arms[0], rendered, value),
+                          seeds=sweep.confirm_seeds):
+            return code
+    return 0
 
 
 # glibc hands every block above its mmap threshold (and the heap's top above its trim threshold) back to the kernel
@@ -222,7 +265,7 @@ def run_study(sweep: SweepConfig, train_overrides: list[str], root: Path, arm_fi
         root.mkdir(parents=True, exist_ok=True)
         rendered = render_tuned(sweep, train_overrides, root, arm_files)
         write_initial_weights(sweep, train_overrides, root)
-        key, budgets = budget_overrides(sweep, train_overrides, root)
+        key, budgets, shape = budget_overrides(sweep, train_overrides, root)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -233,21 +276,25 @@ def run_study(sweep: SweepConfig, train_overrides: list[str], root: Path, arm_fi
         if code := launch(sweep, train_overrides, root, arms, list(grid), **tune_launch(arms[0], rendered)):
             return code
     if sweep.extend_grid:
-        for arm in current_study(root, sweep.baseline)["arms"]:
+        for arm in current_study(root, sweep)["arms"]:
             if arm["extend_with"] and arm["arm"] in sweep.arms:
                 print(f"compare: {arm['arm']}'s best LR {arm['best_lr']:g} is on the {arm['grid_edge']} edge of "
                       f"its grid; adding {', '.join(f'{x:g}' for x in arm['extend_with'])}", file=sys.stderr)
                 if code := launch(sweep, train_overrides, root, [arm["arm"]], arm["extend_with"],
                                   **tune_launch(arm["arm"], rendered, (arm["tuned"] or {}).get("value"))):
                     return code
-    base = next((a for a in current_study(root, sweep.baseline)["arms"] if a["arm"] == sweep.baseline), None)
+    if sweep.confirm_seeds and (code := launch_confirmations(sweep, train_overrides, root, rendered)):
+        return code
+    base = next((a for a in current_study(root, sweep)["arms"] if a["arm"] == sweep.baseline), None)
     if budgets and base is not None and base["best_lr"] is not None:  # (None: every LR diverged; the report says)
         fixed = tune_launch(base["arm"], rendered, (base["tuned"] or {}).get("value"))
         if code := launch(sweep, train_overrides, root, [sweep.baseline], [base["best_lr"]],
-                          (*fixed.get("extra", ()), f"{key}={','.join(budgets)}"),
+                          (*fixed.get("extra", ()), *shape, f"{key}={','.join(budgets)}"),
                           fixed.get("tag", "") + f"{BUDGET_TAG}${{{key}}}",
-                          tuple(t + f"{BUDGET_TAG}{v}" for t in fixed.get("tags", ("",)) for v in budgets)):
+                          tuple(t + f"{BUDGET_TAG}{v}" for t in fixed.get("tags", ("",)) for v in budgets),
+                          seeds=sweep.judged_seeds):
             return code
-    report = write_report(root, target_loss=sweep.target_loss, baseline=sweep.baseline)
+    report = write_report(root, target_loss=sweep.target_loss, baseline=sweep.baseline,
+                          confirm_seeds=sweep.confirm_seeds)
     print(f"report: {report}")
     return 0

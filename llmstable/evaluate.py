@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmstable.preemption import EvalInterrupted
 from llmstable.runtime import autocast_for
 
 
@@ -28,17 +29,20 @@ def training_loss(stabilizers, logits: torch.Tensor, targets: torch.Tensor) -> t
 
 @torch.no_grad()
 def validation_metrics(forward, blocks: torch.Tensor, micro_batch_size: int, device: torch.device, precision: str,
-                       loss_cfg=None) -> dict[str, float]:
+                       loss_cfg=None, between=None) -> dict[str, float]:
     """One evaluation as a metrics row's values: `val/loss` is the loss the run trains on, `val/ppl` the
     perplexity of the distribution the model samples from (StableMax for loss=stablemax, else the softmax), and a
     run whose loss is not the cross-entropy also gets `val/softmax_ce`, the softmax cross-entropy of the same
-    logits, so runs stay comparable. One host sync."""
+    logits, so runs stay comparable. One host sync. `between(batch)`, if given, is asked after each batch but the
+    last whether to stop: then EvalInterrupted is raised (llmstable.preemption)."""
     from llmstable.stabilizers.losses import loss_function
 
     name = getattr(loss_cfg, "name", "cross_entropy")
     own = loss_function(loss_cfg) if name != "cross_entropy" else None
     sums = torch.zeros(2, device=device)
-    for i in range(0, len(blocks), micro_batch_size):
+    for k, i in enumerate(range(0, len(blocks), micro_batch_size)):
+        if k and between is not None and between(k - 1):
+            raise EvalInterrupted(f"stopped after {k} of {-(-len(blocks) // micro_batch_size)} evaluation batches")
         batch = blocks[i: i + micro_batch_size].to(device)
         with autocast_for(device, precision):
             logits = forward(batch[:, :-1])

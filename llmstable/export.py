@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from llmstable import checkpoint as ckpt
 from llmstable.config import TrainConfig, load_config
 from llmstable.model import Llama
+from llmstable.model.names import to_hf
 from llmstable.parallel.weights import read_weights
 from llmstable.stabilizers import build_model_and_stabilizers
 
@@ -34,26 +35,6 @@ LOGITS_NOTE = "LOGITS.md"  # written beside the weights when the run's loss was 
 
 class ExportError(RuntimeError):
     """An export or load that cannot proceed; the message names the path and the fix."""
-
-
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-HF_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention.q_norm.weight": "self_attn.q_norm.weight",
-    "attention.k_norm.weight": "self_attn.k_norm.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -75,7 +56,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_trained(path: str | Path, trusted: bool = False) -> tuple[Llama, object, TrainConfig]:
     """(model in eval mode on CPU, tokenizer, config) from a run directory or a checkpoint. trusted=True
     (--trust-checkpoint) also reads DCP and DeepSpeed checkpoints written under another account."""
-    from transformers import AutoTokenizer
+    from llmstable.data.tokenizer import load_saved_tokenizer
 
     checkpoint = resolve_checkpoint(path)
     try:
@@ -86,7 +67,7 @@ def load_trained(path: str | Path, trusted: bool = False) -> tuple[Llama, object
     tokenizer_dir = checkpoint.parent.parent / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise ExportError(f"{tokenizer_dir} is missing: the run directory must keep the tokenizer it trained with")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+    tokenizer = load_saved_tokenizer(tokenizer_dir, "Restore the tokenizer/ folder the run trained with")
     cfg.stabilizer.quant4 = None  # export the full-precision master weights, as plain linears
     model, _ = build_model_and_stabilizers(cfg, len(tokenizer))
     read_weights(checkpoint, model, trusted)  # from any engine's format: safetensors, DCP shards or DeepSpeed ZeRO
@@ -115,13 +96,7 @@ def hf_config(model: Llama, tokenizer):
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            out[f"model.layers.{index}.{HF_LAYER_NAMES[rest]}"] = tensor
-        else:
-            out[HF_NAMES[name]] = tensor
+    out = {to_hf(name): tensor for name, tensor in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         out.pop("lm_head.weight", None)
     return out

@@ -1,7 +1,9 @@
 """The run directory's record: metrics.jsonl, events.jsonl, summary.json, and the optional wandb and TensorBoard
 sinks. See the README's "Run directory" section for the contract these files keep.
 
-Rows are appended and flushed line by line, so a killed run leaves every row it logged readable.
+Rows are appended and flushed line by line, so a killed run leaves every row it logged readable. A crash in the
+middle of a write can still leave a partial last line; before a resumed run appends anything, that partial line is
+cut off (and reported as a `log_repaired` event), so the first new row starts on a line of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstable.config import LoggingConfig
+from llmstable.records import read_jsonl  # noqa: F401  (reading the logs back lives in llmstable.records)
 
 
 class RunLog:
@@ -20,8 +23,11 @@ class RunLog:
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict):
         self.run_dir = run_dir
+        repaired = {name: cut for name in ("metrics.jsonl", "events.jsonl") if (cut := cut_partial_line(run_dir / name))}
         self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.events_file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
+        for name, cut in repaired.items():
+            self.event("log_repaired", 0, file=name, bytes_cut=len(cut), text=cut[:200].decode("utf-8", "replace"))
         self._wandb = None
         self._tb = None
         if cfg.wandb != "disabled":
@@ -140,16 +146,39 @@ class QuietLog:
         pass
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a .jsonl file; a last line cut off by a crash is ignored."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+def cut_partial_line(path: Path) -> bytes:
+    """Truncate a trailing line without its newline (a write a crash interrupted) from `path`; returns what was cut
+    (b"" when the file ends cleanly or does not exist). Warns, naming the file and the size."""
+    import logging
+    import os
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return b""
+    if size == 0:
+        return b""
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return b""
+        keep, end = 0, size  # keep: the offset after the last newline; searched backwards, 1 MB at a time
+        while end > 0:
+            start = max(0, end - (1 << 20))
+            f.seek(start)
+            chunk = f.read(end - start)
+            if b"\n" in chunk:
+                keep = start + chunk.rfind(b"\n") + 1
+                break
+            end = start
+        f.seek(keep)
+        cut = f.read()
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    logging.getLogger("llmstable").warning("%s ended in a partial line (%d bytes, a write cut short by a crash): "
+                                           "removed before appending", path, len(cut))
+    return cut
 
 
 def _write_line(f, row: dict) -> None:

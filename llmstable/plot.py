@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstable.metrics import read_jsonl
+from llmstable.records import read_events, read_metrics
 
 
 def final_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -24,8 +24,8 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    events = read_events(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
     train, val = final_curve(rows, "train/loss"), final_curve(rows, "val/loss")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
@@ -44,12 +44,12 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
             if e.get("layer") is not None:  # the block that moved first (llmstable.stabilizers.localize)
                 ax.annotate(f"L{e['layer']}", (e["tokens"], 0.02), xycoords=("data", "axes fraction"), ha="left",
                             fontsize=7, color="red")
-        elif e["event"] == "rollback":
+        elif e["event"] == "rollback" and "to_tokens" in e:
             marks["rollback"] = ax.axvspan(e["to_tokens"], e["tokens"], color="orange", alpha=0.2)
         elif e["event"] == "skip_step":
             marks["skip_step"] = ax.axvline(e["tokens"], color="grey", linestyle=":", linewidth=1)
         if e["event"] == "skip_data":
-            ax.annotate(f"skip {e['samples']} samples", (e["tokens"], 1.0), xycoords=("data", "axes fraction"),
+            ax.annotate(f"skip {e['end'] - e['start']} samples", (e["tokens"], 1.0), xycoords=("data", "axes fraction"),
                         rotation=90, va="top", ha="right", fontsize=7, color="darkred")
     labels = {"spike": "spike", "rollback": "rolled back (then data skipped)", "skip_step": "update skipped"}
     for key, handle in marks.items():

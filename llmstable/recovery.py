@@ -7,13 +7,13 @@ plans and keeps the books. It decides, the trainer executes:
   whether to zero the optimizer moments; or an abort when there is nothing to return to, or too many rollbacks.
 The trainer carries a plan out through the same `restore` that resume uses, so a rollback is a resume plus a
 data skip. The checkpoint brings back the model, the optimizer, the data position, the RNGs and the detector; the
-ledger is what must *not* go back in time: the counters, the data skip list, the LR scale and which faults have
-fired.
+ledger is what must *not* go back in time: the counters, the data skip list and the LR scale (which faults have
+fired is kept by the fault injector, llmstable.faults).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,14 +31,15 @@ class Ledger:
     moment_resets: int = 0
     lr_scale: float = 1.0
     skip_ranges: list = field(default_factory=list)  # [[start, end), ...] of sample ordinals
-    faults_fired: list = field(default_factory=list)  # step numbers
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_state(cls, state: dict | None) -> Ledger:
-        return cls(**state) if state else cls()
+        """(Checkpoints written before faults kept their own record carry `faults_fired` here: it is dropped.)"""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (state or {}).items() if k in known})
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _add_range(ranges: list, start: int, end: int) -> list:
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2",
-               "momentum_buffer", "m", "v", "v_mean")  # Muon; Adam-mini
+               "momentum_buffer", "m", "v", "v_mean", "vmean")  # Muon; Adam-mini (pytorch-optimizer's, ours)
 
 
 def zero_moments(optimizer: torch.optim.Optimizer) -> int:

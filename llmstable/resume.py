@@ -2,7 +2,9 @@
 checking config changes, saving and restoring checkpoints. The trainer hands over its `state_dict()`; this module
 decides where it goes and where it comes from (llmstable.checkpoint does the file format).
 
-One run per run directory:
+One run per run directory: rank 0 first checks that run_dir is a place llmstable may write and that it is empty or
+an llmstable run, then locks it for the process's lifetime (llmstable.rundir); a directory of other files, or one
+another process is training in, is refused before anything is written. Then:
 - `resume=auto` continues from the newest readable checkpoint. Unreadable ones (bad checksums, files missing from
   the manifest, garbage state.json, no config.yaml, whatever the reason) are skipped with a warning that names the
   file; when every checkpoint is unreadable the run is refused with a list of each one and its problem.
@@ -11,20 +13,25 @@ One run per run directory:
   earlier run whose checkpoints are all unreadable is moved aside the same way without asking.
 - `resume=PATH` resumes that checkpoint, or fails with an error that names it and its problem.
 `config.yaml` is written only once the resume check has passed, so a refused resume leaves the run as it was.
-Every rank calls the same methods; rank 0 reads the directory and broadcasts what it decided.
+Every rank calls the same methods; rank 0 reads the directory and broadcasts what it decided. Checkpoints are saved
+through llmstable.checkpointer (a snapshot in the loop, the write in the background, the rollback ring).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from llmstable import checkpoint as ckpt
+from llmstable.checkpointer import Checkpointer
 from llmstable.config import ConfigError, TrainConfig, load_config, to_dict
+from llmstable.runtime import set_rng_state
+from llmstable.rundir import LOCK, RunLock, check_place, foreign_contents, ownership_problem
 
 log = logging.getLogger("llmstable")
 
@@ -36,6 +43,7 @@ STATE_KEYS = ("step", "tokens", "loss_sum", "loss_steps", "val_history", "data",
 HARMLESS = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.compiled", "optimizer.impl", "schedule.",
     "train.budget_tokens", "train.max_steps", "train.max_norm", "train.device", "train.precision", "train.compile",
+    "train.deterministic",
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.progress", "train.sample_tokens", "train.plot", "train.micro_batch_size",
     "logging.", "run_dir", "resume", "resume_force", "fault.", "data.cache_dir", "data.workers", "data.shard_tokens",
@@ -87,14 +95,14 @@ def problem(path: Path) -> str | None:
 
 def preflight(cfg: TrainConfig) -> None:
     """The run-directory checks of `RunDirectory.claim` that refuse a run, made before Hydra writes anything into
-    the directory (one process; changes nothing)."""
+    the directory, and its lock, which this process then holds until it exits (rank 0 of a launch)."""
     from llmstable.parallel.world import World
 
-    path = Path(cfg.run_dir)
+    run = RunDirectory(cfg, World())
+    run.take()
     if cfg.resume == "never" and cfg.run_dir_overwrite:
         return
-    if path.is_dir() or cfg.resume not in ("auto", "never"):
-        RunDirectory(cfg, World())._choose(dry_run=True)
+    run._choose(dry_run=True)
 
 
 class RunDirectory:
@@ -104,9 +112,30 @@ class RunDirectory:
         self.cfg, self.world = cfg, world
         self.path = Path(cfg.run_dir)
         self.checkpoints = self.path / "checkpoints"
-        self.last_checkpoint_bytes: int | None = None  # to warn before a save that will not fit
+        guard = cfg.stabilizer.spike_guard
+        self.checkpointer = Checkpointer(self.checkpoints, world, cfg.train.keep_checkpoints,
+                                         background=cfg.train.checkpoint_async,
+                                         ring_size=guard.ring_size if guard is not None else 0)
+        self.lock = RunLock(self.path)
+        self.foreign: list[str] = []  # what a non-run directory held before this run took it (moved aside)
+
+    @property
+    def last_checkpoint_bytes(self) -> int | None:
+        return self.checkpointer.last_bytes  # (to warn before a save that will not fit)
 
     # --- before the run starts -----------------------------------------------------------------------------------
+
+    def take(self) -> None:
+        """(Rank 0.) Check that run_dir may be written and holds nothing but an llmstable run, then lock it. Raises
+        ConfigError naming run_dir and the fix; nothing is written into a directory that is refused."""
+        check_place(self.path)
+        overwrite = self.cfg.run_dir_overwrite and self.cfg.resume == "never"
+        ours = _hydra_files(self.path)  # (Hydra's files of this launch)
+        found = ownership_problem(self.path, overwrite, ours)
+        if found is not None:
+            raise ConfigError([found])
+        self.foreign = foreign_contents(self.path, ours)
+        self.lock.acquire()
 
     def claim(self) -> Path | None:
         """The checkpoint to resume from, or None to start over (after moving an earlier run aside). Raises a
@@ -114,16 +143,39 @@ class RunDirectory:
         outcome: object = None
         if self.world.is_main:
             try:
+                self.take()
                 outcome = self._choose()
+                self.lock.announce()
             except (ConfigError, ckpt.CheckpointError) as err:
+                self.lock.release()
                 outcome = err
+            except BaseException:
+                self.lock.release()
+                raise
         outcome = self.world.broadcast(outcome)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
+    def close(self, clean: bool = True) -> None:
+        """The end of the run (every rank): wait for the checkpoint being written, then unlock. After an error
+        (clean=False) a failure of that write is not raised over the first error."""
+        try:
+            if clean:
+                self.checkpointer.wait()
+            else:
+                try:
+                    self.checkpointer.wait()
+                except ckpt.CheckpointError as err:
+                    log.warning("%s", err)
+        finally:
+            self.lock.release()
+
     def _choose(self, dry_run: bool = False) -> Path | None:
         resume, found = self.cfg.resume, ckpt.list_checkpoints(self.checkpoints)
+        for path in found:
+            if (warning := ckpt.misnamed(path)) is not None and not dry_run:
+                log.warning(warning)
         if resume == "never":
             if found:
                 readable = next((p for p in found if problem(p) is None), None)  # (the newest readable one)
@@ -132,10 +184,10 @@ class RunDirectory:
                         f"resume=never, but run_dir={str(self.path)!r} already holds a run (its checkpoints go up to "
                         f"{readable.name}): starting over there would mix two runs. Use a new run_dir, or add "
                         "run_dir_overwrite=true to move the earlier run aside (nothing is deleted)"])
-                if dry_run:
-                    return None
+            if (found or self.foreign) and not dry_run:
                 moved = self.move_aside()
-                log.warning("resume=never: moved the earlier run in %s aside to %s", self.path, moved)
+                log.warning("resume=never: moved the earlier %s in %s aside to %s",
+                            "run" if found else "contents", self.path, moved)
             return None
         if resume == "auto":
             problems = []
@@ -172,10 +224,12 @@ class RunDirectory:
             n += 1
             target = target.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
         target.mkdir()
-        ours = _hydra_files(self.path)
+        ours = {*_hydra_files(self.path), LOCK}
         for entry in sorted(self.path.iterdir()):
             if entry.name not in ours:
                 os.rename(entry, target / entry.name)
+        if (self.path / LOCK).is_file() and not self.foreign:  # the lock stays (this process holds it); an old
+            shutil.copy2(self.path / LOCK, target / LOCK)  # run keeps a copy (a user's folder had none)
         return target
 
     def check_config_changes(self, path: Path) -> list[str]:
@@ -207,11 +261,8 @@ class RunDirectory:
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, engine, step: int, state: dict, good: bool, before_commit=None) -> Path:
-        path = ckpt.save_checkpoint(self.checkpoints, step, engine, state, OmegaConf.to_yaml(to_dict(self.cfg)),
-                                    keep=self.cfg.train.keep_checkpoints, before_commit=before_commit, good=good)
-        if self.world.is_main:
-            self.last_checkpoint_bytes = ckpt.checkpoint_bytes(path)
-        return path
+        """Checkpoint `step` (llmstable.checkpointer: the loop blocks for a snapshot; the write may go on)."""
+        return self.checkpointer.save(engine, step, state, OmegaConf.to_yaml(to_dict(self.cfg)), good, before_commit)
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether a checkpoint is written after `step`: every train.checkpoint_interval steps, and at the end."""
@@ -233,9 +284,18 @@ class RunDirectory:
         log.warning(message)
         return message
 
-    def load(self, engine, path: Path) -> dict:
+    def load(self, engine, path: Path, step: int | None = None) -> dict:
         """Restore the engine's model and optimizer and every RNG from checkpoint `path` (verified and trust-
-        checked on rank 0); returns its state.json."""
+        checked on rank 0); returns its state.json. A rollback passes the checkpoint's `step`: if the ring holds
+        its snapshot, that is restored instead, with no disk read (same values)."""
+        snap = self.checkpointer.from_ring(step) if step is not None else None
+        if self.world.broadcast(snap is not None if self.world.is_main else None):
+            if snap is None:
+                raise ckpt.CheckpointError(f"rank {self.world.rank} lacks the in-memory copy of {path} that rank 0 "
+                                           "restores from: the ranks' saves went out of step")
+            engine.restore_snapshot(snap.engine)
+            set_rng_state(snap.rng)
+            return snap.state()
         outcome: object = None
         if self.world.is_main:
             try:
@@ -251,12 +311,26 @@ class RunDirectory:
         return ckpt.load_checkpoint(path, engine, check=False)
 
     def latest_good(self) -> Path | None:
-        return self.world.broadcast(ckpt.latest_good(self.checkpoints) if self.world.is_main else None)
+        """The newest checkpoint marked good: one whose snapshot the ring holds is taken as written (this process
+        wrote it), any other must pass verification (its checksums are read)."""
+        self.checkpointer.wait()
+        found = None
+        if self.world.is_main:
+            for path in ckpt.list_checkpoints(self.checkpoints):
+                in_ring = self.checkpointer.from_ring(ckpt.content_step(path)) is not None
+                if ckpt.is_good(path) and (in_ring or ckpt.verify(path) is None):
+                    found = path
+                    break
+        return self.world.broadcast(found)
+
+    def step_and_ordinal(self, path: Path) -> tuple[int, int]:
+        """(Rank 0.) The step and data position saved in checkpoint `path` (from the ring when it holds it)."""
+        snap = self.checkpointer.from_ring(ckpt.content_step(path))
+        state = snap.state() if snap is not None else ckpt.read_state(path)
+        return state["step"], int(state["data"]["ordinal"])
 
     def mark_good(self, step: int) -> None:
-        path = self.checkpoints / ckpt.checkpoint_name(step)
-        if self.world.is_main and path.is_dir():  # (it may have been pruned meanwhile)
-            ckpt.mark_good(path)
+        self.checkpointer.mark_good(step)
 
 
 def _hydra_files(run_dir: Path) -> set[str]:

@@ -26,6 +26,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_algorithms(on: bool) -> None:
+    """train.deterministic: torch's deterministic kernels (and cuBLAS's fixed workspace, which they need on CUDA;
+    set before the first matmul unless the user set it), so that a resumed or replayed GPU step computes the same
+    bits. Off: torch's defaults."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
 def autocast_for(device: torch.device, precision: str):
     """bf16 autocast on CUDA (precision auto or bf16); plain fp32 otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -8,11 +8,11 @@ warnings (`spike_warning`) and silent-data-corruption suspects (`sdc_suspect`) a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from llmstable.metrics import read_jsonl
+from llmstable.errors import ArgumentParser
+from llmstable.records import read_events, skipped_warning
 
 ACTIONS = ("skip_step", "rollback", "abort")
 COLUMNS = ("step", "metric", "value", "threshold", "action", "layer", "skipped samples")
@@ -53,7 +53,7 @@ def cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, dict):
-        return ", ".join(f"{k} {x:.6g}" for k, x in v.items())
+        return ", ".join(f"{k} {x:.6g}" if isinstance(x, (int, float)) else f"{k} {x}" for k, x in v.items())
     return str(v)
 
 
@@ -66,14 +66,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def spikes_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmstable spikes", description="Print the run's spikes as a table.")
+    parser = ArgumentParser(prog="llmstable spikes", description="Print the run's spikes as a table.")
     parser.add_argument("run_dir", help="a run directory (reads its events.jsonl)")
     ns = parser.parse_args(args)
     path = Path(ns.run_dir) / "events.jsonl"
     if not path.is_file():
         print(f"error: {path} does not exist: pass a run directory of llmstable train", file=sys.stderr)
         return 2
-    rows = spike_rows(read_jsonl(path))
+    problems: list[str] = []
+    rows = spike_rows(read_events(path, problems))
+    if warning := skipped_warning(path, problems):  # damaged or foreign lines: skipped, and said so
+        print(warning, file=sys.stderr)
     if not rows:
         print(f"no spikes, warnings or SDC suspects in {path}")
         return 0

@@ -1,6 +1,7 @@
-"""The statistics of a study, as pure functions of numbers (no files): Student's t interval of a paired difference,
-the best LR of a grid and whether it sits on an edge, Wortsman et al.'s LR sensitivity, and the fit of the
-baseline's final loss against its budget, L(D) = a * D^(-B) + b, with the budget an arm's loss is worth (D_eff).
+"""The statistics of a study, as pure functions of numbers (no files): Student's t distribution, the paired
+difference of an arm against the baseline with its t interval and p-value, Holm's and Bonferroni's corrections over
+the arms of a study, the best LR of a grid and whether it sits on an edge, and Wortsman et al.'s LR sensitivity.
+The speedup (D_eff / D) is llmstable.speedup's.
 
 Each function is tested on constructed numbers with known answers (tests/test_statistics.py).
 """
@@ -28,26 +29,63 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with an integer number of degrees of freedom, exactly: with theta = atan(t /
+    sqrt(df)), P(|T| <= |t|) is a finite series in sin and cos of theta (Abramowitz and Stegun 26.7.3 and 26.7.4)."""
+    if df < 1:
+        raise ValueError(f"Student's t needs df >= 1, got {df}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...)), df - 2 powers of cos
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    else:  # even: sin (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...), up to cos^(df-2)
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = s * total
+    return 0.5 + math.copysign(inside / 2, t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t (bisection on t_cdf, to 1e-12 relative)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, high * 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+        if high - low <= 1e-12 * high:
+            break
+    return (low + high) / 2
+
+
 @dataclass(frozen=True)
 class PairedDifference:
-    """mean(arm - baseline) over the seeds both have, its standard deviation and the 95% t interval (None with a
-    single pair), and the verdict the interval supports (lower loss is better)."""
+    """mean(arm - baseline) over the seeds both have, its standard deviation, the 95% t interval and the two-sided
+    p-value of "no difference" (None with a single pair); `interval(level)` at any level (a corrected one)."""
 
     n: int
     mean: float
     std: float | None
     ci95: tuple[float, float] | None
+    p_value: float | None = None
 
-    @property
-    def verdict(self) -> str:
-        if self.ci95 is None:
-            return f"not distinguishable at {self.n} seed{'s' if self.n != 1 else ''}"
-        low, high = self.ci95
-        if high < 0:
-            return "better"
-        if low > 0:
-            return "worse"
-        return f"not distinguishable at {self.n} seeds"
+    def interval(self, level: float) -> tuple[float, float] | None:
+        if self.std is None:
+            return None
+        half = t_quantile(1 - (1 - level) / 2, self.n - 1) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
 
 
 def paired_difference(arm: dict[int, float], baseline: dict[int, float]) -> PairedDifference | None:
@@ -62,7 +100,33 @@ def paired_difference(arm: dict[int, float], baseline: dict[int, float]) -> Pair
         return PairedDifference(1, mean, None, None)
     std = statistics.stdev(diffs)
     half = t975(len(diffs) - 1) * std / math.sqrt(len(diffs))
-    return PairedDifference(len(diffs), mean, std, (mean - half, mean + half))
+    if std > 0:
+        p = 2 * (1 - t_cdf(abs(mean) / (std / math.sqrt(len(diffs))), len(diffs) - 1))
+    else:  # every seed moved by the same amount: no spread to test against
+        p = 1.0 if mean == 0 else 0.0
+    return PairedDifference(len(diffs), mean, std, (mean - half, mean + half), p)
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (Holm 1979): sorted ascending, the i-th of m is multiplied by m - i + 1,
+    capped at 1 and made non-decreasing. Rejecting where the adjusted p < alpha keeps the chance of any false
+    "better" or "worse" among the m arms under alpha."""
+    order = sorted(p_values, key=p_values.get)
+    out, running = {}, 0.0
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * p_values[key]))
+        out[key] = running
+    return out
+
+
+def verdict(diff: PairedDifference | None, p_adjusted: float | None, alpha: float = 0.05) -> str:
+    """better / worse when the adjusted p-value is under alpha (the sign of the mean difference says which; lower
+    loss is better), else not distinguishable at this many seeds."""
+    if diff is None:
+        return "no seed in common"
+    if p_adjusted is not None and p_adjusted < alpha:
+        return "better" if diff.mean < 0 else "worse"
+    return f"not distinguishable at {diff.n} seed{'s' if diff.n != 1 else ''}"
 
 
 def best_lr(mean_loss_by_lr: dict[float, float | None]) -> float | None:
@@ -111,97 +175,3 @@ def lr_sensitivity(mean_loss_by_lr: dict[float, float | None], initial_loss: flo
     capped = [min(v, initial_loss) if v is not None and math.isfinite(v) else initial_loss
               for v in mean_loss_by_lr.values()]
     return statistics.fmean(capped) - min(capped)
-
-
-@dataclass(frozen=True)
-class PowerLawFit:
-    """L(D) = a * D^(-B) + b fitted by least squares to (budget, final loss) points; r2 is the share of the losses'
-    variance it explains, and d_min / d_max the budgets it was fitted on."""
-
-    a: float
-    B: float
-    b: float
-    r2: float
-    d_min: float
-    d_max: float
-
-    def loss(self, budget: float) -> float:
-        return self.a * budget ** (-self.B) + self.b
-
-    def budget_for(self, loss: float) -> float | None:
-        """The budget at which the fit reaches `loss`; None at or below the asymptote b (no budget reaches it)."""
-        if loss <= self.b:
-            return None
-        return (self.a / (loss - self.b)) ** (1.0 / self.B)
-
-
-MIN_R2 = 0.9  # a fit explaining less of its points' variance is called poor, and gives no speedup
-
-
-def fit_power_law(budgets: list[float], losses: list[float]) -> tuple[PowerLawFit | None, str]:
-    """Fit L(D) = a * D^(-B) + b with a > 0, b >= 0 (a cross-entropy has no negative floor) and B in (0, 4]: for
-    each B the best (a, b) is linear least squares, so the search is one-dimensional (a log grid, then
-    golden-section refinement). Returns (fit, reason); the fit is
-    None, with the reason, when there are fewer than 3 budgets or the losses do not fall with the budget."""
-    points = sorted((d, v) for d, v in zip(budgets, losses) if v is not None and math.isfinite(v))
-    if len({d for d, _ in points}) < 3:
-        return None, f"the baseline has final losses at {len({d for d, _ in points})} budgets; the fit needs >= 3"
-    scale = points[-1][0]  # fit in units of the largest budget, so D^(-B) stays near 1
-    xs = [d / scale for d, _ in points]
-    ys = [v for _, v in points]
-
-    def solve(B: float) -> tuple[float, float, float]:
-        zs = [x ** (-B) for x in xs]
-        zm, ym = statistics.fmean(zs), statistics.fmean(ys)
-        szz = sum((z - zm) ** 2 for z in zs)
-        a = sum((z - zm) * (y - ym) for z, y in zip(zs, ys)) / szz
-        b = ym - a * zm
-        if b < 0:  # a loss has no negative floor: the best fit with b >= 0 then has b = 0 (least squares through 0)
-            a, b = sum(z * y for z, y in zip(zs, ys)) / sum(z * z for z in zs), 0.0
-        return sum((a * z + b - y) ** 2 for z, y in zip(zs, ys)), a, b
-
-    grid = [0.01 * 1.1**k for k in range(0, 64) if 0.01 * 1.1**k <= 4.0]
-    best = min(grid, key=lambda B: solve(B)[0])
-    lo, hi = best / 1.1, min(best * 1.1, 4.0)
-    for _ in range(60):  # golden-section search on the sum of squares
-        m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
-        lo, hi = (lo, m2) if solve(m1)[0] <= solve(m2)[0] else (m1, hi)
-    B = (lo + hi) / 2
-    sse, a, b = solve(B)
-    if a <= 0:
-        return None, "the baseline's final loss does not fall with the budget (fitted a <= 0)"
-    ym = statistics.fmean(ys)
-    sst = sum((y - ym) ** 2 for y in ys)
-    r2 = 1.0 - sse / sst if sst > 0 else 0.0
-    fit = PowerLawFit(a=a * scale**B, B=B, b=b, r2=r2, d_min=points[0][0], d_max=points[-1][0])
-    if r2 < MIN_R2:
-        return None, f"poor fit of L(D) = a*D^-B + b (R^2 = {r2:.3f} < {MIN_R2})"
-    return fit, ""
-
-
-@dataclass(frozen=True)
-class Speedup:
-    """D_eff / D for one loss: status 'fit' (D_eff inside the fitted budgets), 'extrapolated' (outside them) or
-    'unavailable' (value None), with the reason for anything but 'fit'."""
-
-    value: float | None
-    status: str
-    reason: str = ""
-
-
-def speedup(fit: PowerLawFit | None, fit_reason: str, loss: float | None, budget: float) -> Speedup:
-    """How many times its budget the baseline would need to reach `loss`: D_eff / budget, D_eff from the fit."""
-    if fit is None:
-        return Speedup(None, "unavailable", fit_reason)
-    if loss is None or not math.isfinite(loss):
-        return Speedup(None, "unavailable", "the arm has no finite final loss at its best LR")
-    d_eff = fit.budget_for(loss)
-    if d_eff is None:
-        return Speedup(None, "unavailable", f"loss {loss:.4g} is at or below the fit's asymptote b = {fit.b:.4g}: "
-                                            "no baseline budget reaches it")
-    value = d_eff / budget
-    # A small tolerance: the baseline's own loss at a fitted budget must count as inside.
-    if d_eff < fit.d_min * (1 - 1e-6) or d_eff > fit.d_max * (1 + 1e-6):
-        return Speedup(value, "extrapolated", f"D_eff = {d_eff:.4g} tokens lies outside the fitted budgets "
-                                              f"[{fit.d_min:.4g}, {fit.d_max:.4g}]")
-    return Speedup(value, "fit")

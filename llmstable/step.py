@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from llmstable import checkpoint as ckpt
+from llmstable.compiled import is_compile_error
 from llmstable.config import TrainConfig
 from llmstable.evaluate import training_loss
 from llmstable.faults import FaultInjector
@@ -32,9 +33,10 @@ class TrainStep:
     (the trainer saves and restores it with its state)."""
 
     def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], loader, faults: FaultInjector,
-                 forward):
+                 forward, signals=None):
         self.cfg, self.engine, self.stabilizers, self.loader = cfg, engine, stabilizers, loader
-        self.faults, self.forward = faults, forward
+        self.faults, self.forward, self.signals = faults, forward, signals
+        self.stop_agreed = False  # some rank received a preemption signal before this step's all-reduce
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.replays = any(s.replays for s in stabilizers)  # only then is a replay point kept each step
         self.logits = LogitIndicators(self.model)  # (its hooks see the forward passes of the compiled model too)
@@ -47,7 +49,7 @@ class TrainStep:
             stabilizer.begin_step(step, indicators)
         self.logits.begin(indicators)
         replay_point = (self.loader.state_dict(), rng_state()) if self.replays else None
-        values = self.gradients(step)
+        values = self.first_gradients(step) if not getattr(self.forward, "settled", True) else self.gradients(step)
         action = self.check_step(step, values, replay_point, rollbacks)
         extra = self.logits.values(self.world) if indicators else {}  # host sync, logged steps only
         if action is None and not engine.fused_step:
@@ -71,8 +73,30 @@ class TrainStep:
             for stabilizer in self.stabilizers:
                 stabilizer.on_gradients(self.model)
         grad_norm = self.engine.clip_grad_norm_(self.cfg.train.max_norm)  # global, before clipping
-        loss_value, norm_value = torch.stack([self.world.mean(loss), grad_norm.float().to(loss.device)]).tolist()
+        # The step's one all-reduce carries the preemption flag with the loss, so every rank stops at the same step.
+        flag = float(self.signals is not None and self.signals.requested)
+        loss_mean, stop = self.world.mean(torch.stack([loss, torch.full_like(loss, flag)])).unbind()
+        loss_value, norm_value, stop_value = torch.stack([loss_mean, grad_norm.float().to(loss.device), stop]).tolist()
+        self.stop_agreed = stop_value > 0
         return {"loss": loss_value, "grad_norm": norm_value}
+
+    def first_gradients(self, step: int) -> dict[str, float]:
+        """`gradients` while a compiled model has not yet run a whole step (llmstable.compiled.CompiledForward): a
+        compile error in the lazily compiled backward makes the model eager, and the step is computed again from
+        the same data and RNG state, so the run's numbers are those of an eager run."""
+        point = (self.loader.state_dict(), rng_state())
+        try:
+            values = self.gradients(step)
+        except Exception as err:
+            if not is_compile_error(err):
+                raise
+            self.forward.fall_back(err)
+            self.engine.zero_grad()
+            self.loader.load_state_dict(point[0])
+            set_rng_state(point[1])
+            values = self.gradients(step)
+        self.forward.settled = True
+        return values
 
     def check_step(self, step: int, values: dict[str, float], replay_point, rollbacks: int):
         """The step-check hooks in order; the first action wins. A `replay` recomputes the step from the replay

@@ -2,9 +2,11 @@
 (`torchrun -m llmstable.train`, `deepspeed --module llmstable.train`).
 
 Exit codes: 0 done (or already complete); 2 a config, data or checkpoint error (the message names the key or
-file and the fix); 3 the spike guard aborted (the last good checkpoint is intact); 5 a checkpoint could not be
-written (disk full or another OSError: the partial write was removed and the earlier checkpoints are intact); 4 the
-spike guard's replays point at the machine (`stabilizer.spike_guard.max_sdc` silent-data-corruption suspects).
+file and the fix), or run_dir in use by another run; 3 the spike guard aborted (the last good checkpoint is intact);
+5 a checkpoint could not be written (disk full or another OSError: the partial write was removed and the earlier
+checkpoints are intact); 4 the spike guard's replays point at the machine (`stabilizer.spike_guard.max_sdc`
+silent-data-corruption suspects); 75 stopped by a preemption signal (SIGTERM, SIGUSR1: `train.preempt_signals`)
+or Ctrl-C, after writing a checkpoint: run the same command to resume; 130 a second Ctrl-C stopped it at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Face import)
 from llmstable.compose import CONFIG_DIR, compose_config, register_resolvers
 from llmstable.config import ConfigError, load_config
+from llmstable.errors import report, run_command
 from llmstable.parallel.world import launched_world_size
 
 EXIT_ERROR, EXIT_ABORTED, EXIT_HARDWARE, EXIT_WRITE_FAILED = 2, 3, 4, 5
@@ -32,8 +35,8 @@ def train_command(overrides: list[str]) -> int:
         run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
         try:
             cfg = compose_config(overrides, run_dir=run_dir or "unused-for-validation")
-            if run_dir and launched_world_size() == 1:
-                preflight(cfg)
+            if run_dir and int(os.environ.get("RANK", "0")) == 0:
+                preflight(cfg)  # checks run_dir and locks it (for this process's lifetime) before Hydra writes there
         except (ConfigError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
@@ -48,6 +51,7 @@ def train_command(overrides: list[str]) -> int:
 
         from llmstable.checkpoint import CheckpointError, CheckpointWriteError
         from llmstable.data import DataError
+        from llmstable.preemption import EXIT_PREEMPTED, Preempted
         from llmstable.stabilizers.hooks import SuspectedHardwareFault
         from llmstable.trainer import SpikeAbort, train
 
@@ -57,21 +61,26 @@ def train_command(overrides: list[str]) -> int:
         try:
             summary = train(load_config(container))
         except CheckpointWriteError as err:
-            print(f"error: {err}", file=sys.stderr)
+            report(err)  # (llmstable.errors: the paragraph, and the traceback under --debug)
             sys.exit(EXIT_WRITE_FAILED)
         except (ConfigError, DataError, CheckpointError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            report(err)
             sys.exit(EXIT_ERROR)
         except SuspectedHardwareFault as err:
-            print(f"stopped: suspected hardware fault: {err}", file=sys.stderr)
+            report(err)
             sys.exit(EXIT_HARDWARE)
+        except Preempted as err:
+            report(err)
+            sys.exit(EXIT_PREEMPTED)
         except SpikeAbort as err:
-            print(f"aborted: {err}", file=sys.stderr)
+            report(err)
             from hydra.types import RunMode
 
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # in a sweep, an aborted arm is a result
                 return json.loads((Path(container["run_dir"]) / "summary.json").read_text())
             sys.exit(EXIT_ABORTED)
+        except Exception as err:  # noqa: BLE001  (anything else: one paragraph too, not Hydra's report of it)
+            sys.exit(report(err))
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary, indent=2))
         return summary
@@ -90,9 +99,14 @@ def train_command(overrides: list[str]) -> int:
         print(f"error: {ConfigError(problems)}", file=sys.stderr)
         return EXIT_ERROR
     sys.argv = ["llmstable train", *overrides]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises what the run raised: llmstable.errors reports it
     hydra_train()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(train_command([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+    from llmstable.errors import debug_requested, set_debug
+
+    debug, args = debug_requested([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    set_debug(debug)
+    sys.exit(run_command(train_command, args))

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from llmstable import checkpoint as ckpt
+from llmstable.compiled import compiled_forward
 from llmstable.config import ConfigError, TrainConfig, to_dict
 from llmstable.data import DataBundle, build_data
 from llmstable.data.packing import SkipList
@@ -37,9 +37,11 @@ from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
 from llmstable.optimizers import build_optimizer
 from llmstable.optimizers.reporting import state_bytes
 from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
+from llmstable.preemption import EvalInterrupted, Preempted, SignalFlag
+from llmstable.progress import Progress
 from llmstable.recovery import Rollback, Target, zero_moments
 from llmstable.resume import RunDirectory
-from llmstable.runtime import memory_mb, seed_everything
+from llmstable.runtime import memory_mb, seed_everything, use_deterministic_algorithms
 from llmstable.schedule import lr_factor
 from llmstable.step import TrainStep
 from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stabilizers
@@ -52,18 +54,26 @@ class SpikeAbort(RuntimeError):
 
 
 def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
-    """Train (or resume) the run described by cfg; returns the summary also written to summary.json."""
+    """Train (or resume) the run described by cfg; returns the summary also written to summary.json. Raises
+    `Preempted` (llmstable.preemption) after checkpointing when a preemption signal or Ctrl-C stopped the run."""
+    signals = SignalFlag(cfg.train.preempt_signals).install()  # from here on a signal only sets a flag
     world = init_world(cfg.distributed, cfg.train.device)
     try:
-        trainer = build_trainer(cfg, world, extra_stabilizers)
+        trainer = build_trainer(cfg, world, extra_stabilizers, signals)
         try:
             summary = trainer.fit()
+        except BaseException:
+            trainer.run.close(clean=False)  # waits for a checkpoint being written, then unlocks
+            raise
         finally:
             log_stabilizer_events(trainer.log, trainer.stabilizers)  # what was noted before an abort
             trainer.log.close()
+        trainer.run.close()
     except BaseException:
         world.close(clean=False)  # no barrier: the other ranks may be gone or stuck in a collective
         raise
+    finally:
+        signals.uninstall()
     world.close()
     return summary
 
@@ -71,7 +81,8 @@ def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
 # --- builders --------------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizers: tuple = ()) -> Trainer:
+def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizers: tuple = (),
+                  signals: SignalFlag | None = None) -> Trainer:
     """Every part of the run, built in order. `extra_stabilizers`: stabilizers built by the caller (plug-ins that
     live outside the package), run after the configured ones."""
     world = world or init_world(cfg.distributed, cfg.train.device)
@@ -83,11 +94,18 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
             "micro-batches; lower train.micro_batch_size or change the global batch"
         ])
     run = RunDirectory(cfg, world)
-    if world.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-    world.barrier()
-    resume_from = run.claim()  # before anything is written into the run directory
+    resume_from = run.claim()  # checked and locked before anything is written into the run directory
+    try:
+        return _build(cfg, world, run, resume_from, extra_stabilizers, signals or SignalFlag([]))
+    except BaseException:
+        run.close(clean=False)
+        raise
+
+
+def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path | None, extra_stabilizers: tuple,
+           signals: SignalFlag) -> Trainer:
     seed_everything(cfg.train.seed)
+    use_deterministic_algorithms(cfg.train.deterministic)
     device = world.device
     data = build_data(cfg.data, cfg.train.seed, min_train_blocks=cfg.train.global_batch_size)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < data.vocab_size:
@@ -108,12 +126,12 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
     engine = build_engine(cfg, world, model,
                           lambda m: build_optimizer(cfg.optimizer, m, device, cfg.total_steps), run.path)
     log = RunLog(run.path, cfg.logging, to_dict(cfg)) if world.is_main else QuietLog()
-    faults = FaultInjector(cfg.fault, data.vocab_size, world.rank)
+    faults = FaultInjector(cfg.fault, data.vocab_size, world.rank, run.path)
     faults.attach(engine.model)
     for stabilizer in stabilizers:
         stabilizer.bind_optimizer(engine.base_optimizer)
     rollback = Rollback(cfg.stabilizer.spike_guard, cfg.train.global_batch_size)
-    return Trainer(cfg, engine, stabilizers, data, log, faults, run, rollback, resume_from, init_hash, sizes)
+    return Trainer(cfg, engine, stabilizers, data, log, faults, run, rollback, resume_from, init_hash, sizes, signals)
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -122,13 +140,13 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
 class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], data: DataBundle, log: RunLog,
                  faults: FaultInjector, run: RunDirectory, rollback: Rollback, resume_from: Path | None,
-                 init_hash: str, sizes: dict):
+                 init_hash: str, sizes: dict, signals: SignalFlag):
         self.cfg, self.engine, self.stabilizers, self.data = cfg, engine, stabilizers, data
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.log, self.faults, self.run, self.rollback = log, faults, run, rollback
-        self.resume_from = resume_from
-        self.forward = torch.compile(engine.module) if cfg.train.compile and engine.can_compile else engine.module
-        self.update = TrainStep(cfg, engine, stabilizers, data.train, faults, self.forward)
+        self.resume_from, self.signals = resume_from, signals
+        self.forward = compiled_forward(engine.module, cfg.train.compile, self.device, engine.can_compile)
+        self.update = TrainStep(cfg, engine, stabilizers, data.train, faults, self.forward, signals)
         self.fresh_init_hash = init_hash  # of the weights as built, before any sharding
         self.sizes = sizes  # num_params, flops_per_token: measured before sharding (ZeRO-3 empties parameters)
         self.step = 0
@@ -138,6 +156,9 @@ class Trainer:
         self.init_hash: str | None = None  # of the initial weights (and TrainStep's of the first batch): arms compare them
         self.initial_loss: float | None = None  # the first step's loss, on the initial weights (compare uses it)
         self.diverged_step: int | None = None
+        self.eval_pending = False  # a preemption cut the evaluation of this step short: a resume runs it first
+        self.last_saved_step: int | None = None
+        self.saved_at: dict[int, tuple[int, float]] = {}  # checkpoint step -> (tokens, seconds the loop was blocked)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -151,43 +172,51 @@ class Trainer:
             self.log.event("already_complete", self.step)
             return json.loads(done.read_text())
         self._started = (self.step, self.tokens, time.perf_counter())  # also for the summary of an aborted run
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.train.progress and self.world.is_main),
-                   unit="step", dynamic_ncols=True)
+        bar = Progress("train", total=total, initial=self.step, enabled=cfg.train.progress and self.world.is_main,
+                       unit="step")  # a live bar on a terminal, a plain line every 20 s in a log
         self.meter.restart(self.tokens)
-        while self.step < total:
-            lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
-                  * stabilizer_lr_factor(self.stabilizers, self.step + 1))
-            lr = self.faults.lr(self.step + 1, lr)
-            if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
-                self.log.event("disk_warning", self.step + 1, message=warning)
-            log_now = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == total
-            loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
-            if not self.rollback.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
-                self.diverged_step = self.step + 1
-                self.log.event("diverged", self.diverged_step, loss=loss)
-                break
-            self.faults.step_done(self.step + 1)
-            self.rollback.ledger.faults_fired = sorted(self.faults.fired)
-            if action is not None and action.kind != "skip_step":
-                self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
-                bar.reset(total=total)
-                bar.update(self.step)
-                self.meter.restart(self.tokens)
-                continue
-            self.step += 1
-            self.tokens += cfg.tokens_per_step
-            self.meter.add(loss)
-            if self.step == 1 and self.initial_loss is None:
-                self.initial_loss = loss
-            self.after_step(action)
-            bar.update(1)
-            if self.step % cfg.train.log_interval == 0 or self.step == total:
-                bar.set_postfix(self.log_metrics(lr, grad_norm, indicators))
-            if self.step % cfg.train.eval_interval == 0 or self.step == total:
-                self.evaluate()
-            if self.run.checkpoint_due(self.step):
-                self.save()
-        bar.close()
+        try:
+            while self.step < total:
+                lr = (cfg.optimizer.lr * lr_factor(self.step, total, cfg.schedule) * self.rollback.ledger.lr_scale
+                      * stabilizer_lr_factor(self.stabilizers, self.step + 1))
+                lr = self.faults.lr(self.step + 1, lr)
+                if self.run.checkpoint_due(self.step + 1) and (warning := self.run.space_warning(self.step + 1)):
+                    self.log.event("disk_warning", self.step + 1, message=warning)
+                log_now = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == total
+                loss, grad_norm, action, indicators = self.train_step(lr, indicators=log_now)
+                if not self.rollback.guarded and not np.isfinite(loss):  # diverged: a result, not a crash; stop here
+                    self.diverged_step = self.step + 1
+                    self.log.event("diverged", self.diverged_step, loss=loss)
+                    break
+                self.faults.step_done(self.step + 1, before_kill=self.run.checkpointer.wait)
+                if action is not None and action.kind != "skip_step":
+                    self.recover(action, loss, grad_norm)  # rollback (self.step goes back) or abort (raises)
+                    bar.reset(total=total)
+                    bar.update(self.step)
+                    self.meter.restart(self.tokens)
+                    self.step_boundary()
+                    continue
+                self.step += 1
+                self.tokens += cfg.tokens_per_step
+                self.meter.add(loss)
+                if self.step == 1 and self.initial_loss is None:
+                    self.initial_loss = loss
+                self.after_step(action)
+                bar.update(1)
+                if self.step % cfg.train.log_interval == 0 or self.step == total:
+                    bar.set_postfix(self.log_metrics(lr, grad_norm, indicators))
+                if self.step % cfg.train.eval_interval == 0 or self.step == total:
+                    if self.update.stop_agreed:  # a stop agreed in this step: the evaluation runs after the resume
+                        self.eval_pending = True
+                        self.preempt()
+                    self.evaluate()
+                if self.run.checkpoint_due(self.step):
+                    self.save()
+                self.step_boundary()
+        finally:
+            bar.close()
+        self.run.checkpointer.wait()
+        self.log_checkpoints()
         wall_s = time.perf_counter() - self._started[2]
         return self.finish(wall_s, (self.tokens - self._started[1]) / max(wall_s, 1e-9), self._started[0])
 
@@ -214,17 +243,61 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
-        rank: so every rank makes the same forward calls and holds the same value)."""
+        rank: so every rank makes the same forward calls and holds the same value). A preemption signal between
+        two batches stops the run there (the checkpoint notes the evaluation, which its resume runs first)."""
         self.model.eval()
         blocks = self.data.val_blocks[: self.cfg.train.eval_samples]
-        values = validation_metrics(self.forward, blocks, self.cfg.train.micro_batch_size, self.device,
-                                    self.cfg.train.precision, self.cfg.loss)  # host sync, once per evaluation
+        try:
+            values = validation_metrics(self.forward, blocks, self.cfg.train.micro_batch_size, self.device,
+                                        self.cfg.train.precision, self.cfg.loss,
+                                        between=self.stop_in_evaluation)  # host sync, once per evaluation
+        except EvalInterrupted:
+            self.model.train()
+            self.eval_pending = True
+            self.preempt()
         self.model.train()
+        self.eval_pending = False
         val_loss = values["val/loss"]
         self.val_history.append((self.step, val_loss))
         self.log.metrics({"step": self.step, "tokens": self.tokens, **values})
         self.log.event("eval", self.step, val_loss=val_loss)
         return val_loss
+
+    # --- stopping on a signal (llmstable.preemption) -------------------------------------------------------------
+
+    def step_boundary(self) -> None:
+        """After each step: log the checkpoints written since, raise a failed background write, and stop if every
+        rank has agreed (in the step's all-reduce) that a preemption signal came."""
+        self.log_checkpoints()
+        self.run.checkpointer.check()
+        if self.update.stop_agreed:
+            self.preempt()
+
+    def stop_in_evaluation(self, batch: int) -> bool:
+        """Between evaluation batches: whether a preemption signal came, agreed by every rank (a small all-reduce
+        of the flag when there are several; every rank runs the same batches)."""
+        self.faults.in_evaluation(self.step, batch)
+        flag = torch.tensor([float(self.signals.requested)], device=self.device)
+        return bool(self.world.mean(flag).item() > 0) if self.world.world_size > 1 else self.signals.requested
+
+    def preempt(self) -> None:
+        """Write a checkpoint of this step (unless one was just written), wait for it, and stop with Preempted."""
+        if self.last_saved_step != self.step or self.eval_pending:
+            self.save()
+        self.run.checkpointer.wait()
+        self.log_checkpoints()
+        path = self.run.checkpoints / ckpt.checkpoint_name(self.step)
+        received = self.signals.received or "a signal on another rank"
+        self.log.event("preempted", self.step, signal=received, checkpoint=str(path), eval_pending=self.eval_pending)
+        raise Preempted(f"{received} at step {self.step}: checkpoint {path} is written; run the same command again "
+                        "to resume")
+
+    def log_checkpoints(self) -> None:
+        """A `checkpoint` event for each checkpoint committed since the last call (with the time the loop spent)."""
+        for step, path in self.run.checkpointer.completed():
+            tokens, blocked_s = self.saved_at.pop(step, (None, None))
+            self.log.event("checkpoint", step, path=str(path), tokens=tokens,
+                           blocked_s=None if blocked_s is None else round(blocked_s, 4))
 
     # --- spikes: skip, roll back, abort --------------------------------------------------------------------------
 
@@ -250,7 +323,7 @@ class Trainer:
         good = self.run.latest_good()
         target = None
         if good is not None:  # (rank 0 reads the checkpoint's step and data position; every rank gets them)
-            target = Target(good, *self.world.broadcast(_step_and_ordinal(good) if self.world.is_main else None))
+            target = Target(good, *self.world.broadcast(self.run.step_and_ordinal(good) if self.world.is_main else None))
         plan = self.rollback.plan(action, self.data.train.ordinal, target)
         self.log_spikes(spike_step, spike_tokens, action)
         ledger, guard = self.rollback.ledger, self.cfg.stabilizer.spike_guard
@@ -265,7 +338,9 @@ class Trainer:
                 f"last good checkpoint {good} is intact. Lower optimizer.lr, or inspect the data around the skipped "
                 "samples in events.jsonl."
             )
-        self.restore(good, keep_ledger=True)  # one code path with resume; the ledger does not go back
+        self.restore(good, keep_ledger=True, step=target.step)  # one code path with resume; the ledger stays
+        self.run.checkpointer.forget_after(target.step)
+        self.last_saved_step = target.step  # (the state is that checkpoint's: a stop now need not rewrite it)
         self.rollback.carried_out(plan)
         self.data.train.skip = SkipList(ledger.skip_ranges)
         (start, end) = plan.skip
@@ -285,11 +360,15 @@ class Trainer:
         self.run.write_tokenizer(self.data.tokenizer)
         path = self.resume_from
         if path is not None:
-            for change in self.run.check_config_changes(path):
-                self.log.event("config_change", 0, change=change)
+            changes = self.run.check_config_changes(path)
             self.restore(path)
             self.run.write_config()  # only once the resume has passed its checks
+            for change in changes:
+                self.log.event("config_change", 0, change=change)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
+            self.last_saved_step = self.step
+            if self.eval_pending:  # the evaluation a preemption cut short
+                self.evaluate()
             return
         self.run.write_config()
         self.init_hash = self.fresh_init_hash
@@ -308,7 +387,7 @@ class Trainer:
             "stabilizers": {s.name: s.state_dict() for s in self.stabilizers},
             **self.rollback.state_dict(),
             "init_hash": self.init_hash, "first_batch_hash": self.update.first_batch_hash, "initial_loss": self.initial_loss,
-            "engine": self.engine.checkpoint_meta(),
+            "engine": self.engine.checkpoint_meta(), "eval_pending": self.eval_pending,
         }
 
     def load_state_dict(self, state: dict, keep_ledger: bool = False) -> None:
@@ -320,21 +399,26 @@ class Trainer:
             stabilizer.load_state_dict(state["stabilizers"].get(stabilizer.name, {}))
         self.rollback.load_state_dict(state, keep_ledger)
         self.data.train.skip = SkipList(self.rollback.ledger.skip_ranges)
-        self.faults.fired = set(self.rollback.ledger.faults_fired)
+        self.eval_pending = bool(state.get("eval_pending", False))
         self.init_hash, self.update.first_batch_hash = state.get("init_hash"), state.get("first_batch_hash")
         self.initial_loss = state.get("initial_loss")
 
     def save(self, good: bool = False) -> Path:
+        """Checkpoint this step; the loop blocks only for a snapshot when the write goes to the background (its
+        `checkpoint` event is logged once it is on disk: log_checkpoints)."""
+        started = time.perf_counter()
         path = self.run.save(self.engine, self.step, self.state_dict(), good=good or not self.rollback.guarded,
                              before_commit=self.faults.checkpoint_hook(self.step))
+        self.saved_at[self.step] = (self.tokens, time.perf_counter() - started)
+        self.last_saved_step = self.step
         self.rollback.saved(self.step, good)
-        self.log.event("checkpoint", self.step, path=str(path), tokens=self.tokens)
         return path
 
-    def restore(self, path: Path, keep_ledger: bool = False) -> None:
+    def restore(self, path: Path, keep_ledger: bool = False, step: int | None = None) -> None:
         """Everything that decides the future of the run, as of checkpoint `path` (resume), except the ledger
-        with keep_ledger (rollback: counters, skip list, LR scale and fired faults stay as they are now)."""
-        self.load_state_dict(self.run.load(self.engine, path), keep_ledger)
+        with keep_ledger (rollback: counters, skip list and LR scale stay as they are now). A rollback passes the
+        checkpoint's `step`, so the ring's copy in memory is used when it holds one."""
+        self.load_state_dict(self.run.load(self.engine, path, step), keep_ledger)
 
     # --- the end of the run --------------------------------------------------------------------------------------
 
@@ -361,6 +445,3 @@ class Trainer:
         return summary
 
 
-def _step_and_ordinal(path: Path) -> tuple[int, int]:
-    state = ckpt.read_state(path)
-    return state["step"], int(state["data"]["ordinal"])

@@ -1,5 +1,7 @@
 """The `llmstable` command as users run it: real subprocesses."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -53,3 +55,20 @@ def test_prepare_and_spikes_start_without_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_deepspeed_started_as_a_plain_command_trains_as_a_world_of_one(tmp_path):
+    """No launcher: nothing sets RANK, LOCAL_RANK or MASTER_ADDR, which DeepSpeed asserts on. llmstable sets them
+    for its world of one (never over a launcher's) and the run trains."""
+    from conftest import TINY
+
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LLMSTABLE_INIT_METHOD")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    result = subprocess.run([sys.executable, "-m", "llmstable.cli", "train", *TINY, "train.max_steps=3",
+                             "distributed=deepspeed", f"run_dir={tmp_path}/run"], env={**env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["world_size"] == 1 and summary["steps"] == 3
+

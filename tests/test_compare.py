@@ -20,11 +20,12 @@ from llmstable.plot import final_curve
 from llmstable.statistics import t975
 
 PNG = b"\x89PNG\r\n\x1a\n"
-# AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; 2 seeds; AdamW at its best LR
-# also at 2 and 3 of the 6 steps: 14 runs of at most 6 steps.
+# AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; the LRs chosen on seed 0, each
+# arm then judged at its LR on seeds 1 and 2; AdamW at its chosen LR also at 2 and 3 of the 6 steps on seeds 1 and 2:
+# 13 runs of at most 6 steps.
 STUDY = ["compare.arms=[adamw,muon]", "compare.grids.adamw=[0.003,0.01,100000.0]", "compare.grids.muon=[0.003,0.01]",
-         "compare.seeds=[0,1]", "compare.target_loss=6.2", "train.max_steps=6", "train.eval_interval=3",
-         "train.checkpoint_interval=3", "train.max_norm=null"]
+         "compare.seeds=[0]", "compare.confirm_seeds=[1,2]", "compare.target_loss=6.2", "train.max_steps=6",
+         "train.eval_interval=3", "train.checkpoint_interval=3", "train.max_norm=null"]
 
 
 def compare(sweep_dir, *args, **popen):
@@ -57,7 +58,7 @@ def test_every_run_and_setting_in_the_report_equals_the_runs_own_files(study):
     for name in ("report.md", "report.json", "report.html", "loss_curves.png", "lr_sensitivity.png", "speedup.png"):
         assert (root / name).exists(), name
     assert (root / "speedup.png").read_bytes().startswith(PNG)
-    assert len(report["runs"]) == 14 and len(report["ranked"]) == 5
+    assert len(report["runs"]) == 13 and len(report["ranked"]) == 5
     for row in report["runs"]:
         run = root / row["run"]
         summary = json.loads((run / "summary.json").read_text())
@@ -73,7 +74,7 @@ def test_every_run_and_setting_in_the_report_equals_the_runs_own_files(study):
     assert all(r["diverged"] and r["diverged_step"] is not None for r in bad)
     assert report["ranked"][-1]["lr"] == 100000.0
     assert report["fairness"]["same_start_by_seed"] == {
-        "0": {"initial_weights": True, "first_batch": True}, "1": {"initial_weights": True, "first_batch": True}}
+        str(s): {"initial_weights": True, "first_batch": True} for s in (0, 1, 2)}
 
 
 @pytest.mark.slow
@@ -81,31 +82,42 @@ def test_each_arms_best_lr_paired_difference_and_columns_follow_from_the_files(s
     root, report = study
     arms = {a["arm"]: a for a in report["arms"]}
     assert report["baseline"] == "adamw" and list(arms) == ["adamw", "muon"]
+    assert report["selection_seeds"] == [0] and report["judged_seeds"] == [1, 2] and report["clean_choice"]
     finals = {}
     for row in report["runs"]:
         if not row["budget_run"]:
             finals.setdefault((row["arm"], row["lr"]), {})[row["seed"]] = row["final_val_loss"]
     for name, arm in arms.items():
-        means = {lr: statistics.fmean(v.values()) for (a, lr), v in finals.items() if a == name
-                 and None not in v.values()}
-        assert arm["best_lr"] == min(means, key=means.get)
-        assert arm["final_val_loss"] == pytest.approx(means[arm["best_lr"]], rel=1e-12)
+        chosen_on = {lr: v[0] for (a, lr), v in finals.items() if a == name and v.get(0) is not None}
+        assert arm["best_lr"] == min(chosen_on, key=chosen_on.get)  # chosen on seed 0 alone
+        assert arm["selection_final_val_loss"] == chosen_on[arm["best_lr"]]
+        assert sorted(s for (a, lr), v in finals.items() if a == name and lr != arm["best_lr"] for s in v) == [0] * (
+            len(arm["grid"]) - 1)  # the fresh seeds ran at the chosen LR only
+        judged = finals[(name, arm["best_lr"])]
+        assert arm["final_val_loss"] == pytest.approx(statistics.fmean([judged[1], judged[2]]), rel=1e-12)
     assert arms["adamw"]["stable_lrs"] == 2 and arms["adamw"]["grid_lrs"] == 3  # 1e5 diverged
     assert arms["adamw"]["grid_edge"] in (None, "low")  # 1e5 is the high edge, and it diverged
     assert arms["muon"]["grid_edge"] in ("low", "high")  # a grid of two LRs: the best is on an edge
     base = finals[("adamw", arms["adamw"]["best_lr"])]
     other = finals[("muon", arms["muon"]["best_lr"])]
-    diffs = [other[s] - base[s] for s in (0, 1)]
+    diffs = [other[s] - base[s] for s in (1, 2)]
     paired = arms["muon"]["paired_diff"]
     assert paired["mean"] == pytest.approx(statistics.fmean(diffs), rel=1e-12)
     half = t975(1) * statistics.stdev(diffs) / math.sqrt(2)
     assert paired["ci95"] == pytest.approx([paired["mean"] - half, paired["mean"] + half], rel=1e-9)
+    assert paired["p_holm"] == paired["p_value"]  # one arm compared: Holm changes nothing
     assert arms["muon"]["verdict"] in ("better", "worse", "not distinguishable at 2 seeds")
-    assert len(report["fit"]["points"]) == 3  # AdamW at 2, 3 and 6 steps
+    curve = report["curve"]
+    assert curve["budgets"] == [2 * 8 * 32, 3 * 8 * 32, 6 * 8 * 32] and curve["seeds"] == [1, 2]  # 2, 3, 6 steps
+    assert [r["total_steps"] for r in curve["runs"]] == [2, 3, 6]
+    assert [c["speedup"] for c in report["self_check"]] == [1.0, 1.0, 1.0]
+    assert arms["adamw"]["speedup"]["value"] == 1.0 and arms["adamw"]["speedup"]["interval"] == [1.0, 1.0]
     for arm in arms.values():
-        assert arm["speedup_status"] in ("fit", "extrapolated", "unavailable")
-        assert (arm["speedup"] is None) == (arm["speedup_status"] == "unavailable")
-        assert arm["speedup_status"] == "fit" or arm["speedup_reason"]
+        speed = arm["speedup"]
+        assert speed["method"] in ("interpolated", "extrapolated", "unavailable")
+        if speed["method"] == "extrapolated":
+            assert speed["value"] is None and set(speed["families"]) == {"power_law", "log_linear"}
+        assert speed["method"] == "interpolated" or speed["reason"]
         assert arm["optimizer_state_bytes_per_param"] > 0 and arm["lr_sensitivity"] >= 0
     assert arms["muon"]["optimizer_state_bytes_per_param"] < arms["adamw"]["optimizer_state_bytes_per_param"]
     md = (root / "report.md").read_text()
@@ -139,7 +151,7 @@ def test_extend_grid_adds_the_next_lr_past_the_edge_and_runs_only_what_is_missin
     result = compare(root, *STUDY, "compare.extend_grid=true")
     assert result.returncode == 0, result.stderr[-3000:]
     added = {p.name for p in root.glob("*_seed*")} - set(before)
-    assert {f"muon_lr{lr:g}_seed{s}" for lr in muon["extend_with"] for s in (0, 1)} <= added
+    assert {f"muon_lr{lr:g}_seed0" for lr in muon["extend_with"]} <= added
     assert all((root / name / "metrics.jsonl").stat().st_mtime_ns == t for name, t in before.items())
     report = json.loads((root / "report.json").read_text())
     assert len(next(a for a in report["arms"] if a["arm"] == "muon")["grid"]) == 3
@@ -147,8 +159,8 @@ def test_extend_grid_adds_the_next_lr_past_the_edge_and_runs_only_what_is_missin
 
 @pytest.mark.slow
 def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path):
-    args = ["compare.arms=[adamw,spam]", "compare.lrs=[0.003]", "compare.seeds=[0]", "compare.budget_fractions=[1.0]",
-            "train.max_steps=40", "train.checkpoint_interval=5"]
+    args = ["compare.arms=[adamw,spam]", "compare.lrs=[0.003]", "compare.seeds=[0]", "compare.confirm_seeds=[]",
+            "compare.budget_fractions=[1.0]", "train.max_steps=40", "train.checkpoint_interval=5"]
     assert compare(tmp_path / "whole", *args).returncode == 0
     root = tmp_path / "killed"
     proc = compare(root, *args, start_new_session=True)
@@ -172,7 +184,7 @@ def test_a_killed_sweep_rerun_skips_finished_arms_and_reports_the_same(tmp_path)
 
 
 def test_an_arm_tuned_over_its_clipping_threshold_runs_each_value_and_keeps_the_best(tmp_path):
-    args = ["compare.arms=[adamw,adamw_clip]", "compare.lrs=[0.003]", "compare.seeds=[0]",
+    args = ["compare.arms=[adamw,adamw_clip]", "compare.lrs=[0.003]", "compare.seeds=[0]", "compare.confirm_seeds=[]",
             "compare.budget_fractions=[1.0]", "train.max_steps=4", "train.checkpoint_interval=2"]
     result = compare(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-3000:]

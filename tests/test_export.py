@@ -97,3 +97,47 @@ def test_the_cli_refuses_to_export_a_run_onto_itself(trained_run, tmp_path):
 def test_export_from_a_directory_without_checkpoints_says_so(tmp_path):
     with pytest.raises(ExportError, match="no valid checkpoint"):
         export_hf(tmp_path, tmp_path / "out")
+
+
+def test_an_export_is_a_starting_point_for_init_from_in_either_naming(trained_run, tmp_path):
+    # The route the trust model recommends for sharing: `llmstable export RUN OUT`, then train.init_from=OUT/
+    # model.safetensors. The export holds Hugging Face's names; init_from takes them, and ours, to the same weights.
+    from safetensors.torch import save_file
+
+    from llmstable.checkpoint import load_initial_weights
+    from llmstable.stabilizers import build_model_and_stabilizers
+
+    out = export_hf(trained_run, tmp_path / "hf")
+    trained, tokenizer, cfg = load_trained(trained_run)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "ours.safetensors"))
+    for source in (out / "model.safetensors", tmp_path / "ours.safetensors"):
+        torch.manual_seed(1)
+        fresh, _ = build_model_and_stabilizers(cfg, len(tokenizer))
+        load_initial_weights(fresh, source)
+        for name, tensor in trained.state_dict().items():
+            torch.testing.assert_close(fresh.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_init_from_names_each_tensor_that_does_not_fit_with_both_shapes(trained_run, tmp_path):
+    import dataclasses
+
+    from llmstable.checkpoint import CheckpointError, load_initial_weights
+    from llmstable.stabilizers import build_model_and_stabilizers
+
+    out = export_hf(trained_run, tmp_path / "hf")
+    _, tokenizer, cfg = load_trained(trained_run)
+    narrow = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=64, intermediate_size=176))
+    model, _ = build_model_and_stabilizers(narrow, len(tokenizer))
+    with pytest.raises(CheckpointError, match=r"does not fit this model: .*\(and \d+ more\)") as caught:
+        load_initial_weights(model, out / "model.safetensors")
+    assert "tok_embeddings.weight is [512, 128] in the file and [512, 64] in the model" in str(caught.value)
+
+
+def test_our_names_and_hugging_faces_map_one_to_one(trained_run):
+    from llmstable.model.names import from_hf, to_hf
+
+    model, _, _ = load_trained(trained_run)
+    names = list(model.state_dict())
+    assert [from_hf(to_hf(n)) for n in names] == names
+    assert len({to_hf(n) for n in names}) == len(names)
+    assert from_hf("model.layers.0.self_attn.rotary_emb.inv_freq") is None

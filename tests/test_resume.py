@@ -42,7 +42,8 @@ def reseal(checkpoint):
     files = {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size,
                                                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name not in ckpt.UNLISTED}
-    (checkpoint / ckpt.MANIFEST).write_text(json.dumps({"step": 0, "files": files}))
+    step = ckpt.content_step(checkpoint) if checkpoint.name.startswith(ckpt.PREFIX) else 0  # the step it holds
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps({"step": step, "files": files}))
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +189,18 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, tiny
     assert rows(run) == rows(reference)
 
 
-def test_a_save_that_fails_any_other_way_removes_its_partial_write(tmp_path, tiny_config, monkeypatch):
+@pytest.mark.parametrize("writer", ["write_snapshot", "save"])  # in the background (the default), in the loop
+def test_a_save_that_fails_any_other_way_removes_its_partial_write(tmp_path, tiny_config, monkeypatch, writer):
     from llmstable.parallel.engines import Engine
 
-    def broken(self, directory):
+    def broken(self, directory, *snapshot):
         (directory / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(Engine, "save", broken)
+    monkeypatch.setattr(Engine, writer, broken)
+    background = [] if writer == "write_snapshot" else ["train.checkpoint_async=false"]
     with pytest.raises(ckpt.CheckpointWriteError, match=r"step_00000005: RuntimeError\('basic_ios::clear"):
-        train(tiny_config(*F, run_dir=tmp_path / "run"))
+        train(tiny_config(*F, *background, run_dir=tmp_path / "run"))
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 

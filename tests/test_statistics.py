@@ -5,7 +5,7 @@ import math
 import pytest
 
 from llmstable.statistics import (
-    best_lr, fit_power_law, grid_edge, lr_sensitivity, next_lr, paired_difference, speedup, t975,
+    best_lr, grid_edge, holm, lr_sensitivity, next_lr, paired_difference, t975, t_cdf, t_quantile, verdict,
 )
 
 
@@ -19,6 +19,37 @@ def test_t_quantiles_match_the_tables():
         assert t975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-4)
 
 
+def test_t_distribution_and_quantiles_match_the_tables():
+    # Closed forms: one degree of freedom is Cauchy's, two has P(T <= t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    for t in (-3.0, 0.0, 0.7, 12.7062):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-14)
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-14)
+    assert t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4) and t_quantile(0.975, 4) == pytest.approx(2.7764,
+                                                                                                         abs=1e-4)
+    assert t_quantile(1 - 0.05 / 6, 2) == pytest.approx(7.6488, abs=1e-3)  # Bonferroni over 3 arms at 3 seeds
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 6, 31, 200):
+        for t in (-4.0, -0.5, 1.3, 9.0):
+            assert t_cdf(t, df) == pytest.approx(scipy_stats.t.cdf(t, df), abs=1e-12)
+        for p in (0.9, 0.975, 0.99583):
+            assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9)
+
+
+def test_holm_steps_down_and_never_lowers_a_later_p():
+    # Sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to 0.06 (adjusted p-values never decrease).
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}
+    assert holm({}) == {}
+
+
+def test_a_verdict_needs_the_corrected_p_value_under_alpha():
+    d = paired_difference({0: 4.9, 1: 5.88, 2: 3.92}, {0: 5.0, 1: 6.0, 2: 4.0})
+    assert verdict(d, 0.01) == "better" and verdict(d, 0.06) == "not distinguishable at 3 seeds"
+    worse = paired_difference({0: 5.2, 1: 5.31, 2: 5.19}, {0: 5.0, 1: 5.1, 2: 5.0})
+    assert verdict(worse, worse.p_value) == "worse"
+    assert verdict(None, None) == "no seed in common"
+
+
 def test_paired_difference_uses_the_pairs_not_the_spread_of_each_arm():
     # The seeds move both arms by a lot; the arm is better by exactly 0.1, 0.12, 0.08 on each seed.
     baseline = {0: 5.0, 1: 6.0, 2: 4.0}
@@ -28,15 +59,22 @@ def test_paired_difference_uses_the_pairs_not_the_spread_of_each_arm():
     assert d.std == pytest.approx(0.02)
     half = 4.302653 * 0.02 / math.sqrt(3)
     assert d.ci95 == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-4)
-    assert d.verdict == "better"
+    # t = 0.1 / (0.02 / sqrt 3) = 8.66 on 2 degrees of freedom: p = 1 - 8.66 / sqrt(2 + 8.66^2)
+    t = 0.1 / (0.02 / math.sqrt(3))
+    assert d.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
+    # Bonferroni over 3 arms: the 1 - 0.05/3 interval, t(0.99167, 2) = 7.6488
+    assert d.interval(1 - 0.05 / 3) == pytest.approx((-0.1 - 7.6488 * 0.02 / math.sqrt(3),
+                                                      -0.1 + 7.6488 * 0.02 / math.sqrt(3)), abs=1e-4)
 
 
-def test_the_verdict_says_worse_or_not_distinguishable():
-    assert paired_difference({0: 5.2, 1: 5.3}, {0: 5.0, 1: 5.1}).verdict == "worse"
-    assert paired_difference({0: 4.9, 1: 5.3}, {0: 5.0, 1: 5.1}).verdict == "not distinguishable at 2 seeds"
+def test_a_single_pair_has_no_interval_and_no_p_value():
     one = paired_difference({0: 4.0, 7: 1.0}, {0: 5.0})
-    assert one.n == 1 and one.ci95 is None and one.verdict == "not distinguishable at 1 seed"
+    assert one.n == 1 and one.ci95 is None and one.p_value is None and one.interval(0.95) is None
+    assert verdict(one, None) == "not distinguishable at 1 seed"
     assert paired_difference({1: 4.0}, {0: 5.0}) is None
+    same = paired_difference({0: 5.1, 1: 5.2}, {0: 5.0, 1: 5.1})  # the same difference on every seed: no spread
+    assert same.std == pytest.approx(0.0, abs=1e-12) and same.p_value < 1e-9 and verdict(same, same.p_value) == "worse"
+    assert paired_difference({0: 5.0, 1: 5.0}, {0: 5.0, 1: 5.0}).p_value == 1.0
 
 
 def test_best_lr_skips_diverged_lrs_and_finds_the_edge():
@@ -62,50 +100,3 @@ def test_lr_sensitivity_caps_at_the_initial_loss():
     assert lr_sensitivity({1: 4.0, 2: 5.0, 3: 9.0, 4: None}, 8.0) == pytest.approx((0 + 1 + 4 + 4) / 4)
     assert lr_sensitivity({1: 4.0, 2: 4.0}, 8.0) == 0.0
     assert lr_sensitivity({1: 4.0}, None) is None
-
-
-def constructed(a=3.0e3, B=0.5, b=2.5, budgets=(250_000, 500_000, 1_000_000)):
-    return list(budgets), [a * d ** -B + b for d in budgets]
-
-
-def test_the_power_law_fit_recovers_constructed_losses():
-    budgets, losses = constructed(budgets=(125_000, 250_000, 500_000, 1_000_000))
-    fit, reason = fit_power_law(budgets, losses)
-    assert reason == ""
-    assert fit.B == pytest.approx(0.5, rel=1e-4) and fit.b == pytest.approx(2.5, abs=1e-4)
-    assert fit.a == pytest.approx(3.0e3, rel=1e-3) and fit.r2 == pytest.approx(1.0)
-    assert fit.budget_for(fit.loss(700_000)) == pytest.approx(700_000, rel=1e-6)
-
-
-def test_the_floor_of_the_fit_is_never_negative():
-    # Losses on a pure power law, as a short study sees them: the unconstrained floor would fall below zero.
-    budgets = [75_000, 150_000, 300_000]
-    fit, reason = fit_power_law(budgets, [40.0 * d**-0.16 for d in budgets])
-    assert reason == "" and fit.b == pytest.approx(0.0, abs=1e-9)
-    assert fit.B == pytest.approx(0.16, rel=1e-3) and fit.a == pytest.approx(40.0, rel=1e-3)
-
-
-def test_d_eff_of_a_constructed_arm_is_the_budget_the_baseline_needs():
-    budgets, losses = constructed()
-    fit, reason = fit_power_law(budgets, losses)
-    # An arm whose loss at 1M tokens equals the baseline's at 500k is a 0.5x speedup, inside the fit's range.
-    half = speedup(fit, reason, 3.0e3 * 500_000 ** -0.5 + 2.5, 1_000_000)
-    assert half.status == "fit" and half.value == pytest.approx(0.5, rel=1e-4)
-    own = speedup(fit, reason, losses[-1], 1_000_000)
-    assert own.status == "fit" and own.value == pytest.approx(1.0, rel=1e-5)
-    # Matching the baseline at 2M tokens: 2x, outside the fitted budgets, so extrapolated, with the reason.
-    double = speedup(fit, reason, 3.0e3 * 2_000_000 ** -0.5 + 2.5, 1_000_000)
-    assert double.status == "extrapolated" and double.value == pytest.approx(2.0, rel=1e-4)
-    assert "outside the fitted budgets" in double.reason
-    below = speedup(fit, reason, 2.4, 1_000_000)
-    assert below.status == "unavailable" and below.value is None and "asymptote" in below.reason
-
-
-def test_no_speedup_from_too_few_budgets_or_losses_that_rise_with_the_budget():
-    fit, reason = fit_power_law([1, 2], [5.0, 4.0])
-    assert fit is None and "needs >= 3" in reason
-    assert speedup(fit, reason, 4.0, 2).status == "unavailable"
-    fit, reason = fit_power_law([1, 2, 4], [4.0, 4.5, 5.0])
-    assert fit is None and "does not fall" in reason
-    fit, reason = fit_power_law([1, 2, 4, 8], [5.0, 3.0, 4.5, 2.9])
-    assert fit is None and "poor fit" in reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -107,12 +108,17 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             return value
         return tuple(_coerce(a, v, f"{key}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf  # (too large for a float: refused below)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        if not math.isfinite(value):  # inf or nan would run, and turn the run into NaNs a few steps later
+            problems.append(f"{key}={value} must be a finite number: inf and nan cannot train (where the key "
+                            "allows null, null switches its feature off)")
+        return value
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         problems.append(f"{key}={value!r} must be {_KINDS.get(tp, f'of type {tp.__name__}')}, e.g. "
                         f"{key}={_EXAMPLES.get(tp, '...')}")

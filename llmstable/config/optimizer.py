@@ -33,6 +33,10 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
 
     variants: typing.ClassVar[dict[str, type]] = {}  # name -> schema, filled by @register
+    # Hyperparameters counted in optimizer steps. A study's shorter budget runs keep them as they are (they are the
+    # optimizer's own, as its paper sets them, not shares of the run); the report lists them. "auto" means the
+    # run's own steps.
+    step_counts: typing.ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def variant(cls, name: Any) -> type | None:
@@ -68,6 +72,7 @@ class AdamWConfig(OptimizerConfig):
 class SPAMConfig(OptimizerConfig):
     """SPAM (arXiv 2501.06842); defaults as the official code, warmup_steps as the paper (150)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("warmup_steps", "DeltaT", "grad_accu_steps")
     name: str = "spam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -95,6 +100,7 @@ class StableSPAMConfig(OptimizerConfig):
     """Stable-SPAM (arXiv 2502.17055); defaults as the official code, except total_T: auto = the run's steps,
     as the paper's training scripts set it (null turns the cosine damping off, the official default)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("total_T", "update_proj_gap")
     name: str = "stable_spam"
     betas: tuple[float, float] = (0.9, 0.999)
     amsgrad: bool = False
@@ -141,6 +147,7 @@ class FiraConfig(OptimizerConfig):
     residual with the norm-growth limiter. Class defaults as the official code; lr, rank, update_proj_gap and alpha
     as the official LLaMA-60M pre-training script (130M and 350M use rank 256, 1B rank 512 and alpha 0.0625)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("update_proj_gap",)
     name: str = "fira"
     lr: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
@@ -231,6 +238,7 @@ class SOAPConfig(OptimizerConfig):
     """SOAP (Vyas et al. 2024, arXiv 2409.11321) from pytorch-optimizer: Adam in the eigenbasis of Shampoo's
     preconditioner, refreshed every precondition_frequency steps; betas as the paper (0.95, 0.95)."""
 
+    step_counts: typing.ClassVar[tuple[str, ...]] = ("precondition_frequency",)
     name: str = "soap"
     lr: float = 3e-3
     betas: tuple[float, float] = (0.95, 0.95)
@@ -246,8 +254,21 @@ class SOAPConfig(OptimizerConfig):
 @register("adam_mini")
 @dataclass
 class AdamMiniConfig(OptimizerConfig):
-    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793) from pytorch-optimizer: one second moment per block (query
-    and key per head, every other matrix and norm as a whole), Adam on the embeddings and the LM head."""
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793): one second moment per block. backend=llmstable is the
+    authors' official code today (v1.1.1: embedding and LM head per token, query and key per head, value, attention
+    output and MLP per output neuron, norms whole); backend=pytorch_optimizer is pytorch-optimizer 4.1's, which keeps
+    the old partition (Adam on the embedding and LM head, value, output and MLP matrices whole). lr, betas, eps and
+    weight_decay are AdamW's, as the authors' README recommends."""
 
     name: str = "adam_mini"
     lr: float = 3e-3
+    backend: str = "llmstable"  # llmstable (official partition) | pytorch_optimizer (4.1, the old partition)
+    value_blocks: str = "neuron"  # neuron (official) | whole: the README's advice for runs under 10k-20k steps
+
+    def validate(self, problems: list[str]) -> None:
+        super().validate(problems)
+        choice(problems, "optimizer.backend", self.backend, ("llmstable", "pytorch_optimizer"))
+        choice(problems, "optimizer.value_blocks", self.value_blocks, ("neuron", "whole"))
+        if self.backend == "pytorch_optimizer" and self.value_blocks != "neuron":
+            problems.append("optimizer.value_blocks=whole needs optimizer.backend=llmstable: pytorch-optimizer's "
+                            "Adam-mini already keeps the value matrix as one block")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmstable.config.checks import choice, positive
 from llmstable.config.data import DataConfig
@@ -28,6 +29,9 @@ class FaultConfig:
     kill_at_step: int | None = None  # SIGKILL the process after this step
     kill_in_checkpoint_at_step: int | None = None  # SIGKILL halfway through writing this step's checkpoint
     disk_full_at_step: int | None = None  # raise ENOSPC (disk full) halfway through writing this step's checkpoint
+    signal_at_step: int | None = None  # send `signal` to the process itself after this step's update (preemption)
+    signal_in_eval_at_step: int | None = None  # send `signal` during the evaluation after this step
+    signal: str = "SIGTERM"  # the signal of signal_at_step and signal_in_eval_at_step
     sdc_at_step: int | None = None  # scale one block's activations in one forward pass of this step (a transient fault)
     sdc_layer: int = 0  # the block whose output sdc_at_step scales
     sdc_scale: float = -1000.0  # the factor (a sign and exponent corruption: a clear loss spike through RMSNorm)
@@ -42,10 +46,17 @@ class FaultConfig:
             problems.append(f"fault.sdc_at_step={self.sdc_at_step} must be a step number >= 1, or null")
         if self.sdc_layer < 0:
             problems.append(f"fault.sdc_layer={self.sdc_layer} must be >= 0 (a block index)")
+        for key in ("kill_at_step", "kill_in_checkpoint_at_step", "disk_full_at_step", "signal_at_step",
+                    "signal_in_eval_at_step"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"fault.{key}={value!r} must be a step number >= 1, or null")
+        choice(problems, "fault.signal", self.signal, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"))
 
     def active(self) -> bool:
         return any([self.loss_scale_steps, self.lr_scale_steps, self.corrupt_batch_steps, self.nan_steps,
-                    self.kill_at_step, self.kill_in_checkpoint_at_step, self.disk_full_at_step, self.sdc_at_step])
+                    self.kill_at_step, self.kill_in_checkpoint_at_step, self.disk_full_at_step, self.sdc_at_step,
+                    self.signal_at_step, self.signal_in_eval_at_step])
 
 
 @dataclass
@@ -118,14 +129,17 @@ class TrainLoopConfig:
     max_steps: int | None = None
     max_norm: float | None = 1.0  # global gradient-norm clip; null disables clipping
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms): bit-exact GPU resumes, SDC replays
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
+    compile: Any = "auto"  # torch.compile the model: auto (on CUDA; eager on CPU, measured faster there) | true | false
     log_interval: int = 10  # steps between metrics.jsonl rows
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_samples: int = 128  # held-out blocks per validation pass (the same ones every time)
     checkpoint_interval: int = 200  # steps between checkpoints (and one at the end); 0 for the end only
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    checkpoint_async: bool = True  # the loop only snapshots the state to CPU memory; a background thread writes it
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and exit 75 on these
     progress: bool = True  # show the progress bar
     sample_tokens: int = 80  # > 0: print a generated sample of this many tokens at the end
     plot: bool = True  # write loss.png into the run directory at the end
@@ -157,6 +171,9 @@ class TrainLoopConfig:
         if self.checkpoint_interval < 0:
             problems.append(f"train.checkpoint_interval={self.checkpoint_interval} must be >= 0")
         choice(problems, "train.precision", self.precision, ("auto", "fp32", "bf16"))
+        choice(problems, "train.compile", self.compile, ("auto", True, False))
+        for name in self.preempt_signals if isinstance(self.preempt_signals, list) else [self.preempt_signals]:
+            choice(problems, "train.preempt_signals[]", name, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
@@ -284,6 +301,10 @@ class TrainConfig:
                 f"stabilizer={gradient_hooks} cannot run under distributed=deepspeed: DeepSpeed reduces, clips and "
                 "updates inside backward, so there is no point between the gradients and the update, or right after "
                 "the update, where they could act. Use distributed=fsdp2 or distributed=ddp")
+        if d.name == "deepspeed" and self.train.compile is True:
+            problems.append("train.compile=true cannot take effect under distributed=deepspeed: the DeepSpeed engine "
+                            "wraps the module itself, so llmstable cannot compile it. Use train.compile=auto or false "
+                            "(eager), or distributed=fsdp2 or ddp to compile")
         if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
             problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
                             "distributed=fsdp2 (tested) or distributed.zero_stage<=2")

@@ -63,6 +63,7 @@ class SpikeGuardConfig:
     moment_reset_after: int = 3  # from this rollback on, also zero the optimizer moments (0: never)
     max_rollbacks: int = 5  # one more spike after this many rollbacks aborts the run
     good_after_steps: int = 20  # clean steps after a checkpoint that make it "good" (a rollback target)
+    ring_size: int = 2  # checkpoints also kept in CPU memory, so a rollback to one reads nothing from disk (0: none)
     precond_rho: float = 0.01  # precond: a coordinate is stale when g^2 < precond_rho * v_hat
     precond_frac: float = 0.5  # precond: warn when the stale share of any block exceeds this
     curvature_interval: int = 100  # precond_curvature: steps between Hessian-vector products
@@ -94,7 +95,7 @@ class SpikeGuardConfig:
         for key in ("window", "min_history", "good_after_steps"):
             if getattr(self, key) <= 0:
                 problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be > 0")
-        for key in ("skip_steps", "margin_steps", "lr_cut_after", "moment_reset_after", "max_rollbacks"):
+        for key in ("skip_steps", "margin_steps", "lr_cut_after", "moment_reset_after", "max_rollbacks", "ring_size"):
             if getattr(self, key) < 0:
                 problems.append(f"stabilizer.spike_guard.{key}={getattr(self, key)} must be >= 0")
         if self.k_std <= 0 or self.ema_ratio <= 1:
@@ -131,7 +132,8 @@ ADAM_LIKE = ("adamw", "spam", "stable_spam")
 @dataclass
 class SoftmaxCollapseConfig:
     """The softmax-collapse monitor (Prieto et al. 2025, arXiv 2501.04697): the share of positions whose fp32
-    softmax probability of the target is exactly 1 (so its gradient is exactly 0), at logged steps."""
+    softmax probability of the target is exactly 1 (so the target's gradient component is exactly 0; the others
+    are tiny, not 0), at logged steps."""
 
     enabled: bool = True
 

@@ -1,10 +1,11 @@
 """The `compare` sweep files' schema (`configs/compare/*.yaml`, overridden with `compare.KEY=VALUE`): which arms,
-each arm's LR grid, the seeds, the baseline and its budgets. `load_sweep` merges and validates once, listing every
-problem with the key, the bad value and the fix."""
+each arm's LR grid, the seeds the LRs are chosen on and those the arms are judged on, the baseline and its
+budgets. `load_sweep` merges and validates once, listing every problem with the key, the bad value and the fix."""
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,7 +22,9 @@ class SweepConfig:
     lrs: list | None = None  # one LR grid for every arm; null: each arm's own lr_grid (configs/arm/)
     grids: dict = field(default_factory=dict)  # arm -> its LR grid, over lrs and the arm file's lr_grid
     extend_grid: bool = False  # add the next LR past each grid edge the best LR sits on, run only what is missing
-    seeds: list = field(default_factory=lambda: [0])
+    seeds: list = field(default_factory=lambda: [0])  # the seeds each arm's grid runs on: its LR is chosen on them
+    confirm_seeds: list = field(default_factory=list)  # fresh seeds each arm is judged on at its chosen LR; []:
+    # judged on the grid's own runs (the report then says that the choice and the judgement share them)
     budget_fractions: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # the baseline's budgets for L(D)
     target_loss: float | None = None  # the report's "tokens to reach" this validation loss
     parallel: int = 1  # runs at a time (the joblib launcher when > 1)
@@ -53,13 +56,25 @@ class SweepConfig:
                 self.check_grid(problems, arm, arm_files[arm])
                 check_tune(problems, arm, arm_files[arm])
         fractions = self.budget_fractions
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
+        if not all(positive_number(f) for f in fractions):
             problems.append(f"compare.budget_fractions={list(fractions)} must be numbers > 0 (fractions of the "
                             "budget, 1.0 = the grid runs' own), e.g. [0.25,0.5,1.0]")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds) or not self.seeds:
             problems.append(f"compare.seeds={list(self.seeds)} must be a non-empty list of integers, e.g. [0,1]")
         elif len(set(self.seeds)) != len(self.seeds):
             problems.append(f"compare.seeds={list(self.seeds)} repeats a seed: list each once")
+        confirm = self.confirm_seeds
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in confirm):
+            problems.append(f"compare.confirm_seeds={list(confirm)} must be a list of integers, e.g. [1,2,3], or [] "
+                            "to judge on the grid's own seeds")
+        elif len(set(confirm)) != len(confirm):
+            problems.append(f"compare.confirm_seeds={list(confirm)} repeats a seed: list each once")
+        elif set(confirm) & set(self.seeds):
+            problems.append(f"compare.confirm_seeds={list(confirm)} shares {sorted(set(confirm) & set(self.seeds))} "
+                            f"with compare.seeds={list(self.seeds)}: the seeds an arm is judged on must be fresh, "
+                            "not those its LR was chosen on")
+        if self.target_loss is not None and not (positive_number(self.target_loss) or self.target_loss == 0):
+            problems.append(f"compare.target_loss={self.target_loss} must be a finite loss >= 0, or null for none")
         if self.parallel < 1:
             problems.append(f"compare.parallel={self.parallel} must be >= 1 (runs at a time), e.g. 2")
         if self.threads_per_run is not None and self.threads_per_run < 1:
@@ -83,10 +98,15 @@ class SweepConfig:
         if grid is None:
             problems.append(f"arm {arm!r} has no LR grid: set lr_grid in configs/arm/{arm}.yaml, or "
                             f"compare.lrs=[...] for every arm, or compare.grids.{arm}=[...]")
-        elif not grid or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in grid):
+        elif not grid or not all(positive_number(x) for x in grid):
             problems.append(f"{key}={grid!r} must be a non-empty list of LRs > 0, e.g. [0.001,0.003,0.01]")
         elif len(set(grid)) != len(grid):
             problems.append(f"{key}={grid!r} repeats an LR: list each once")
+
+    @property
+    def judged_seeds(self) -> list:
+        """The seeds every verdict and speedup is computed on (and the baseline's budget runs run on)."""
+        return list(self.confirm_seeds or self.seeds)
 
     def grid_of(self, arm: str, arm_file: dict) -> tuple[list | None, str]:
         """An arm's LR grid and the key it came from: compare.grids.ARM, else compare.lrs, else the arm file."""
@@ -131,6 +151,11 @@ def tuned(arm_file: dict) -> tuple[str, list] | None:
     """The arm's tuned key and its values, or None (the arm is tuned over its LR grid only)."""
     tune = arm_file.get("tune")
     return next(iter(tune.items())) if tune else None
+
+
+def positive_number(x) -> bool:
+    """A finite number > 0 (inf passes `> 0`, and nan fails every comparison silently)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _as_list(value):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +97,51 @@ def _builder(cfg: DataConfig) -> tuple[str, dict]:
 
 
 def unreadable_file_error(cfg: DataConfig, path: str, err: Exception, where: str = "") -> DataError:
+    """The error for a file `datasets` could not read: what is wrong in it, found by reading it again on its own
+    (llmstable.data.unreadable), and the fix; the library's own error when nothing more is found."""
+    from llmstable.data.unreadable import explain
+
+    finding = explain(path, cfg.format, cfg.text_field) if os.path.isfile(path) else None
+    if finding is not None:
+        return DataError(f"could not read {path} (from data.path={cfg.path!r}) as data.format={cfg.format}: "
+                         f"{finding.reason}. Fix: {finding.fix}.")
     return DataError(
         f"could not read {path}{where} (from data.path={cfg.path!r}) as data.format={cfg.format}: "
         f"{type(err).__name__}: {str(err)[:300]}. Check data.format matches the file, or remove the file."
     )
+
+
+def corpus_read_error(cfg: DataConfig, err: Exception) -> DataError:
+    """The error for documents that failed while they were read, in memory or streamed (the first bad local file
+    named, if there is one)."""
+    if isinstance(err, DataError):
+        return err
+    if cfg.source == "files":
+        return files_error(cfg, _expand_globs(cfg), err)
+    return DataError(f"could not read the documents of data.path={cfg.path!r}: {type(err).__name__}: "
+                     f"{str(err)[:300]}. `llmstable prepare` the corpus to find the file and line")
+
+
+def _present(value, where: str) -> bool:
+    """Whether a streamed document has a text value (None: the row lacks it); refuses a value that is not text."""
+    if value is not None and not isinstance(value, str):
+        document_texts([value], where)  # raises, naming the value
+    return value is not None
+
+
+def document_texts(values: list, where: str, field: str = "text") -> list[str]:
+    """The documents of a batch of text-field values: None and blank values are empty documents (dropped, as ever);
+    a value that is not text (a number, a list) is refused, naming where it is."""
+    from llmstable.data.unreadable import text_problem
+
+    texts = []
+    for i, value in enumerate(values):
+        if (problem := text_problem(value, field)) is not None:
+            raise DataError(f"{where}, document {i + 1}: {problem}. Fix that document, or set data.text_field to "
+                            "the field that holds the text")
+        if value and value.strip():
+            texts.append(value)
+    return texts
 
 
 def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
@@ -110,7 +152,7 @@ def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableData
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
     except Exception as err:  # datasets raises many types for unreadable input; find and name the bad file
-        raise unreadable_file_error(cfg, _first_unreadable(builder, files, kwargs) or files[0], err) from err
+        raise files_error(cfg, files, err) from err
     columns = ds.column_names if ds.column_names is not None else [cfg.text_field]
     if cfg.text_field not in columns:
         raise DataError(
@@ -122,17 +164,29 @@ def _file_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableData
     return ds.select_columns(["text"])
 
 
-def _first_unreadable(builder: str, files: list[str], kwargs: dict) -> str | None:
-    """The first file that `datasets` cannot read on its own (only called once reading all of them failed)."""
+def files_error(cfg: DataConfig, files: list[str], err: Exception) -> DataError:
+    """The error for a read of several files that failed (`datasets` does not say which file): the first file that
+    cannot be read on its own, lacks the text field or holds something other than text in it, with what is wrong
+    in it. Only called once reading all of them failed."""
     import datasets
 
+    from llmstable.data.unreadable import text_problem
+
+    builder, kwargs = _builder(cfg)
+    field = cfg.text_field
     for f in files:
         try:
-            for _ in datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs):
-                pass
-        except Exception:
-            return f
-    return None
+            for row in datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs):
+                if field not in row:
+                    return DataError(f"data.text_field={field!r} is not a column of {f}; its columns are "
+                                     f"{sorted(row)}. Set data.text_field to the column that holds the text.")
+                if text_problem(row[field], field) is not None:
+                    return unreadable_file_error(cfg, f, err)
+        except Exception as file_err:  # noqa: BLE001  (StopIteration too: an empty file)
+            return unreadable_file_error(cfg, f, file_err)
+    return DataError(f"could not read data.path={cfg.path!r} as data.format={cfg.format} ({len(files)} files, each "
+                     f"readable on its own): {type(err).__name__}: {str(err)[:300]}. Check that every file has the "
+                     "same columns")
 
 
 def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
@@ -165,7 +219,11 @@ def _hub_documents(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.I
 def _split_in_memory(cfg: DataConfig, docs: datasets.Dataset, origin: str) -> Corpus:
     import datasets
 
-    texts = [t for t in docs["text"] if t and t.strip()]
+    try:
+        values = list(docs["text"])  # (Arrow checks UTF-8 only here)
+    except Exception as err:  # noqa: BLE001  (datasets and pyarrow raise many types for unreadable input)
+        raise corpus_read_error(cfg, err) from err
+    texts = document_texts(values, origin)
     if not texts:
         raise DataError(f"{origin} holds no text: every document is empty. Point data.path at non-empty files.")
     if cfg.source == "hub" and cfg.val_split:
@@ -201,6 +259,7 @@ def _split_stream(cfg: DataConfig, docs: datasets.IterableDataset) -> Corpus:
         val = _hub_documents(cfg, cfg.val_split)
         train = docs
     else:
+        docs = docs.filter(lambda row: _present(row["text"], f"data.path={cfg.path!r}"))  # (a row without text)
         train = docs.filter(lambda row: not is_validation(document_hash(row["text"]), cfg.val_fraction))
         val = docs.filter(lambda row: is_validation(document_hash(row["text"]), cfg.val_fraction))
     # A stream cannot be hashed without reading it all, so the fingerprint covers what names it.
@@ -270,7 +329,24 @@ def source_identity(cfg: DataConfig) -> dict:
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("LLMSTABLE_CACHE") or os.path.join("~", ".cache", "llmstable")
+    """The data cache (tokenizers, prepared corpora): data.cache_dir, else $LLMSTABLE_CACHE, else
+    ~/.cache/llmstable. It must be a folder this process can write: anything else is a named error before any work,
+    rather than an OSError halfway through."""
+    if cfg.cache_dir:
+        root, named = cfg.cache_dir, f"data.cache_dir={cfg.cache_dir!r}"
+    elif os.environ.get("LLMSTABLE_CACHE"):
+        root, named = os.environ["LLMSTABLE_CACHE"], f"LLMSTABLE_CACHE={os.environ['LLMSTABLE_CACHE']!r}"
+    else:
+        root, named = os.path.join("~", ".cache", "llmstable"), "the data cache ~/.cache/llmstable"
     path = Path(os.path.expanduser(root))
-    path.mkdir(parents=True, exist_ok=True)
+    fix = ("point LLMSTABLE_CACHE (or data.cache_dir) at a folder you can write, e.g. "
+           "LLMSTABLE_CACHE=$HOME/.cache/llmstable")
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{named} is a file, not a folder: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # (os.access would not see a read-only mount under root)
+            pass
+    except OSError as err:
+        raise DataError(f"{named} cannot be written ({err.strerror or err}: {err.filename or path}): {fix}") from err
     return path

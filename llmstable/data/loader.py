@@ -16,7 +16,6 @@ restoring it resumes exactly.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +107,9 @@ def open_prepared(cfg: DataConfig) -> PreparedCorpus:
         return PreparedCorpus(Path(os.path.expanduser(cfg.path)), cfg.tokenizer.name_or_path)
     root = prepared_cache_dir(cfg)
     if not (root / MANIFEST).exists():
-        prepare(cfg, root, progress=sys.stderr.isatty())
+        prepare(cfg, root)  # (progress: a bar on a terminal, a plain line every 20 s in a log)
     try:
         return PreparedCorpus(root)
     except DataError:
-        prepare(cfg, root, progress=sys.stderr.isatty())  # rewrites what fails its checks
+        prepare(cfg, root)  # rewrites what fails its checks
         return PreparedCorpus(root)

@@ -24,30 +24,39 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 
 import numpy as np
 
 from llmstable.config import DataConfig
 from llmstable.data.corpus import (
-    DataError, DocumentPart, cache_root, document_hash, document_parts, is_validation, source_identity,
-    unreadable_file_error,
+    DataError, DocumentPart, cache_root, document_hash, document_parts, document_texts, is_validation,
+    source_identity, unreadable_file_error,
 )
 from llmstable.data.shards import (
-    FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, token_dtype, write_json_atomic,
+    FORMAT, MANIFEST, VERSION, ShardWriter, check_shards, read_manifest, record_verified, token_dtype,
+    write_json_atomic,
 )
+from llmstable.progress import Progress
 
 PROGRESS = "progress.json"
 NO_PLAN = {"forced_val": None, "fingerprint": None}
 CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize the pickling
+
+
+class PrepareWorkerDied(DataError):
+    """A tokenizer worker process died (killed, or out of memory); the finished shards are kept."""
 
 
 @dataclass
@@ -59,15 +68,35 @@ class Chunk:
 
 
 def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
-    """Tokenize the corpus of `cfg` into `out` (a no-op when it is already complete and intact)."""
+    """Tokenize the corpus of `cfg` into `out` (a no-op when it is already complete and intact). `out` must be new,
+    empty, or a directory `prepare` made: anything else is refused before a file is written into it."""
     root = Path(os.path.expanduser(str(out)))
+    check_output_dir(root)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(cfg, root, progress)
+    except DataError:
+        if created and not _finished_shards(root):
+            shutil.rmtree(root, ignore_errors=True)  # refused before any shard: leave no trace of a new folder
+        raise
+
+
+def _finished_shards(root: Path) -> list:
+    try:
+        return json.loads((root / PROGRESS).read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _prepare_into(cfg: DataConfig, root: Path, progress: bool) -> Path:
     with _locked(root):  # one writer; other ranks (or runs) wait, then find the manifest
         ident = json.loads(json.dumps(source_identity(cfg)))
         state = _load_progress(root, ident)
         complete = (root / MANIFEST).exists()
-        for stale in root.glob(".*.tmp*"):  # temporary files of a killed run
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        for stale in root.iterdir():  # temporary files of a killed run: only the names prepare itself makes
+            if OWN_TEMPORARY.fullmatch(stale.name):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         parts = document_parts(cfg)
         if state["plan"] is None:  # a BPE needs the plan first; with a given tokenizer it is rarely needed
             state["plan"] = _plan(parts, cfg, progress) if cfg.tokenizer.kind == "bpe" else NO_PLAN
@@ -82,12 +111,34 @@ def prepare(cfg: DataConfig, out: str | Path, progress: bool = True) -> Path:
                 s["val_docs"] for s in state["shards"]):
             # No document fell in validation (a small corpus): plan which one to hold out, and start again.
             state.update(plan=_plan(parts, cfg, progress), shards=[], fingerprint=_empty_fingerprint())
-            for shard in root.glob("*.bin"):
-                shard.unlink()
+            for shard in root.iterdir():
+                if SHARD.fullmatch(shard.name):
+                    shard.unlink()
             write_json_atomic(root / PROGRESS, state)
             _tokenize(cfg, parts, state, root, tok, progress)
         _write_manifest(root, state, tok, cfg)
     return root
+
+
+OWN_TEMPORARY = re.compile(r"\.(?:(?:train|val)-\d{5}\.bin|manifest\.json|progress\.json|verified\.json|tokenizer)"
+                           r"\.tmp\d+")
+SHARD = re.compile(r"(?:train|val)-\d{5}\.bin")  # the shard files prepare writes
+
+
+def check_output_dir(root: Path) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory `prepare` did not make (it holds neither a
+    manifest nor a progress record: a user's folder), naming what is in it."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"out={str(root)!r} is an existing file, not a directory: choose a new or empty directory")
+    if not root.is_dir():
+        return
+    names = sorted(p.name for p in root.iterdir())
+    ours = (root / MANIFEST).is_file() or (root / PROGRESS).is_file()
+    foreign = [n for n in names if n != ".lock"] if not ours else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"out={str(root)!r} is not empty and holds no prepared corpus ({shown}): llmstable prepare "
+                        "only writes into a new or empty directory, or one it prepared before. Choose another out=")
 
 
 def prepared_cache_dir(cfg: DataConfig) -> Path:
@@ -113,7 +164,7 @@ def _load_progress(root: Path, ident: dict) -> dict:
              "fingerprint": _empty_fingerprint()}
     path = root / PROGRESS
     if not path.exists():
-        if any(root.glob("*.bin")):
+        if any(SHARD.fullmatch(p.name) for p in root.iterdir()):
             raise DataError(f"out={str(root)!r} holds shard files but no {PROGRESS}: choose an empty directory")
         return fresh
     state = json.loads(path.read_text())
@@ -148,20 +199,24 @@ def _empty_fingerprint() -> list[str]:
 
 def _documents(part: DocumentPart, cfg: DataConfig, state: dict | None, batch_size: int = 256):
     """(texts, stream) pairs: batches of one part's non-empty documents, resumed from a `state_dict()` (taken
-    between batches); read errors name the part."""
-    ds = part.open()
-    if state is not None:
-        ds.load_state_dict(state)
+    between batches); read errors name the part (and, for a file, the line and what is wrong with it)."""
     count = 0
     try:
+        try:
+            ds = part.open()  # (the json builder reads the first rows here: an empty file ends at once)
+        except StopIteration:
+            return  # an empty file holds no document; a corpus with none at all is refused later, by name
+        if state is not None:
+            ds.load_state_dict(state)
         for batch in ds.iter(batch_size=batch_size):  # Arrow batches: about twice as fast as row by row
             if part.field not in batch:
                 raise DataError(
                     f"data.text_field={part.field!r} is not a column of {part.name}; its columns are "
                     f"{list(batch)}. Set data.text_field to the column that holds the text."
                 )
+            texts = document_texts(batch[part.field], part.name, part.field)
             count += len(batch[part.field])
-            yield [t for t in batch[part.field] if t and t.strip()], ds
+            yield texts, ds
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable input
@@ -191,12 +246,10 @@ def _chunks(parts: list[DocumentPart], cfg: DataConfig, start: dict, forced: int
 
 def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
     """Pass 1: document counts, the fingerprint and the document held out of a too-small validation split."""
-    from tqdm import tqdm
-
     n_train = n_val = 0
     fingerprints = _empty_fingerprint()
     smallest = (None, -1)
-    with tqdm(desc="prepare: hashing", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+    with Progress("prepare: hashing", unit="doc", enabled=progress) as bar:
         doc = 0
         for part in parts:
             if part.role == "val":
@@ -222,7 +275,7 @@ def _plan(parts: list[DocumentPart], cfg: DataConfig, progress: bool) -> dict:
                 f"{origin} has 1 document(s), too few to hold one out for validation and train on the rest: add "
                 "documents or use a corpus split into several files"
             )
-    return {"forced_val": forced, "fingerprint": _fingerprint(*fingerprints)}
+    return {"forced_val": forced, "fingerprint": _fingerprint(*fingerprints), "documents": n_train + n_val}
 
 
 def chain(fingerprint: str, doc_hash: str) -> str:
@@ -243,9 +296,7 @@ def _origin(cfg: DataConfig) -> str:
 
 def _tokenizer_copy(cfg: DataConfig, parts: list[DocumentPart], plan: dict, root: Path):
     """The tokenizer, saved into root/tokenizer (once) and loaded back from there, as training will."""
-    from transformers import AutoTokenizer
-
-    from llmstable.data.tokenizer import build_tokenizer
+    from llmstable.data.tokenizer import build_tokenizer, load_saved_tokenizer
 
     target = root / "tokenizer"
     if not target.exists():
@@ -265,7 +316,7 @@ def _tokenizer_copy(cfg: DataConfig, parts: list[DocumentPart], plan: dict, root
         tmp = root / f".tokenizer.tmp{os.getpid()}"
         tok.save_pretrained(str(tmp))
         os.replace(tmp, target)
-    return AutoTokenizer.from_pretrained(str(target))
+    return load_saved_tokenizer(target, f"Choose another out= (or remove {target}) and prepare again")
 
 
 # --- tokenizing in worker processes ----------------------------------------------------------------------------
@@ -275,6 +326,9 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_dir: str, eos: int, dtype: str, val_fraction: float) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
+    # Ctrl-C reaches the whole process group: the parent stops the pool and says so once; a worker interrupted in
+    # the middle of a task would print its own traceback and leave the parent waiting for it forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     from tokenizers import Tokenizer
 
@@ -288,7 +342,6 @@ def _die_with_parent() -> None:
     """Ask Linux to kill this worker when the prepare process dies (kill -9 leaves no orphan tokenizing on)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except OSError:  # not Linux: the orphan exits when it next finds its queue closed
@@ -317,16 +370,14 @@ def tokenize_chunk(texts: list[str], forced_val: list[int], role: str):
 
 def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Path, tok, progress: bool) -> None:
     """Pass 3: chunks to the worker pool, results appended in order to the shards, progress after each shard."""
-    from tqdm import tqdm
-
     dtype = token_dtype(len(tok))
     shards = state["shards"]
     start = shards[-1]["end"] if shards else {"part": 0, "state": None, "docs": 0}
     workers = cfg.workers or len(os.sched_getaffinity(0))
     val_cap = cfg.val_max_blocks * (cfg.seq_len + 1) * 16  # bytes of text: ample for val_max_blocks blocks
     run = _ShardRun(root, dtype, len(shards), state)
-    bar = tqdm(desc="prepare: tokenizing", unit="doc", initial=start["docs"], disable=not progress,
-               dynamic_ncols=True)
+    bar = Progress("prepare: tokenizing", total=state["plan"].get("documents"), unit="doc", initial=start["docs"],
+                   enabled=progress)  # (the total is known once a BPE's plan has counted the documents)
     began, text_bytes = time.perf_counter(), 0
     with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                              initargs=(str(root / "tokenizer"), tok.eos_token_id, dtype.str, cfg.val_fraction)) as pool:
@@ -341,7 +392,8 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
                 run.close()
             text_bytes += nbytes
             bar.update(len(chunk.texts))
-            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M",
+            part = min(chunk.end["part"] + 1, len(parts))  # (the file being read, or the last one finished)
+            bar.set_postfix(tokens=f"{run.total_tokens / 1e6:.1f}M", file=f"{part}/{len(parts)}",
                             MBps=f"{text_bytes / 1e6 / (time.perf_counter() - began):.1f}", refresh=False)
 
         try:
@@ -352,13 +404,25 @@ def _tokenize(cfg: DataConfig, parts: list[DocumentPart], state: dict, root: Pat
             while pending:
                 collect()
             run.close()
-        except BaseException:
+        except BaseException as err:
             run.abort()
-            for future, _ in pending:
-                future.cancel()
+            _stop_workers(pool)  # (an error or Ctrl-C: the chunks in flight would be thrown away anyway)
+            if isinstance(err, BrokenProcessPool):
+                raise PrepareWorkerDied(
+                    f"a tokenizer worker of `prepare` into {root} died ({err}): the system killed it (out of memory? "
+                    "see `dmesg`), or someone did. The shards finished so far are kept: rerun the same command to "
+                    f"continue; if it dies again, lower data.workers (now {workers}) or free memory") from err
             raise
         finally:
             bar.close()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers and shut it down without waiting for the chunks already handed out: under load those
+    can take minutes, and the interpreter would wait for them again at exit (Ctrl-C used to hang here)."""
+    for child in active_children():  # (prepare starts no other processes)
+        child.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardRun:
@@ -414,7 +478,7 @@ class _ShardRun:
 
 
 def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
-    from llmstable.data.tokenizer import tokenizer_hash
+    from llmstable.data.tokenizer import folder_hash, tokenizer_hash
 
     train = [s["train"] for s in state["shards"] if s["train"]]
     val = [s["val"] for s in state["shards"] if s["val"]]
@@ -424,13 +488,15 @@ def _write_manifest(root: Path, state: dict, tok, cfg: DataConfig) -> None:
     manifest = {
         "format": FORMAT, "version": VERSION, "dtype": token_dtype(len(tok)).name,
         "vocab_size": len(tok), "eos_id": tok.eos_token_id,
-        "tokenizer": {"dir": "tokenizer", "hash": tokenizer_hash(tok)},
+        "tokenizer": {"dir": "tokenizer", "hash": tokenizer_hash(tok),
+                      "files_sha256": folder_hash(root / "tokenizer")},  # (checked before the copy is loaded)
         "corpus": {"fingerprint": fingerprint, "source": state["source"],
                    "documents": sum(s["docs"] for s in state["shards"])},
         "train_tokens": sum(e["tokens"] for e in train), "val_tokens": sum(e["tokens"] for e in val),
         "train": train, "val": val,
     }
     write_json_atomic(root / MANIFEST, manifest)
+    record_verified(root, train + val)  # hashed as they were written: the first run need not hash them again
 
 
 def prepare_summary(cfg: DataConfig, out: str | Path, progress: bool = True) -> str:

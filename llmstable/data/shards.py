@@ -7,6 +7,10 @@ A prepared directory holds
 - `tokenizer/`: a copy of the tokenizer (`save_pretrained`), so the directory trains on its own.
 - `manifest.json`: the dtype, the tokenizer's content hash, the corpus fingerprint, and for every shard its file,
   its token count and its SHA-256. It is written last: a directory without one is an unfinished `prepare`.
+- `verified.json`: the shards whose SHA-256 was found to match, with the size and modification time they had then.
+  A run's start checks every shard's size, and hashes only the shards this record does not vouch for (new, or
+  changed since), so starting on a prepared corpus costs the same at 20 MB and at 40 GB; `llmstable verify DIR`
+  hashes every shard whatever the record says (a bit flip changes no modification time).
 
 The training stream is the concatenation of the train shards in order, exactly the token stream that packing
 cut into blocks before shards existed, so the blocks (and the losses of a run) do not depend on where the shards
@@ -28,6 +32,7 @@ import numpy as np
 from llmstable.data.corpus import DataError
 
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"
 FORMAT = "llmstable-token-shards"
 VERSION = 1
 
@@ -156,6 +161,52 @@ def check_shards(root: Path, entries: list[dict], dtype: np.dtype, checksums: bo
             for e, d in zip(entries, digests) if d != e["sha256"]]
 
 
+def verify_shards(root: Path, entries: list[dict], dtype: np.dtype, full: bool = False) -> list[str]:
+    """Problems with the manifest's shards: sizes always; SHA-256 for the shards verified.json does not vouch for
+    (all of them with full=True). Shards found intact are added to the record (when the directory is writable)."""
+    problems = check_shards(root, entries, dtype, checksums=False)
+    if problems:
+        return problems
+    record = _read_record(root)
+    todo = [e for e in entries if full or not _vouched(record.get(e["file"]), root / e["file"], e["sha256"])]
+    if not todo:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda e: sha256_file(root / e["file"]), todo))
+    bad = [f"{root / e['file']} has SHA-256 {d[:16]}..., the manifest says {e['sha256'][:16]}..."
+           for e, d in zip(todo, digests) if d != e["sha256"]]
+    record_verified(root, [e for e, d in zip(todo, digests) if d == e["sha256"]], record)
+    return bad
+
+
+def record_verified(root: Path, entries: list[dict], record: dict | None = None) -> None:
+    """Add shards known to match their SHA-256 to verified.json; a read-only corpus keeps no record (and is hashed
+    again at the next start)."""
+    record = _read_record(root) if record is None else record
+    for entry in entries:
+        st = (root / entry["file"]).stat()
+        record[entry["file"]] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry["sha256"]}
+    try:
+        write_json_atomic(root / VERIFIED, record)
+    except (OSError, DataError):
+        pass
+
+
+def _read_record(root: Path) -> dict:
+    try:
+        record = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _vouched(seen, path: Path, sha256: str) -> bool:
+    if not isinstance(seen, dict) or seen.get("sha256") != sha256:
+        return False
+    st = path.stat()
+    return seen.get("bytes") == st.st_size and seen.get("mtime_ns") == st.st_mtime_ns
+
+
 class TokenShards:
     """The concatenation of a series of memory-mapped shards, read as one flat token array.
 
@@ -209,9 +260,7 @@ class PreparedCorpus:
     """A verified prepared directory: its tokenizer copy and its train and validation token streams."""
 
     def __init__(self, root: Path, name_or_path: str | None = None):
-        from transformers import AutoTokenizer
-
-        from llmstable.data.tokenizer import load_hf_tokenizer, tokenizer_hash
+        from llmstable.data.tokenizer import load_hf_tokenizer, load_saved_tokenizer, tokenizer_hash
 
         self.root, self.manifest = root, read_manifest(root)
         m = self.manifest
@@ -219,7 +268,9 @@ class PreparedCorpus:
         if not copy.is_dir():
             raise DataError(f"{copy} is missing (the tokenizer the shards were made with): restore it, or rerun "
                             f"`llmstable prepare` into a new directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(copy))
+        self.tokenizer = load_saved_tokenizer(  # (its files' hash and a screen for code come before any load)
+            copy, "Restore the original tokenizer folder, or rerun `llmstable prepare` into a new directory",
+            m["tokenizer"].get("files_sha256"), root / MANIFEST, since="the shards were made")
         if tokenizer_hash(self.tokenizer) != m["tokenizer"]["hash"]:
             raise DataError(
                 f"{copy} has changed since the shards were made (tokenizer hash {tokenizer_hash(self.tokenizer)}, "
@@ -235,7 +286,7 @@ class PreparedCorpus:
                     f"copy in {copy}, or prepare the corpus again with this tokenizer"
                 )
         self.dtype = np.dtype(m["dtype"])
-        problems = check_shards(root, m["train"] + m["val"], self.dtype)
+        problems = verify_shards(root, m["train"] + m["val"], self.dtype)  # hashes only what is new or changed
         if problems:
             raise DataError(
                 f"{root} does not match its {MANIFEST}: {'; '.join(problems[:5])}"

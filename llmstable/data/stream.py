@@ -39,9 +39,11 @@ class StreamError(DataError):
 class LaneStream:
     """One lane: its documents, window-shuffled per epoch, tokenized and packed; `cursor` resumes it exactly."""
 
-    def __init__(self, open_docs, tok, seq_len: int, seed: int, lane: int, window: int, cursor: dict | None = None):
+    def __init__(self, open_docs, tok, seq_len: int, seed: int, lane: int, window: int, cursor: dict | None = None,
+                 read_error=None):
         self.open_docs, self.tok, self.width = open_docs, tok, seq_len + 1
         self.seed, self.lane, self.window = seed, lane, window
+        self.read_error = read_error or (lambda err: err)  # an exception while reading -> the error to raise
         self.cursor = cursor or {"epoch": 0, "state": None, "window": 0, "doc": 0, "token": 0}
         self._blocks = self._generate()
 
@@ -59,7 +61,7 @@ class LaneStream:
             if c["state"] is not None:
                 ds.load_state_dict(c["state"])
             rows, state, read, fresh = iter(ds), c["state"], 0, c["state"] is None
-            while texts := [row["text"] for _, row in zip(range(self.window), rows)]:
+            while texts := self._read(rows):
                 after, read = ds.state_dict(), read + len(texts)
                 rng = np.random.default_rng([self.seed, c["epoch"], self.lane, c["window"]])
                 texts = [texts[i] for i in rng.permutation(len(texts))]
@@ -85,6 +87,13 @@ class LaneStream:
                                   "data.stream_lanes, or use a corpus with more files")
             c = {"epoch": c["epoch"] + 1, "state": None, "window": 0, "doc": 0, "token": 0}
 
+    def _read(self, rows) -> list[str]:
+        """The next window's texts; a read that fails (a bad file met mid-run) becomes the named error."""
+        try:
+            return [row["text"] for _, row in zip(range(self.window), rows)]
+        except Exception as err:  # noqa: BLE001  (datasets and pyarrow raise many types for unreadable input)
+            raise self.read_error(err) from err
+
 
 def _normalized(c: dict, state, after, doc: int, pos: int, doc_len: int, window_len: int) -> dict:
     """The cursor of the next block, moved past the end of a finished document (or window)."""
@@ -99,8 +108,9 @@ class StreamingSampleLoader:
     """The loader contract over lanes of a stream (module doc): `ordinal` is the position, skip lists key on
     ordinals, and `state_dict()` adds the lanes' cursors so that `load_state_dict` resumes in O(1)."""
 
-    def __init__(self, docs, tok, seq_len: int, seed: int, window: int, lanes: int):
+    def __init__(self, docs, tok, seq_len: int, seed: int, window: int, lanes: int, read_error=None):
         self.docs, self.tok, self.seq_len, self.seed, self.window, self.lanes = docs, tok, seq_len, seed, window, lanes
+        self.read_error = read_error
         if docs.n_shards % lanes:
             raise StreamError(
                 f"the stream has {docs.n_shards} file shard(s), which data.stream_lanes={lanes} does not divide: a "
@@ -121,7 +131,7 @@ class StreamingSampleLoader:
                 return split_dataset_by_node(self.docs, rank=lane, world_size=self.lanes)
 
             stream = LaneStream(open_lane, self.tok, self.seq_len, self.seed, lane, self.window,
-                                cursor and cursor["cursor"])
+                                cursor and cursor["cursor"], self.read_error)
             self._streams[lane] = (stream, cursor["index"] if cursor else 0)
         return self._streams[lane][0]
 
@@ -190,7 +200,7 @@ def _next_rounds(ordinal: int, count: int, lanes: int, skip: SkipList) -> tuple[
 def build_stream_data(cfg: DataConfig, seed: int, min_train_blocks: int):
     """A DataBundle whose train loader streams (module doc); validation blocks are the first val_max_blocks of
     the validation documents, read once at start."""
-    from llmstable.data.corpus import cache_root, load_corpus
+    from llmstable.data.corpus import cache_root, corpus_read_error, load_corpus
     from llmstable.data.packing import DataBundle, encode_stream, pack_stream
     from llmstable.data.tokenizer import build_tokenizer
 
@@ -204,9 +214,19 @@ def build_stream_data(cfg: DataConfig, seed: int, min_train_blocks: int):
                           f"{min_train_blocks}: each global batch takes the same number of blocks from every lane")
     corpus = load_corpus(cfg)
     tok = build_tokenizer(cfg.tokenizer, iter(()), corpus.fingerprint, cache_root(cfg))
-    train = StreamingSampleLoader(corpus.train, tok, cfg.seq_len, seed, cfg.shuffle_buffer, cfg.stream_lanes)
-    val_ids = encode_stream(tok, (row["text"] for row in corpus.val))
-    val_rows = [b for _, b in zip(range(cfg.val_max_blocks), pack_stream(val_ids, cfg.seq_len))]
+
+    def read_error(err: Exception) -> DataError:  # (a bad file met while reading: named with its line)
+        return corpus_read_error(cfg, err)
+
+    train = StreamingSampleLoader(corpus.train, tok, cfg.seq_len, seed, cfg.shuffle_buffer, cfg.stream_lanes,
+                                  read_error)
+    try:
+        val_ids = encode_stream(tok, (row["text"] for row in corpus.val))
+        val_rows = [b for _, b in zip(range(cfg.val_max_blocks), pack_stream(val_ids, cfg.seq_len))]
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001  (datasets and pyarrow raise many types for unreadable input)
+        raise read_error(err) from err
     if not val_rows:
         raise DataError(f"the validation documents of data.path={cfg.path!r} hold fewer than data.seq_len + 1 = "
                         f"{cfg.seq_len + 1} tokens: raise data.val_fraction or lower data.seq_len")

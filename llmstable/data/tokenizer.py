@@ -51,8 +51,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
 
 def load_hf_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    if os.path.isdir(name_or_path) and (reason := remote_code(Path(name_or_path))) is not None:
+        raise DataError(f"data.tokenizer.name_or_path={name_or_path!r} needs code to run: {reason}. llmstable loads "
+                        "tokenizers with trust_remote_code=False: pick a tokenizer that transformers reads without "
+                        "code (a tokenizer.json), or convert this one where you trust it")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
         hint = (
@@ -70,6 +74,52 @@ def load_hf_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             "documents: pick a tokenizer with one"
         )
     return tok
+
+
+def folder_hash(folder: Path) -> str:
+    """SHA-256 over the names and bytes of every file in a saved tokenizer folder: checked against the manifest
+    before anything loads the folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def remote_code(folder: Path) -> str | None:
+    """What in a saved tokenizer folder would have transformers run code that comes with it (an `auto_map` in its
+    JSON files, or a Python file), or None. Read as plain JSON and names, without loading anything."""
+    import json
+
+    folder = Path(folder)
+    python = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.py"))
+    if python:
+        return f"it holds Python code: {', '.join(python[:3])}"
+    for path in sorted(folder.glob("*.json")):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # (not this check's business: the load names an unreadable file)
+        if isinstance(content, dict) and content.get("auto_map"):
+            return f"{path.name} asks for custom classes (auto_map: {json.dumps(content['auto_map'])[:120]})"
+    return None
+
+
+def load_saved_tokenizer(folder: Path, fix: str, files_sha256: str | None = None, manifest: Path | None = None,
+                         since: str = "it was written") -> PreTrainedTokenizerBase:
+    """A tokenizer folder llmstable wrote (a prepared directory's copy, a run's), loaded only after the checks that
+    need no load: the hash of its files against the manifest's (when it records one), and nothing in it that asks
+    for code to run. Then transformers loads it, with trust_remote_code=False. `fix`: what the user should do
+    when a check fails."""
+    if files_sha256 is not None and folder_hash(folder) != files_sha256:
+        raise DataError(f"{folder} has changed since {since} (its files hash to {folder_hash(folder)}, "
+                        f"{manifest} says {files_sha256}): the token ids would mean other text, and it is not loaded. "
+                        f"{fix}")
+    reason = remote_code(folder)
+    if reason is not None:
+        raise DataError(f"{folder} is not a tokenizer llmstable wrote: {reason}. llmstable never runs code that comes "
+                        f"with data or a run, so it is not loaded. {fix}")
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:

@@ -136,6 +136,21 @@ class Llama(nn.Module):
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
+    def param_roles(self) -> dict[str, str]:
+        """What each parameter is, by its name in named_parameters() (a tied LM head is the embedding): embedding,
+        output, query, key, value, attention_output, mlp or norm. Optimizers that treat tensors by what they are
+        (Adam-mini's blocks) ask this instead of matching substrings of names."""
+        roles = {id(self.lm_head.weight): "output", id(self.tok_embeddings.weight): "embedding",
+                 id(self.norm.weight): "norm"}
+        for layer in self.layers:
+            attn, mlp = layer.attention, layer.feed_forward
+            roles.update({id(attn.wq.weight): "query", id(attn.wk.weight): "key", id(attn.wv.weight): "value",
+                          id(attn.wo.weight): "attention_output", id(layer.attention_norm.weight): "norm",
+                          id(layer.ffn_norm.weight): "norm"})
+            roles.update({id(w.weight): "mlp" for w in (mlp.w1, mlp.w2, mlp.w3)})
+            roles.update({id(n.weight): "norm" for n in (attn.q_norm, attn.k_norm) if n is not None})
+        return {name: roles[id(p)] for name, p in self.named_parameters()}
+
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters, each shared tensor counted once. exclude_embedding drops the input embedding table,
         which costs no matmul FLOPs (the LM head, tied or not, is a real matmul and stays counted)."""

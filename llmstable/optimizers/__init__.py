@@ -1,6 +1,7 @@
 """Optimizers, built from the `optimizer` group: AdamW (the baseline), SPAM, Stable-SPAM, Fira, S3, 8-bit AdamW, Muon
-(torch's, with AdamW beside it), and Lion, SOAP and Adam-mini from pytorch-optimizer (each checked against a
-reference of its paper's update in tests/optimizers/test_library_optimizers.py)."""
+(torch's, with AdamW beside it), Adam-mini (the official partition; pytorch-optimizer's old one as a variant), and
+Lion and SOAP from pytorch-optimizer (each checked against a reference of its paper's update in
+tests/optimizers/test_library_optimizers.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from llmstable.config import (
     AdamMiniConfig, AdamW8bitConfig, AdamWConfig, ConfigError, FiraConfig, LionConfig, MuonConfig, OptimizerConfig,
     S3Config, SOAPConfig, SPAMConfig, StableSPAMConfig,
 )
+from llmstable.optimizers.adam_mini import AdamMini
 from llmstable.optimizers.fira import Fira
 from llmstable.optimizers.muon import MuonWithAdamW
 from llmstable.optimizers.s3 import S3
 from llmstable.optimizers.spam import SPAM
 from llmstable.optimizers.stable_spam import StableSPAM
 
-__all__ = ["S3", "SPAM", "Fira", "MuonWithAdamW", "StableSPAM", "build_optimizer", "fira_param_groups", "param_groups"]
+__all__ = ["S3", "SPAM", "AdamMini", "Fira", "MuonWithAdamW", "StableSPAM", "build_optimizer", "fira_param_groups",
+           "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -89,6 +92,8 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, device: torch.
         return _adamw8bit(cfg, model, device, common)
     if isinstance(cfg, MuonConfig):
         return _muon(cfg, model, device)
+    if isinstance(cfg, AdamMiniConfig) and cfg.backend == "llmstable":
+        return _adam_mini(cfg, model)
     if isinstance(cfg, (LionConfig, SOAPConfig, AdamMiniConfig)):
         return _library(cfg, model)
     raise ConfigError([f"optimizer.name={cfg.name!r} has no builder"])
@@ -118,8 +123,18 @@ def _muon(cfg: MuonConfig, model: torch.nn.Module, device: torch.device) -> Muon
                          betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype)
 
 
+def _adam_mini(cfg: AdamMiniConfig, model: torch.nn.Module) -> AdamMini:
+    """Adam-mini with the official blocks, from the model's parameter roles and shape."""
+    inner = getattr(model, "module", model)
+    shape = inner.cfg
+    return AdamMini(inner.named_parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    dim=shape.dim, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, roles=inner.param_roles(),
+                    value_blocks=cfg.value_blocks)
+
+
 def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Lion, SOAP and Adam-mini from pytorch-optimizer (pinned in pyproject.toml)."""
+    """Lion, SOAP and (optimizer.backend=pytorch_optimizer) Adam-mini from pytorch-optimizer (pinned in
+    pyproject.toml)."""
     import pytorch_optimizer
 
     if isinstance(cfg, LionConfig):
@@ -129,7 +144,8 @@ def _library(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimi
         return pytorch_optimizer.SOAP(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                       weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
                                       max_precondition_dim=cfg.max_precondition_dim)
-    # Adam-mini splits query and key by head, so it needs the shape (and finds them by llmstable.model's names).
+    # The library's Adam-mini (the old partition) splits query and key by head, so it needs the shape (and finds
+    # them by llmstable.model's names).
     shape = getattr(model, "cfg", None) or model.module.cfg
     return pytorch_optimizer.AdamMini(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                       num_embeds=shape.dim, num_heads=shape.n_heads,

@@ -1,72 +1,122 @@
-"""torch.compile for per-tensor optimizer updates."""
+"""Compiled per-tensor optimizer updates, with an eager fallback.
+
+Two compilers, one wrapper (`Kernel`):
+- `compile_per_shape(fn)`: torch.compile with static shapes (SPAM, S3, Fira);
+- `compile_kernel(fn)`: straight through inductor (`make_fx` + `torch._inductor.compile`), without Dynamo's
+  per-call frame evaluation and guards (Stable-SPAM's four small kernels per tensor).
+
+Each new call signature (tensor shapes, strides, dtypes, devices; every other argument by value) is compiled and
+first run on copies of its inputs. If that fails (Triton's `PassManager::run failed`, no C++ compiler, a torch whose
+private compile API moved), the kernel warns once (llmstable.compiled.CompileFallbackWarning, naming the kernel, the
+error's first line and `optimizer.compiled=false`) and runs its eager function from then on. The trial runs on
+copies, so a failure changes no state: the numbers are the eager function's.
+
+Inductor's mix-order reduction (fusing reductions over different axes of one tensor into one persistent kernel) is
+off for these kernels: each reduces a whole tensor to scalars, so there is nothing for it to fuse, and it is the
+first suspect of the Triton failure seen on an H200 with triton 3.6 (unverified here: no GPU; `make gpu-check`
+probes it, see scripts/gpu_check.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
+from llmstable.compiled import warn_fallback
+
+
+class Kernel:
+    """`fn` compiled per call signature by `compiler(fn, args) -> callable(*args)`, with the trial run and eager
+    fallback described above. Calling it is calling `fn`."""
+
+    def __init__(self, fn, compiler):
+        self.fn, self.compiler = fn, compiler
+        self.compiled: dict[tuple, object] = {}
+        self.failed = False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        key = _signature(args)
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            try:
+                with _kernel_config():  # (compilation happens here, in the compiler or at the trial's first call)
+                    kernel = self.compiler(self.fn, args)
+                    kernel(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])  # the trial, on copies
+            except Exception as err:  # noqa: BLE001  (compilers fail in many ways; the eager function is the reference)
+                self.failed = True
+                warn_fallback(f"the optimizer kernel {self.fn.__name__}", err, "optimizer.compiled=false")
+                return self.fn(*args)
+            self.compiled[key] = kernel
+        return kernel(*args)
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
+                 for a in args)
+
+
+def _kernel_config():
+    """Inductor settings for the optimizer kernels (mix-order reduction off where this torch has it)."""
+    from torch._inductor import config
+
+    if hasattr(config, "triton") and hasattr(config.triton, "mix_order_reduction"):
+        return config.patch({"triton.mix_order_reduction": False})
+    return contextlib.nullcontext()
+
+
+def _dynamo(fn, args):
+    """torch.compile with static shapes: one graph per distinct tensor size (a LLaMA has about five). Static,
+    because inductor's CPU code for reductions over a dynamic length (max |g|, ||g||) measured 6x slower than for a
+    static one on the llama_60m shapes. Dynamo's per-function recompile limit (8 by default) would send the sixth
+    size and later back to eager, so it is raised here for the process."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return _dynamo_compiled(fn)
+
 
 @functools.cache
-def compile_per_shape(fn):
-    """Compile `fn` with static shapes: one graph per distinct tensor size (a LLaMA has about five).
-
-    Static, because inductor's CPU code for reductions over a dynamic length (max |g|, ||g||) measured 6x slower
-    than for a static one on the llama_60m shapes. Cached: every optimizer shares one compiled function per `fn`. Dynamo's per-function recompile limit (8 by default) would send
-    the sixth size and later back to eager, so it is raised here for the process."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+def _dynamo_compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-class _Kernel:
-    """`fn` compiled once per call signature (tensor shapes, strides, dtypes and devices; every other argument by
-    value), straight through inductor: the function is traced to an FX graph (`make_fx`) and handed to
-    `torch._inductor.compile`, which also keeps its in-place writes to the inputs. Calling the result skips
-    Dynamo's frame evaluation and guards, which cost about 50 us a call on CPU against about 15 us here: it
-    matters for an optimizer that runs a few small kernels per parameter tensor. The caller guarantees what
-    Dynamo would have checked: same signature, same code."""
+def _inductor(fn, args):
+    """fn traced to an FX graph (`make_fx`) and handed to `torch._inductor.compile`, which keeps its in-place writes
+    to the inputs. Calling the result skips Dynamo's frame evaluation and guards, which cost about 50 us a call on
+    CPU against about 15 us here: it matters for an optimizer that runs a few small kernels per parameter tensor.
+    `Kernel` guarantees what Dynamo would have checked: the same signature, the same code."""
+    from torch._inductor import compile as inductor_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled: dict[tuple, object] = {}
-        functools.update_wrapper(self, fn)
+    slots = [isinstance(a, torch.Tensor) for a in args]
+    shape = {}  # what fn returns: None, one tensor, or a tuple of them
 
-    @staticmethod
-    def _key(args) -> tuple:
-        return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else
-                     ("const", a) for a in args)
+    def tensors_only(*tensors):
+        it = iter(tensors)
+        out = fn(*[next(it) if is_tensor else a for a, is_tensor in zip(args, slots)])
+        shape["kind"] = "none" if out is None else "tuple" if isinstance(out, (tuple, list)) else "one"
+        return () if out is None else tuple(out) if shape["kind"] == "tuple" else (out,)
 
-    def __call__(self, *args):
-        key = self._key(args)
-        kernel = self.compiled.get(key)
-        if kernel is None:
-            kernel = self.compiled[key] = self._compile(args)
-        return kernel(*[a for a in args if isinstance(a, torch.Tensor)])
+    examples = [a.clone() for a in args if isinstance(a, torch.Tensor)]  # traced on copies: no input is changed
+    compiled = inductor_compile(make_fx(tensors_only)(*examples), examples)
+    kind = shape["kind"]
 
-    def _compile(self, args):
-        from torch._inductor import compile as inductor_compile
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        slots = [isinstance(a, torch.Tensor) for a in args]
-        shape = {}  # what fn returns: None, one tensor, or a tuple of them
-
-        def tensors_only(*tensors):
-            it = iter(tensors)
-            out = self.fn(*[next(it) if is_tensor else a for a, is_tensor in zip(args, slots)])
-            shape["kind"] = "none" if out is None else "tuple" if isinstance(out, (tuple, list)) else "one"
-            return () if out is None else tuple(out) if shape["kind"] == "tuple" else (out,)
-
-        examples = [a.clone() for a in args if isinstance(a, torch.Tensor)]  # traced on copies: no input is changed
-        compiled = inductor_compile(make_fx(tensors_only)(*examples), examples)
-        kind = shape["kind"]
-
-        def run(*tensors):
-            out = compiled(*tensors)
-            return None if kind == "none" else out[0] if kind == "one" else tuple(out)
-        return run
+    def run(*call_args):
+        out = compiled(*[a for a in call_args if isinstance(a, torch.Tensor)])
+        return None if kind == "none" else out[0] if kind == "one" else tuple(out)
+    return run
 
 
 @functools.cache
-def compile_kernel(fn):
-    """`fn` as a `_Kernel`: compiled per signature through inductor without Dynamo's per-call overhead."""
-    return _Kernel(fn)
+def compile_per_shape(fn) -> Kernel:
+    """`fn` through torch.compile, per static shape, with the eager fallback. Cached: every optimizer shares one."""
+    return Kernel(fn, _dynamo)
+
+
+@functools.cache
+def compile_kernel(fn) -> Kernel:
+    """`fn` compiled per signature through inductor without Dynamo's per-call overhead, with the eager fallback."""
+    return Kernel(fn, _inductor)

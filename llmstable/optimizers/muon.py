@@ -15,6 +15,9 @@ which made Muon's step cost more than the model's forward and backward at tiny_1
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import warnings
 
 import torch
 import torch.optim._muon as torch_muon
@@ -22,9 +25,11 @@ from torch.optim import Optimizer
 
 
 def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
-                       eps: float) -> torch.Tensor:
+                       eps: float, use_addmm: bool = True) -> torch.Tensor:
     """torch.optim.Muon's quintic Newton-Schulz iteration, in float32: X <- aX + (bA + cA^2)X with A = XX^T, on
-    the wide orientation, after scaling X to Frobenius norm 1 (so its spectral norm is at most 1)."""
+    the wide orientation, after scaling X to Frobenius norm 1 (so its spectral norm is at most 1). `use_addmm`
+    (torch's newer signature) is accepted and ignored: the polynomial is always evaluated with addmm, the same
+    arithmetic as torch's `use_addmm=True` path up to rounding."""
     a, b, c = ns_coefficients
     x = grad.float()
     tall = grad.size(0) > grad.size(1)
@@ -37,10 +42,32 @@ def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, 
     return x.T if tall else x
 
 
+NS_PARAMETERS = ["grad", "ns_coefficients", "ns_steps", "eps"]  # torch 2.11-2.13; newer ones add use_addmm
+
+
+@functools.cache
+def fp32_newton_schulz_fits() -> bool:
+    """Whether this torch's Muon calls a private `_zeropower_via_newtonschulz` that newton_schulz_fp32 can stand in
+    for (same parameters, looked up at call time); if not, Muon runs torch's own bf16 iteration, with a warning."""
+    fn = getattr(torch_muon, "_zeropower_via_newtonschulz", None)
+    try:
+        params = list(inspect.signature(fn).parameters) if fn is not None else []
+    except (TypeError, ValueError):
+        params = []
+    fits = params[:4] == NS_PARAMETERS and set(params[4:]) <= {"use_addmm"}
+    if not fits:
+        warnings.warn(f"optimizer.ns_dtype=fp32 cannot be honoured on torch {torch.__version__}: its Muon no longer "
+                      "calls torch.optim._muon._zeropower_via_newtonschulz(grad, ns_coefficients, ns_steps, eps), "
+                      "so Muon runs torch's own bfloat16 Newton-Schulz iteration (slower on CPUs without bf16 units). "
+                      "Set optimizer.ns_dtype=bf16 to silence this", RuntimeWarning, stacklevel=2)
+    return fits
+
+
 @contextlib.contextmanager
 def _newton_schulz_in(dtype: str):
-    """Within the block, torch's Muon orthogonalizes with newton_schulz_fp32 (dtype "fp32"); "bf16" is torch's own."""
-    if dtype != "fp32":
+    """Within the block, torch's Muon orthogonalizes with newton_schulz_fp32 (dtype "fp32", where this torch allows
+    it); "bf16" is torch's own."""
+    if dtype != "fp32" or not fp32_newton_schulz_fits():
         yield
         return
     original = torch_muon._zeropower_via_newtonschulz
@@ -54,7 +81,8 @@ def _newton_schulz_in(dtype: str):
 class MuonWithAdamW(Optimizer):
     """Muon on `muon_params` (2-D only), AdamW on `adamw_groups`; one LR schedule drives both.
 
-    Muon's algorithm lines (torch.optim.Muon): momentum B = mu*B + g, Nesterov g + mu*B, five quintic
+    Muon's algorithm lines (torch.optim.Muon): momentum as an EMA, B = mu*B + (1 - mu)*g (torch's lerp), the
+    Nesterov look-ahead (1 - mu)*g + mu*B, five quintic
     Newton-Schulz iterations in bfloat16 towards the nearest semi-orthogonal matrix, decoupled weight decay, and
     the LR scaled by the matrix shape (`adjust_lr_fn`: "match_rms_adamw" scales the update to AdamW's RMS,
     0.2*sqrt(max(A, B)), so the two parts share one LR, as Liu et al. do; "original" is Keller Jordan's

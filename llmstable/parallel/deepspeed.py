@@ -97,6 +97,7 @@ class DeepSpeedEngine(Engine):
     fused_step = True
     can_compile = False  # the DeepSpeed engine wraps the module itself
     holds_whole_model = False
+    can_snapshot = False  # DeepSpeed writes its own files with collectives: saved in the step path
 
     def __init__(self, world: World, model: torch.nn.Module, ds_engine, stage: int, run_dir: Path):
         super().__init__(world, model, ds_engine.optimizer)
@@ -113,6 +114,9 @@ class DeepSpeedEngine(Engine):
             (run_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
+        # DeepSpeed caches the groups it makes; its own teardown releases them, so a later world in this process
+        # (a sweep, a notebook, the tests) does not meet a stale group.
+        world.destroy = deepspeed.comm.destroy_process_group
         return cls(world, model, engine, config["zero_optimization"]["stage"], run_dir)
 
     @property

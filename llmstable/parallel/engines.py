@@ -28,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from llmstable.checkpoint import CheckpointError
+from llmstable.tensorfiles import load_weights_only
 from llmstable.optimizers.reporting import CountingOptimizer
 from llmstable.parallel.world import World
 
@@ -42,6 +43,7 @@ class Engine:
     fused_step = False  # True when clipping and the update happen inside backward (DeepSpeed)
     can_compile = True  # torch.compile may wrap the forward
     holds_whole_model = True  # every rank holds every weight, as plain tensors
+    can_snapshot = True  # its checkpoint can be taken to CPU memory and written in the background (snapshot())
 
     def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.world, self.model, self.optimizer = world, model, optimizer
@@ -102,6 +104,31 @@ class Engine:
             save_model(self.model, str(directory / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
+    def snapshot(self) -> dict:
+        """What save() writes, copied to CPU memory in one blocking pass (llmstable.snapshot); every rank takes it
+        (the rollback ring restores it on every rank), rank 0 writes it."""
+        from llmstable.snapshot import model_snapshot, to_host
+
+        pin = self.world.device.type == "cuda"
+        snap = {"model": model_snapshot(self.model, pin), "optimizer": to_host(self.optimizer.state_dict(), pin)}
+        if pin:
+            torch.cuda.synchronize(self.world.device)  # the non-blocking copies have landed
+        return snap
+
+    def write_snapshot(self, directory: Path, snap: dict) -> None:
+        """(Rank 0, any thread.) The files save() writes, from a snapshot: the same bytes."""
+        from llmstable.snapshot import write_model
+
+        write_model(directory, snap["model"])
+        torch.save(snap["optimizer"], directory / "optimizer.pt")
+
+    def restore_snapshot(self, snap: dict) -> None:
+        """Model and optimizer as of a snapshot, with the values a load of its files would give."""
+        from llmstable.snapshot import copied, restore_model
+
+        restore_model(self.model, snap["model"])
+        self.optimizer.load_state_dict(copied(snap["optimizer"]))
+
     def readers(self) -> dict:
         """Checkpoint format -> the function that loads it into this engine's model and optimizer."""
         return {"safetensors": load_safetensors, "dcp": load_dcp}
@@ -139,6 +166,7 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     checkpoint_format = "dcp"
     holds_whole_model = False
+    can_snapshot = False  # DCP writes every rank's shards with collectives: saved in the step path
 
     @staticmethod
     def shard(model: torch.nn.Module, world: World, cfg) -> torch.nn.Module:
@@ -192,6 +220,7 @@ def cannot_load(directory: Path, fmt: str, engine: str) -> str:
 def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     from safetensors.torch import load_model
 
+    check_fits(directory, model)
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -199,7 +228,36 @@ def load_safetensors(directory: Path, model: torch.nn.Module, optimizer: torch.o
             f"{sorted(unexpected)}. Was it written with another model config?"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+        load_optimizer(directory, optimizer, load_weights_only(directory / "optimizer.pt", NOT_OURS))
+
+
+NOT_OURS = ("Resume from another checkpoint (resume=PATH), or start a new run from this one's weights: llmstable "
+            "export on it, then train.init_from=OUT/model.safetensors in a new run_dir")
+MISFIT = ("A run resumes only onto a model whose every tensor keeps its shape, resume_force=true included (a changed "
+          "vocabulary or model size does not): resume with the config the checkpoint was written with, or start a "
+          "new run_dir (train.init_from takes weights that fit)")
+
+
+def check_fits(directory: Path, model: torch.nn.Module) -> None:
+    """Compare the shapes in model.safetensors' header with the model's before loading (torch would stop at the
+    first with a size-mismatch traceback)."""
+    from llmstable.tensorfiles import describe_misfit, fit_problems, safetensors_shapes
+
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    wrong = [p for p in fit_problems(safetensors_shapes(directory / "model.safetensors"), own)
+             if "is not a parameter" not in p]  # (names are load_model's to report)
+    if wrong:
+        raise CheckpointError(f"checkpoint {directory} does not fit the model this config builds: "
+                              f"{describe_misfit(wrong)}. {MISFIT}")
+
+
+def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, with the checkpoint named when its state belongs to another optimizer or model."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{directory / 'optimizer.pt'} holds the state of another optimizer or model "
+                              f"({type(err).__name__}: {str(err)[:200]}). {MISFIT}") from err
 
 
 def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -259,8 +317,9 @@ def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: t
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    check_fits(directory, model)
     full = load_file(str(directory / "model.safetensors"))
-    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    saved = load_weights_only(directory / "optimizer.pt", NOT_OURS)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     osd = {"state": {order[i]: v for i, v in saved["state"].items()},

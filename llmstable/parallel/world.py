@@ -31,6 +31,8 @@ class World:
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this process initialised the process group, so it destroys it at the end
     store_dir: str | None = None  # the temporary folder of a world of one's file store
+    env_set: tuple = ()  # the launcher variables a world of one set for itself (unset again on close)
+    destroy: object = None  # how the group is destroyed: dist.destroy_process_group unless an engine needs its own
 
     @property
     def is_main(self) -> bool:
@@ -71,11 +73,14 @@ class World:
                 if clean:
                     dist.barrier()
             finally:
-                dist.destroy_process_group()
+                (self.destroy or dist.destroy_process_group)()
             self.owns_group = False
         if self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
+        for key in self.env_set:
+            os.environ.pop(key, None)
+        self.env_set = ()
 
 
 def rank_mean(t: torch.Tensor) -> torch.Tensor:
@@ -111,18 +116,36 @@ def init_world(cfg: DistributedConfig, device_name: str) -> World:
                            "distributed.backend=gloo (or auto) on CPU"])
     if dist.is_initialized():  # an embedding program made the group already
         return World(rank, dist.get_world_size(), local_rank, device, owns_group=False)
-    init_method, store_dir = os.environ.get(INIT_METHOD_ENV), None
-    if init_method is None and "MASTER_ADDR" not in os.environ:
+    init_method, store_dir, env_set = os.environ.get(INIT_METHOD_ENV), None, ()
+    if init_method is None and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         if world_size > 1:
             raise ConfigError([f"WORLD_SIZE={world_size} but no rendezvous: set MASTER_ADDR and MASTER_PORT (torchrun "
                                f"does) or {INIT_METHOD_ENV}=file:///shared/path"])
         store_dir = tempfile.mkdtemp(prefix="llmstable-pg-")  # a world of one: a file store, no socket
         init_method = "file://" + os.path.join(store_dir, "store")
+        env_set = launcher_environment()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    return World(rank, world_size, local_rank, device, owns_group=True, store_dir=store_dir)
+    return World(rank, world_size, local_rank, device, owns_group=True, store_dir=store_dir, env_set=env_set)
+
+
+def launcher_environment() -> tuple[str, ...]:
+    """For a world of one started without a launcher: the variables a launcher would set (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT on the loopback interface), which DeepSpeed asserts on. A
+    variable already set (by a launcher or the user) is never overridden. Returns the names it set."""
+    import socket
+
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))  # (only to learn a free port; the process group itself uses a file store)
+            values["MASTER_PORT"] = str(sock.getsockname()[1])
+    set_here = tuple(key for key in values if key not in os.environ)
+    for key in set_here:
+        os.environ[key] = values[key]
+    return set_here
 
 
 def _device(name: str, local_rank: int) -> torch.device:

@@ -8,8 +8,8 @@ from html import escape
 from pathlib import Path
 
 from llmstable.report.markdown import (
-    ARM_HEAD, PLOTS, SETTINGS_HEAD, SPIKES_HEAD, SPIKES_NOTE, arm_cells, conclusions, grid_warnings, setting_cells,
-    spike_cells,
+    ARM_HEAD, CURVE_HEAD, PLOTS, SETTINGS_HEAD, SPIKES_HEAD, SPIKES_NOTE, arm_cells, choice_text, conclusions,
+    correction_text, curve_cells, curve_notes, grid_warnings, setting_cells, spike_cells,
 )
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -43,15 +43,19 @@ def spike_section(rows: list[dict]) -> list[str]:
 def html(root: Path, study: dict, ranked: list[dict], rows: list[dict], fair: dict) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Comparison report</title>',
              f"<style>{STYLE}</style></head><body>", "<h1>Comparison report</h1>",
-             f"<p>Baseline: <b>{escape(study['baseline'])}</b>. Each arm at the best LR of its own grid; Δ is the "
-             "mean "
-             "paired difference in final validation loss against the baseline over seeds (negative is better); "
-             "speedup is D_eff / D from the baseline's fit L(D) = a·D<sup>-B</sup> + b.</p>",
+             f"<p>Baseline: <b>{escape(study['baseline'])}</b>. Each arm at the best LR of its own grid; the loss "
+             "is the mean final validation loss over the judged seeds; Δ is the mean paired difference against the "
+             "baseline over those seeds (negative is better); speedup is D_eff / D, the tokens the baseline needs "
+             "for the arm's loss over the arm's.</p>",
              table("arms", ARM_HEAD, [arm_cells(a) for a in study["arms"]]),
-             "<h2>What this can and cannot conclude</h2>", f"<p>{escape(conclusions(study, rows))}</p>"]
+             "<h2>What this can and cannot conclude</h2>", f"<p>{escape(conclusions(study, rows))}</p>",
+             "<h2>How the LR was chosen</h2>", f"<p>{escape(choice_text(study))}</p>",
+             "<h2>Verdicts and their correction</h2>", f"<p>{escape(correction_text(study))}</p>"]
     warnings = grid_warnings(study)
     if warnings:
         parts += ["<h2>Grid edges</h2><ul>", *(f'<li class="warn">{escape(w)}</li>' for w in warnings), "</ul>"]
+    parts += ["<h2>The baseline's budget runs</h2>", table("curve", CURVE_HEAD, curve_cells(study)),
+              "<ul>", *(f"<li>{escape(note.replace('**', ''))}</li>" for note in curve_notes(study)), "</ul>"]
     for name, title in PLOTS:
         if (root / name).exists():
             parts += [f"<h2>{escape(title[0].upper() + title[1:])}</h2>",

@@ -10,7 +10,9 @@ softmax-collapse monitor.
   It defines no distribution of its own; the logits are read as softmax logits for sampling and for the
   cross-entropy that evaluation reports beside it.
 - The softmax-collapse monitor (Prieto et al. 2025, section 3): the share of positions whose fp32 softmax
-  probability of the target is exactly 1.0, where the cross-entropy's gradient is exactly zero.
+  probability of the target is exactly 1.0. There the target's component of the cross-entropy's gradient,
+  p_target - 1, is exactly zero; the other components, p_j, are tiny but not zero (about 2e-9 each on the logits
+  [20, 0 x 9]), so the position still pushes the other logits down, and the target's logit no longer moves.
 
 Both losses act through the `compute_loss` hook; the monitor through `begin_step` / `on_loss` / `metrics`.
 """
@@ -75,7 +77,8 @@ def spherical_z_loss(logits: torch.Tensor, targets: torch.Tensor, a: float, b: f
 
 
 def softmax_collapse_fraction(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The share of positions whose fp32 softmax probability of the target is exactly 1.0 (a device tensor)."""
+    """The share of positions whose fp32 softmax probability of the target is exactly 1.0, where the target's
+    gradient component is exactly zero (a device tensor)."""
     probs = torch.softmax(logits.detach().float(), dim=-1)
     return (probs.gather(-1, targets.unsqueeze(-1)) == 1.0).float().mean()
 

@@ -13,13 +13,18 @@ the gradient exceeds the stability threshold 2/eta, and the loss spikes. Two sig
 - the paper's predictor (`watch=[..., precond_curvature]`, every `curvature_interval` steps): the
   gradient-directional curvature of the preconditioned Hessian, lambda = g^T H_hat g / g^T g = (P g)^T (H g) / |g|^2,
   from one Hessian-vector product H g on the step's first micro-batch, against 2/eta (logged as the ratio
-  lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we. Under
-  DDP each rank holds its own first micro-batch: the ranks average their gradients (an all-reduce of one copy of
-  the gradient), take the product along that mean and average g^T P H g (a second all-reduce of one number), so
-  every rank gets the same lambda, that of all their first micro-batches together, and acts alike. These are the
-  only collectives of the warning, on curvature steps, which every rank reaches alike (the step number and Adam's
-  state decide them; if the double backward failed on one rank, the others would wait in the all-reduce until the
-  job's timeout). FSDP2 and DeepSpeed are refused: their parameters are shards.
+  lambda * eta / 2; above 1 predicts a spike). The paper ignores momentum in this threshold, and so do we. P is the
+  preconditioner the optimizer applies at this step: v_hat from this step's v = beta2 v + (1 - beta2) g^2, with g
+  the step's whole gradient after clipping (as torch's AdamW updates v; SPAM's clipping of spiky entries and
+  Stable-SPAM's gradient normalisation are not replayed, so for them P is AdamW's reading of their v). So the
+  product is taken in `on_loss` (d and H d, kept as d * H d per tensor) and P applied in `check`, once the step's
+  gradients are final. Under DDP each rank holds its own first micro-batch: the ranks average their gradients (an
+  all-reduce of one copy of the gradient) in `on_loss`, take the product along that mean and, in `check`, average
+  g^T P H g (a second all-reduce of one number), so every rank gets the same lambda, that of all their first
+  micro-batches together, and acts alike. These are the only collectives of the warning, on curvature steps, which
+  every rank reaches alike (the step number and Adam's state decide them; if the double backward failed on one
+  rank, the others would wait in the all-reduce until the job's timeout). FSDP2 and DeepSpeed are refused: their
+  parameters are shards.
 
 A crossing is a warning, not a spike: a `spike_warning` event, and, with `warn_lr_factor` < 1, the LR times that
 factor for `warn_lr_steps` steps. Like the detector, the warning waits for `min_history` steps: early in a run v
@@ -37,15 +42,19 @@ import torch
 from llmstable.parallel.world import rank_mean
 
 
-def adam_v_hat(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+def adam_v_hat(optimizer: torch.optim.Optimizer, p: torch.Tensor, current: bool = False) -> torch.Tensor | None:
     """Adam's bias-corrected second moment of parameter p before this step's update, or None (no state yet, or a
-    state shaped unlike p, as SPAM's sparse masks are)."""
+    state shaped unlike p, as SPAM's sparse masks are). current=True: the one this step's update applies,
+    (beta2 v + (1 - beta2) g^2) / (1 - beta2^(k+1)) with g = p.grad as it is now (the last one, if p has none)."""
     state = optimizer.state.get(p, {})
     v = state.get("exp_avg_sq")
     if not isinstance(v, torch.Tensor) or v.shape != p.shape or "step" not in state:
         return None
     k = float(state["step"])
     beta2 = next(g["betas"][1] for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if current and p.grad is not None:
+        g = p.grad.float()
+        return (beta2 * v.float() + (1.0 - beta2) * g * g) / (1.0 - beta2 ** (k + 1))
     return v / (1.0 - beta2 ** k) if k > 0 else None
 
 
@@ -69,40 +78,63 @@ def block_stale_fractions(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return torch.stack(out).float()
 
 
-def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor],
-                          mean=None) -> torch.Tensor:
-    """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params` (one Hessian-vector
-    product). Keeps the loss's graph (a later backward still works).
+def curvature_terms(loss: torch.Tensor, params: list[torch.Tensor],
+                    mean=None) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """What g^T P H g / g^T g needs apart from P, for the loss's gradient g and Hessian H over `params` (one
+    Hessian-vector product): per parameter g * (H g) in fp32 (None where the loss does not reach it), and g^T g.
+    Keeps the loss's graph (a later backward still works).
 
     `mean`, for data-parallel ranks that each hold their own micro-batch: a function that returns a tensor averaged
-    over the ranks (`llmstable.parallel.world.rank_mean`). g is then the ranks' mean gradient (one all-reduce of a flat copy), the product is taken along it
-    (H_r g on each rank), and g^T P H_r g is averaged too, so every rank gets the curvature of all the ranks'
-    micro-batches together, as one process would on their concatenation."""
+    over the ranks (`llmstable.parallel.world.rank_mean`). g is then the ranks' mean gradient (one all-reduce of a
+    flat copy) and the product is taken along it (H_r g on each rank); `precond_curvature` averages g^T P H_r g."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    pairs = [(p, c, g) for p, c, g in zip(params, precond, grads) if g is not None]
-    direction = [g.detach().float() for _, _, g in pairs]
+    used = [i for i, g in enumerate(grads) if g is not None]
+    direction = [grads[i].detach().float() for i in used]
     if mean is not None:
         flat = mean(torch.cat([d.flatten() for d in direction]))
         direction = [f.view_as(d) for f, d in zip(flat.split([d.numel() for d in direction]), direction)]
-    hvp = torch.autograd.grad([g for _, _, g in pairs], [p for p, _, _ in pairs],
-                              grad_outputs=[d.to(g.dtype) for d, (_, _, g) in zip(direction, pairs)],
+    hvp = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
+                              grad_outputs=[d.to(grads[i].dtype) for d, i in zip(direction, used)],
                               retain_graph=True, allow_unused=True)
-    num = loss.new_zeros((), dtype=torch.float32)
-    for (_, c, _), d, hd in zip(pairs, direction, hvp):
+    terms: list[torch.Tensor | None] = [None] * len(params)
+    for i, d, hd in zip(used, direction, hvp):
         if hd is not None:
-            num = num + (c.float() * d * hd.float()).sum()
+            terms[i] = d * hd.float()
+    return terms, torch.stack([d.square().sum() for d in direction]).sum()
+
+
+def precond_curvature(terms: list[torch.Tensor | None], precond: list[torch.Tensor], den: torch.Tensor,
+                      mean=None) -> torch.Tensor:
+    """lambda = sum over parameters of P * g * (H g), over g^T g (`curvature_terms`); `mean` averages the sum over
+    data-parallel ranks (each took the product on its own micro-batch)."""
+    num = den.new_zeros(())
+    for c, term in zip(precond, terms):
+        if term is not None:
+            num = num + (c.float() * term).sum()
     if mean is not None:
         num = mean(num)
-    den = torch.stack([d.square().sum() for d in direction]).sum()
     return num / den.clamp_min(1e-30)
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer) -> tuple[list, list] | None:
-    """(params, 1 / (sqrt(v_hat) + eps)) for every parameter with Adam state, or None before the first step."""
+def directional_curvature(loss: torch.Tensor, params: list[torch.Tensor], precond: list[torch.Tensor],
+                          mean=None) -> torch.Tensor:
+    """g^T diag(precond) H g / g^T g for the loss's gradient g and Hessian H over `params`, with P known now (as
+    one process would on the ranks' micro-batches together, with `mean`)."""
+    terms, den = curvature_terms(loss, params, mean)
+    return precond_curvature(terms, precond, den, mean)
+
+
+def group_eps(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> float:
+    return next(g.get("eps", 1e-8) for g in optimizer.param_groups if any(q is p for q in g["params"]))
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, current: bool = False) -> tuple[list, list] | None:
+    """(params, 1 / (sqrt(v_hat) + eps)) for every parameter with Adam state, or None before the first step;
+    current=True: with the v_hat this step's update applies (`adam_v_hat`)."""
     params, precond = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            v_hat = adam_v_hat(optimizer, p)
+            v_hat = adam_v_hat(optimizer, p, current)
             if v_hat is not None:
                 params.append(p)
                 precond.append(1.0 / (v_hat.sqrt() + group.get("eps", 1e-8)))
@@ -119,14 +151,14 @@ class PrecondWarning:
         self._logged, self._curvature_due = False, False
         self._math: contextlib.AbstractContextManager | None = None
         self._fractions: torch.Tensor | None = None  # (L,) this logged step's stale shares (device)
-        self._lambda: torch.Tensor | None = None  # this curvature step's lambda (device)
+        self._terms: tuple | None = None  # this curvature step's (params, g * Hg per param, g^T g, rank mean)
         self._lr = 0.0
         self.lower_until = 0  # the LR is lowered through this step (checkpointed)
         self.warnings = 0  # (checkpointed; never goes back on a rollback)
         self._metrics: dict[str, float] = {}
 
     def begin_step(self, step: int, logged: bool) -> None:
-        self._logged, self._fractions, self._lambda = logged, None, None
+        self._logged, self._fractions, self._terms = logged, None, None
         self._curvature_due = (self.curvature and self.optimizer is not None and step > 1
                                and step % self.cfg.curvature_interval == 0)
         if self._curvature_due:  # the math kernel has a second derivative; exited after the HVP
@@ -140,10 +172,11 @@ class PrecondWarning:
             return
         self._curvature_due = False
         try:
-            found = adam_preconditioner(self.optimizer)
+            found = adam_preconditioner(self.optimizer)  # (the parameters with Adam state; P itself waits for check)
             if found is not None:
                 ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-                self._lambda = directional_curvature(loss, *found, mean=rank_mean if ranks else None).detach()
+                mean = rank_mean if ranks else None
+                self._terms = (found[0], *curvature_terms(loss, found[0], mean), mean)
                 self._lr = float(self.optimizer.param_groups[0]["lr"])
         finally:
             self._math.__exit__(None, None, None)
@@ -154,8 +187,9 @@ class PrecondWarning:
             self._fractions = block_stale_fractions(model, self.optimizer, self.cfg.precond_rho)
 
     def check(self, step: int) -> dict | None:
-        """After the step's gradients: the warning's fields if a signal crossed, else None. Host syncs only at
-        logged steps (the proxy) and curvature steps (the predictor)."""
+        """After the step's gradients are final (averaged over ranks, clipped): the warning's fields if a signal
+        crossed, else None. Host syncs only at logged steps (the proxy) and curvature steps (the predictor, whose P
+        is built here from those gradients)."""
         fields = {}
         if self._fractions is not None:
             fractions = self._fractions.tolist()  # host sync, at logged steps only
@@ -164,13 +198,16 @@ class PrecondWarning:
             if max(fractions) > self.cfg.precond_frac:
                 fields.update(signal="precond", value=max(fractions), threshold=self.cfg.precond_frac,
                               layer=fractions.index(max(fractions)))
-        if self._lambda is not None:
-            lam = float(self._lambda)  # host sync, every curvature_interval steps
+        if self._terms is not None:
+            params, terms, den, mean = self._terms
+            precond = [1.0 / (v.sqrt() + group_eps(self.optimizer, p))
+                       for p, v in ((p, adam_v_hat(self.optimizer, p, current=True)) for p in params)]
+            lam = float(precond_curvature(terms, precond, den, mean))  # host sync, every curvature_interval steps
             ratio = lam * self._lr / 2
             self._metrics.update({"stab/precond/curvature": lam, "stab/precond/curvature_ratio": ratio})
             if ratio > 1 and "signal" not in fields:
                 fields.update(signal="precond_curvature", value=lam, threshold=2 / self._lr)
-        self._fractions, self._lambda = None, None
+        self._fractions, self._terms = None, None
         if not fields or step <= self.cfg.min_history:  # (v still remembers the first, large gradients: no alarm)
             return None
         self.warnings += 1

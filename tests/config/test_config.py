@@ -1,5 +1,6 @@
 """Every config file composes and builds; every bad input gets an error naming the key."""
 
+import re
 
 import pytest
 import torch
@@ -99,6 +100,23 @@ def test_validation_collects_every_problem_and_raises_once(tmp_path):
 
 def test_wrong_types_name_the_key(tmp_path):
     check_error(["train.seed=abc"], "train.seed='abc' must be a whole number, e.g. train.seed=100", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("section, values", [
+    ("optimizer", {"lr": float("inf")}), ("optimizer", {"weight_decay": float("nan")}),
+    ("optimizer", {"betas": [0.9, float("inf")]}), ("optimizer", {"name": "spam", "threshold": float("-inf")}),
+    ("train", {"max_norm": float("nan")}), ("data", {"val_fraction": float("inf")}),
+    ("schedule", {"min_lr_ratio": float("nan")}), ("fault", {"loss_scale": float("inf")}),
+    ("optimizer", {"lr": 10**400}),
+])
+def test_a_float_key_refuses_inf_and_nan(section, values):
+    # inf was accepted and the run "diverged" at step 2 with exit 0; nan slipped through every `<= 0` check.
+    raw = {"run_dir": "x", "train": {"max_steps": 3, "budget_tokens": None}}
+    raw.setdefault(section, {}).update(values)
+    key = next(k for k in values if k != "name")
+    shown = f"{section}.{key}" + ("[1]" if key == "betas" else "")
+    with pytest.raises(ConfigError, match=rf"{re.escape(shown)}=(-?inf|nan) must be a finite number: inf and nan "):
+        load_config(raw)
 
 
 def test_budget_needs_exactly_one_of_tokens_or_steps(tmp_path):

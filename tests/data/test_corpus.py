@@ -113,3 +113,22 @@ def test_streaming_refuses_to_train_a_bpe(jsonl_corpus):
     with pytest.raises(DataError, match="data.tokenizer.kind=hf"):
         build_data(files_cfg(jsonl_corpus, format="jsonl", text_field="body", streaming=True), seed=0,
                    min_train_blocks=1)
+
+
+def test_a_data_cache_that_cannot_be_written_is_named_before_any_work(tmp_path, monkeypatch):
+    from llmstable.data.corpus import cache_root
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("LLMSTABLE_CACHE", str(tmp_path / "file"))
+    with pytest.raises(DataError, match=r"LLMSTABLE_CACHE='.*file' is a file, not a folder: point LLMSTABLE_CACHE"):
+        cache_root(DataConfig())
+    with pytest.raises(DataError, match=r"data.cache_dir='.*file/sub' cannot be written \(Not a directory"):
+        cache_root(DataConfig(cache_dir=str(tmp_path / "file" / "sub")))
+    if os.geteuid() != 0:  # (root writes into a read-only directory whatever its mode)
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        monkeypatch.setenv("LLMSTABLE_CACHE", str(tmp_path / "ro"))
+        with pytest.raises(DataError, match=r"LLMSTABLE_CACHE=.* cannot be written \(Permission denied"):
+            cache_root(DataConfig())
+    monkeypatch.setenv("LLMSTABLE_CACHE", str(tmp_path / "fine"))
+    assert cache_root(DataConfig()) == tmp_path / "fine" and (tmp_path / "fine").is_dir()

@@ -114,6 +114,32 @@ def test_kill_9_during_prepare_then_rerun_gives_the_same_shards_without_redoing_
     assert not list(out.glob(".*.tmp*"))
 
 
+def test_ctrl_c_during_prepare_stops_at_once_with_one_line(tmp_path, tokenizer_dir, jsonl_dir):
+    # Ctrl-C reaches the whole process group. The pool used to wait for every chunk already handed to the workers
+    # (here each takes 30 s: it hung for minutes on big chunks under load); the workers printed their own tracebacks.
+    out = tmp_path / "out"
+    script = ("import sys, time; from llmstable.data import prepare as p; from llmstable.cli import main\n"
+              "chunk = p.tokenize_chunk\n"
+              "def slow(*args):\n    time.sleep(30)\n    return chunk(*args)\n"
+              "p.tokenize_chunk = slow\n"
+              f"sys.exit(main(['prepare', 'data=local_files', 'data.path={jsonl_dir}/*.json.gz', 'data.format=jsonl', "
+              f"'data.tokenizer.kind=hf', 'data.tokenizer.name_or_path={tokenizer_dir}', 'data.workers=2', "
+              f"'data.shard_tokens=4000', 'out={out}']))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "tokenizer").exists():  # (then the pool is at work)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    began = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - began < 10, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp*"))
+
+
 def test_a_full_disk_is_a_named_error_leaves_no_half_shard_and_a_rerun_completes(tmp_path, tokenizer_dir, jsonl_dir,
                                                                                  monkeypatch):
     cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, shard_tokens=5000, workers=1)
@@ -209,10 +235,66 @@ def test_an_undecodable_file_among_good_ones_is_named(tmp_path, tokenizer_dir):
         (tmp_path / name).write_text("A perfectly good document. " * 40)
     (tmp_path / "c.txt").write_bytes(bytes(range(128, 256)) * 8)
     cfg = hf_files_cfg(tmp_path / "*.txt", tokenizer_dir, format="text")
-    with pytest.raises(DataError, match=r"could not read .*c\.txt .*data.format=text.*UnicodeDecodeError"):
+    with pytest.raises(DataError, match=r"could not read .*c\.txt .*data.format=text: byte 0 \(line 1\) is not valid "
+                                        r"UTF-8 \(0x80\)\. Fix: convert the file to UTF-8"):
         prepare(cfg, tmp_path / "out", progress=False)
     with pytest.raises(DataError, match=r"could not read .*c\.txt .*data.format=text"):
         load_corpus(cfg)  # the in-memory reader names the same file
+
+
+def _killed(*args):  # (module level: the pool sends it to the worker by name)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_a_named_error_and_a_rerun_completes(tmp_path, tokenizer_dir, jsonl_dir, monkeypatch):
+    import llmstable.data.prepare as prepare_module
+    from llmstable.data.prepare import PrepareWorkerDied
+
+    cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, workers=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module, "tokenize_chunk", _killed)
+        with pytest.raises(PrepareWorkerDied, match=r"a tokenizer worker of `prepare` into .* died .*rerun the same "
+                                                    r"command to continue.*lower data.workers \(now 1\)"):
+            prepare(cfg, tmp_path / "out", progress=False)
+    prepare(cfg, tmp_path / "out", progress=False)
+    assert checksums(tmp_path / "out") == checksums(prepare(cfg, tmp_path / "whole", progress=False))
+
+
+def test_an_empty_file_among_good_ones_holds_no_documents(tmp_path, tokenizer_dir, jsonl_dir):
+    import shutil
+
+    for f in sorted(jsonl_dir.iterdir()):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "c4-train.00003-of-00008.json.gz").write_bytes(b"")  # (it used to stop prepare: StopIteration)
+    (tmp_path / "empty.json.gz").write_bytes(__import__("gzip").compress(b""))
+    with_empty = prepare(hf_files_cfg(tmp_path / "*.json.gz", tokenizer_dir), tmp_path / "a", progress=False)
+    for name in ("c4-train.00003-of-00008.json.gz", "empty.json.gz"):
+        (tmp_path / name).unlink()
+    without = prepare(hf_files_cfg(tmp_path / "*.json.gz", tokenizer_dir), tmp_path / "b", progress=False)
+    assert checksums(with_empty) == checksums(without)
+
+
+def test_a_prepared_tokenizer_that_asks_for_code_is_refused_before_any_load(prepared_dir, tmp_path):
+    config = json.loads((prepared_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (prepared_dir / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"tokenizer has changed since the shards were made"):  # its files' hash
+        PreparedCorpus(prepared_dir)
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    del manifest["tokenizer"]["files_sha256"]  # (a directory prepared before the hash was recorded)
+    (prepared_dir / "manifest.json").write_text(json.dumps(manifest))
+    (prepared_dir / "tokenizer" / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\n")
+    with pytest.raises(DataError, match=r"tokenizer is not a tokenizer llmstable wrote: it holds Python code: evil.py"):
+        PreparedCorpus(prepared_dir)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_prepare_writes_a_plain_progress_line_to_a_log(tmp_path, tokenizer_dir, jsonl_dir, capfd, monkeypatch):
+    monkeypatch.setenv("LLMSTABLE_PROGRESS_S", "0.001")
+    prepare(hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir), tmp_path / "out")
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("prepare: tokenizing: ")]
+    assert lines and "\r" not in "".join(lines)
+    assert "docs" in lines[-1] and "docs/s" in lines[-1] and "file=8/8" in lines[-1]
 
 
 def test_an_empty_corpus_is_refused_before_anything_is_written(tmp_path, tokenizer_dir):

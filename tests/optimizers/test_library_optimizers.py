@@ -43,9 +43,21 @@ def test_muon_matches_the_reference_update_with_fp32_newton_schulz(shape, scale)
     want = ref.muon(p0, grads, lr=0.02, weight_decay=0.1, scale=scale)
     got = run(lambda ps: MuonWithAdamW(ps, [], lr=0.02, weight_decay=0.1, adjust_lr_fn=scale, ns_dtype="fp32"),
               p0.float(), grads)
-    # torch keeps the momentum as B = mu*B + g where the reference keeps an EMA: the same direction scaled by
-    # (1 - mu), which the normalization inside Newton-Schulz removes; fp32 arithmetic leaves ~1e-6.
+    # torch and the reference both keep the momentum as an EMA, B = mu*B + (1 - mu)*g, and look ahead by
+    # (1 - mu)*g + mu*B (test below); what is left is torch's fp32 arithmetic against the float64 reference, ~1e-6.
     assert_trajectories_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_muon_keeps_its_momentum_as_an_ema_of_the_gradients():
+    """B = mu*B + (1 - mu)*g, not B = mu*B + g: after steps of known gradients the buffer is their EMA."""
+    p = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.float64))
+    opt = MuonWithAdamW([p], [], lr=0.01, momentum=0.9)
+    ema = torch.zeros_like(p)
+    for g in gradients((4, 6), 5):
+        p.grad = g.clone()
+        opt.step()
+        ema = 0.9 * ema + 0.1 * g
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ema, rtol=1e-12, atol=1e-14)
 
 
 def test_torch_muon_in_bf16_stays_within_bf16_rounding_of_the_reference():
@@ -95,7 +107,10 @@ def test_soap_matches_the_paper_including_the_basis_refreshes():
     assert_trajectories_close(got, want, rtol=1e-6, atol=1e-8)
 
 
-def test_adam_mini_matches_the_paper_per_block_on_a_llama():
+def test_pytorch_optimizers_adam_mini_steps_per_block_with_the_old_partition():
+    """optimizer.backend=pytorch_optimizer: the library's Adam-mini keeps the partition of before the official
+    v1.1.0 (embedding and output entry by entry, every matrix but query and key one block); the official one is
+    ours (tests/optimizers/test_adam_mini.py)."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=64, dim=32, intermediate_size=64, n_layers=1, n_heads=4, n_kv_heads=2,
                               max_seq_len=16))
@@ -118,7 +133,7 @@ def test_adam_mini_matches_the_paper_per_block_on_a_llama():
         elif n.endswith(("wq.weight", "wk.weight")):
             blocks = named[n].shape[0] // (32 // 4)  # one block per head: 4 query heads, 2 key heads
         else:
-            blocks = 1  # every other tensor is one block
+            blocks = 1  # every other tensor is one block (the official code now splits these per row)
         decay = 0.0 if "norm" in n else 0.1
         want = ref.adam_mini_block(start[n], [g.double() for g in grads[n]], lr=1e-2, blocks=blocks,
                                    weight_decay=decay)

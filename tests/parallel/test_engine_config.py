@@ -94,3 +94,24 @@ def test_deepspeed_on_cpu_does_not_build_its_inference_only_shared_memory_op(mon
     monkeypatch.setattr(builder, "load", lambda self, *a, **k: pytest.fail("the shm op was built"))
     skip_inference_comm_op()
     assert build_shm_op() is None
+
+
+def test_a_world_of_one_sets_the_launcher_variables_it_lacks_and_never_a_launchers():
+    import os
+
+    from llmstable.parallel.world import launcher_environment
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        os.environ["MASTER_PORT"] = "29999"  # a launcher's
+        set_here = launcher_environment()
+        assert set(set_here) == {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"}
+        assert os.environ["MASTER_PORT"] == "29999" and os.environ["LOCAL_RANK"] == "0"
+        for key in keys:
+            os.environ.pop(key, None)
+        assert "MASTER_PORT" in launcher_environment() and int(os.environ["MASTER_PORT"]) > 0
+    finally:
+        for key in keys:
+            os.environ.pop(key, None)
+        os.environ.update(saved)

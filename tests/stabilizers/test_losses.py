@@ -107,6 +107,18 @@ def test_the_collapse_monitor_counts_positions_whose_fp32_softmax_target_is_exac
     assert softmax_collapse_fraction(logits, targets).item() == pytest.approx(7 / 20)
 
 
+def test_a_collapsed_position_has_a_zero_target_gradient_but_not_a_zero_gradient():
+    """Logits [20, 0 x 9] in fp32: p_target = 1 / (1 + 9 e^-20) rounds to exactly 1.0, so the target's gradient
+    component p_target - 1 is 0; every other component is p_j = e^-20 / (1 + 9 e^-20), about 2.06e-9, not 0."""
+    logits = torch.tensor([[20.0] + [0.0] * 9], requires_grad=True)
+    targets = torch.tensor([0])
+    assert softmax_collapse_fraction(logits, targets).item() == 1.0
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+    assert logits.grad[0, 0].item() == 0.0
+    others = logits.grad[0, 1:]
+    torch.testing.assert_close(others, torch.full((9,), math.exp(-20) / (1 + 9 * math.exp(-20))), rtol=1e-5, atol=0)
+
+
 def test_validation_reports_the_runs_loss_and_the_softmax_cross_entropy(batch):
     blocks = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1))
     table = torch.randn(11, 11, generator=torch.Generator().manual_seed(2))

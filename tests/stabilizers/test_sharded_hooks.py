@@ -214,8 +214,11 @@ def curvature_over_ddp(rank: int) -> tuple[float, float]:
     opt.zero_grad()
     with sdpa_kernel([SDPBackend.MATH]):
         loss = loss_of(model, idx)
-        want = directional_curvature(loss, *adam_preconditioner(opt)).item()
-        grads = torch.autograd.grad(loss, list(model.parameters()))
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()  # P is the one this step's update applies: v_hat with the whole batch's gradient
+        want = directional_curvature(loss, *adam_preconditioner(opt, current=True)).item()
+    opt.zero_grad()
     ddp = DistributedDataParallel(model)
     warning = PrecondWarning(SpikeGuardConfig(watch=["loss", "precond_curvature"], curvature_interval=1),
                              proxy=False, curvature=True)
@@ -224,7 +227,8 @@ def curvature_over_ddp(rank: int) -> tuple[float, float]:
     loss = loss_of(ddp, idx[2 * rank: 2 * rank + 2])
     warning.on_loss(loss)
     loss.backward()  # DDP's all-reduce of the gradients, after the Hessian-vector product
-    got = warning._lambda.item()
+    warning.check(2)  # P from the averaged gradients, and the ranks' mean of g^T P H g
+    got = warning.metrics()["stab/precond/curvature"]
     grad_diff = max(((p.grad - g).abs().max() / g.abs().max()).item() for p, g in zip(model.parameters(), grads))
     return abs(got - want) / abs(want), grad_diff
 

@@ -50,6 +50,38 @@ def test_the_predictor_is_the_gradient_directional_curvature_of_the_precondition
     torch.testing.assert_close(x.grad, g)
 
 
+def test_the_warnings_curvature_uses_the_v_hat_this_steps_update_applies():
+    """The predictor through the warning's hooks on L(x) = x^T A x / 2 (H = A) after one AdamW step: by hand,
+    v_2 = beta2 v_1 + (1 - beta2) g_2^2 with g_2 the step's gradient, P = 1 / (sqrt(v_2 / (1 - beta2^2)) + eps) and
+    lambda = g^T P A g / g^T g; the previous step's v_hat gives a different number."""
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    a = m @ m.T + torch.eye(4, dtype=torch.float64)
+    x = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64))
+    b1, b2, eps = 0.9, 0.95, 1e-8
+    opt = torch.optim.AdamW([x], lr=0.1, betas=(b1, b2), eps=eps, weight_decay=0.0)
+    g1 = torch.tensor([3.0, 0.1, -0.5, 1.0], dtype=torch.float64)  # unlike g_2, so the two v_hat differ
+    x.grad = g1.clone()
+    opt.step()
+    warning = PrecondWarning(SpikeGuardConfig(watch=["loss", "precond_curvature"], curvature_interval=1,
+                                              min_history=0), proxy=False, curvature=True)
+    warning.optimizer = opt
+    warning.begin_step(2, logged=True)
+    loss = 0.5 * x @ a @ x
+    warning.on_loss(loss)
+    opt.zero_grad()
+    loss.backward()
+    g2 = (a @ x.detach()).clone()
+    warning.check(2)
+    got = warning.metrics()["stab/precond/curvature"]
+    v2 = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+    p_now = 1 / ((v2 / (1 - b2**2)).sqrt() + eps)
+    want = float(g2 @ (p_now * (a @ g2)) / (g2 @ g2))
+    assert got == pytest.approx(want, rel=1e-6)
+    p_before = 1 / ((g1**2).sqrt() + eps)  # v_1 / (1 - beta2) = g_1^2
+    assert abs(float(g2 @ (p_before * (a @ g2)) / (g2 @ g2)) - want) > 0.1 * abs(want)
+
+
 def test_the_preconditioner_is_one_over_sqrt_v_hat_plus_eps():
     model = TwoBlocks()
     opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95), eps=1e-8)
