@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu gpu-check bench bench-data demo-spike demo-warning compare clean
+.PHONY: help venv train test test-all test-gpu gpu-check bench bench-data demo-spike demo-warning compare study-proxies clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,10 +40,11 @@ test-gpu: ## The GPU tests (needs CUDA; the venv's python if there is one, else 
 gpu-check: ## On one GPU: make test-gpu, then the GPU benchmarks (MFU, optimizers, checkpoints); writes gpu_check.json
 	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
-bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps; hooks; checkpoints; start; data
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps; hooks; indicators; checkpoints; start; data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
 	$(BIN)/python scripts/bench_hooks.py
+	$(BIN)/python scripts/bench_indicators.py
 	$(BIN)/python scripts/bench_warning.py
 	$(BIN)/python scripts/bench_checkpoint.py
 	$(BIN)/python scripts/bench_start.py
@@ -61,6 +62,9 @@ demo-warning: $(STAMP) ## AdamW spiking by itself; the preconditioner warning ri
 
 compare: $(STAMP) ## CPU mini-study: AdamW, SPAM, Stable-SPAM, Muon, LR tuned on seed 0, judged on 1-3; report in runs/compare/quick_cpu
 	$(BIN)/llmstable compare compare=quick_cpu $(ARGS)
+
+study-proxies: $(STAMP) ## Wortsman et al.'s small-scale proxies on CPU: 3 sizes, LRs 1e-3..3e-1, QK-norm/z-loss; runs/compare/proxies_cpu
+	$(BIN)/llmstable compare compare=proxies_cpu $(ARGS)
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs .pytest_cache

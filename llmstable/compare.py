@@ -236,7 +236,6 @@ def set_run_environment(sweep: SweepConfig) -> None:
 
 def compare_command(args: list[str]) -> int:
     from llmstable.compose import CONFIG_DIR
-    from llmstable.report import write_report
 
     try:
         sweep, train_overrides, arm_files = load_sweep(args, CONFIG_DIR)
@@ -244,6 +243,26 @@ def compare_command(args: list[str]) -> int:
         root.mkdir(parents=True, exist_ok=True)
         (root / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
         set_run_environment(sweep)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not sweep.models:
+        return run_study(sweep, train_overrides, root, arm_files)
+    for model in sweep.models:  # the whole study at each size, in its own directory
+        if code := run_study(sweep, [*train_overrides, f"model={model}"], root / model, arm_files):
+            return code
+    from llmstable.report.proxy_page import write_proxy_report
+
+    print(f"report: {write_proxy_report(root, list(sweep.models))}")
+    return 0
+
+
+def run_study(sweep: SweepConfig, train_overrides: list[str], root: Path, arm_files: dict[str, dict]) -> int:
+    """The three steps of the study (see the module's docstring) in `root`, then its report."""
+    from llmstable.report import write_report
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
         rendered = render_tuned(sweep, train_overrides, root, arm_files)
         write_initial_weights(sweep, train_overrides, root)
         key, budgets, shape = budget_overrides(sweep, train_overrides, root)

@@ -120,7 +120,7 @@ def run_summary(val_history: list, ledger, aborted: bool, diverged_step: int | N
         "steps": step, "tokens": fields.pop("tokens"),
         "final_val_loss": final_val, "best_val_loss": min((v for _, v in val_history), default=None),
         **{k: fields.pop(k) for k in ("wall_s", "tokens_per_sec", "resumed_from_step", "num_params",
-                                      "flops_per_token", "engine", "world_size")},
+                                      "non_embedding_params", "flops_per_token", "engine", "world_size")},
         "spikes": ledger.spikes, "rollbacks": ledger.rollbacks,
         "skipped_steps": ledger.skipped_steps, "skipped_samples": ledger.skipped_samples,
         "lr_cuts": ledger.lr_cuts, "moment_resets": ledger.moment_resets,

@@ -6,6 +6,8 @@ once per step and decides what to do with what it returns; it reads straight dow
      norm together, so every rank holds the same two numbers and decides alike;
   4. the step-check hooks (the first action wins; a `replay` recomputes 2 and 3 from the replay point);
   5. unless a hook objected: `before_update`, the optimizer step, `on_update`; then the gradients are dropped.
+At logged steps it also measures the leading indicators (llmstable.indicators): the logits' during 2 and 3, the
+update's around 5.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from llmstable.compiled import is_compile_error
 from llmstable.config import TrainConfig
 from llmstable.losses import training_loss
 from llmstable.faults import FaultInjector
-from llmstable.indicators import UpdateNorm
+from llmstable.indicators import LogitIndicators, UpdateNorm
 from llmstable.parallel.engines import Engine
 from llmstable.device import autocast_for
 from llmstable.rng import rng_state, set_rng_state
@@ -27,7 +29,8 @@ from llmstable.stabilizers import Stabilizer
 class TrainStep:
     """`update(step, lr, indicators, rollbacks) -> (loss, pre-clip grad norm, action or None, indicators)`, with
     `step` the number of the step being computed (from 1). With indicators=True (logged steps) it also measures the
-    update norm and the worst layer's gradient norm. `first_batch_hash` is rank 0's first micro-batch of the run
+    update norm, the worst layer's gradient norm and the logits' indicators (attention-logit maximum, output log Z
+    and maximum). `first_batch_hash` is rank 0's first micro-batch of the run
     (the trainer saves and restores it with its state)."""
 
     def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], loader, faults: FaultInjector,
@@ -37,6 +40,7 @@ class TrainStep:
         self.stop_agreed = False  # some rank received a preemption signal before this step's all-reduce
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.replays = any(s.replays for s in stabilizers)  # only then is a replay point kept each step
+        self.logits = LogitIndicators(self.model)  # (its hooks see the forward passes of the compiled model too)
         self.first_batch_hash: str | None = None
 
     def __call__(self, step: int, lr: float, indicators: bool, rollbacks: int):
@@ -44,10 +48,11 @@ class TrainStep:
         engine.set_lr(lr)
         for stabilizer in self.stabilizers:
             stabilizer.begin_step(step, indicators)
+        self.logits.begin(indicators)
         replay_point = (self.loader.state_dict(), rng_state()) if self.replays else None
         values = self.first_gradients(step) if not getattr(self.forward, "settled", True) else self.gradients(step)
         action = self.check_step(step, values, replay_point, rollbacks)
-        extra = {}
+        extra = self.logits.values(self.world) if indicators else {}  # host sync, logged steps only
         if action is None and not engine.fused_step:
             update_norm = UpdateNorm(self.model) if indicators else None
             for stabilizer in self.stabilizers:
@@ -56,13 +61,14 @@ class TrainStep:
             for stabilizer in self.stabilizers:
                 stabilizer.on_update(self.model)
             if update_norm is not None:
-                extra = update_norm.after_step()
+                extra.update(update_norm.after_step())
         engine.zero_grad()
         return values["loss"], values["grad_norm"], action, extra
 
     def gradients(self, step: int) -> dict[str, float]:
         """Forward and backward over the micro-batches, the gradient hooks and clipping; returns the step's loss
         and pre-clip gradient norm as host floats."""
+        self.logits.restart()  # (a replay measures its own forward passes)
         loss = self.forward_backward(step)  # (DeepSpeed: its update happens here, in the last micro-batch's backward)
         if not self.engine.fused_step:
             for stabilizer in self.stabilizers:
@@ -133,6 +139,7 @@ class TrainStep:
                 loss = base
                 for stabilizer in self.stabilizers:
                     loss = stabilizer.on_loss(logits, loss)
+            self.logits.add_output(logits)  # (logged steps only)
             self.engine.backward(loss, accum)
             total += base.detach() / accum  # train/loss is the training loss alone; auxiliary terms log apart
         return total

@@ -124,7 +124,8 @@ def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path 
         ckpt.load_initial_weights(model, Path(cfg.train.init_from))
     state = model.state_dict()  # every rank holds the same weights until they are sharded
     init_hash = fingerprint(state[k] for k in sorted(state))
-    sizes = {"num_params": model.num_params(), "flops_per_token": model.flops_per_token(cfg.data.seq_len)}
+    sizes = {"num_params": model.num_params(), "non_embedding_params": model.non_embedding_params(),
+             "flops_per_token": model.flops_per_token(cfg.data.seq_len)}
     engine = build_engine(cfg, world, model,
                           lambda m: build_optimizer(cfg.optimizer, m, device, cfg.total_steps), run.path)
     log = RunLog(run.path, cfg.logging, to_dict(cfg)) if world.is_main else QuietLog()

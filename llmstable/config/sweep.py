@@ -31,8 +31,11 @@ class SweepConfig:
     threads_per_run: int | None = None  # torch threads per run; null: 1 when parallel > 1, else torch's default
     overrides: list = field(default_factory=list)  # train overrides every arm shares
     sweep_dir: str | None = None  # null: runs/compare/NAME
+    # model sizes (configs/model/) the whole study runs at, each in its own subdirectory SWEEP_DIR/SIZE with its own
+    # report, and a report across sizes at the top (llmstable.report.proxy_page); empty: the overrides' one model
+    models: list = field(default_factory=list)
 
-    def validate(self, problems: list[str], arm_files: dict[str, dict]) -> None:
+    def validate(self, problems: list[str], arm_files: dict[str, dict], model_files: tuple = ()) -> None:
         known = sorted(arm_files)
         for arm in self.arms:
             if arm not in arm_files:
@@ -76,7 +79,19 @@ class SweepConfig:
             problems.append(f"compare.parallel={self.parallel} must be >= 1 (runs at a time), e.g. 2")
         if self.threads_per_run is not None and self.threads_per_run < 1:
             problems.append(f"compare.threads_per_run={self.threads_per_run} must be >= 1, or null for the default")
+        self.check_models(problems, model_files)
         problems[:] = list(dict.fromkeys(problems))  # (a shared compare.lrs is checked once per arm)
+
+    def check_models(self, problems: list[str], model_files: tuple) -> None:
+        """compare.models: sizes from configs/model/, each once."""
+        for model in self.models:
+            if model not in model_files:
+                near = difflib.get_close_matches(str(model), list(model_files), n=1)
+                problems.append(f"compare.models has {model!r}, which is not in configs/model/"
+                                f"{f' (did you mean {near[0]!r}?)' if near else ''}: choose from "
+                                f"{', '.join(model_files)}")
+        if len(set(map(str, self.models))) != len(self.models):
+            problems.append(f"compare.models={list(self.models)} repeats a size: list each once")
 
     def check_grid(self, problems: list[str], arm: str, arm_file: dict) -> None:
         grid, key = self.grid_of(arm, arm_file)
@@ -172,8 +187,14 @@ def load_sweep(args: list[str], config_dir: Path) -> tuple[SweepConfig, list[str
     sweep = SweepConfig(**OmegaConf.to_container(raw))
     arm_files = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) or {}
                  for p in sorted((config_dir / "arm").glob("*.yaml"))}
+    model_files = tuple(sorted(p.stem for p in (config_dir / "model").glob("*.yaml")))
     problems: list[str] = []
-    sweep.validate(problems, arm_files)
+    sweep.validate(problems, arm_files, model_files)
+    train_overrides = [a for a in args if not a.startswith("compare")]
+    chosen = [str(a) for a in [*sweep.overrides, *train_overrides] if str(a).split("=", 1)[0].lstrip("+") == "model"]
+    if sweep.models and chosen:  # (each size's runs choose model=SIZE themselves)
+        problems.append(f"{chosen[0]} chooses one model but compare.models={list(sweep.models)} runs the study at each "
+                        "of those sizes: drop that override, or choose the sizes with compare.models=[...]")
     if problems:
         raise ConfigError(problems)
-    return sweep, [a for a in args if not a.startswith("compare")], arm_files
+    return sweep, train_overrides, arm_files

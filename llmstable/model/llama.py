@@ -159,6 +159,12 @@ class Llama(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
+    def non_embedding_params(self) -> int:
+        """Parameters outside the input embedding and the LM head: Kaplan et al. 2020's N, the count Wortsman et al.
+        2023 report model sizes by."""
+        head = 0 if self.cfg.tie_embeddings else self.lm_head.weight.numel()
+        return self.num_params() - self.tok_embeddings.weight.numel() - head
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), as in PaLM appendix B:
         6 * (matmul parameters) + 12 * layers * dim * seq_len for the attention scores and values."""

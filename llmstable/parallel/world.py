@@ -51,6 +51,13 @@ class World:
         """t averaged over the ranks (a new tensor; t itself is unchanged)."""
         return rank_mean(t)
 
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of t over the ranks (a new tensor; t itself is unchanged)."""
+        t = t.clone()
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def broadcast(self, obj):
         """Rank 0's value of a picklable obj, on every rank."""
         if not self.distributed or self.world_size == 1:

@@ -6,6 +6,8 @@ one of those files' numbers, or a mean, paired difference, interval or fit of th
 - `study`: per arm, the best LR (chosen on the selection seeds), the paired difference against the baseline on
   the judged seeds with Holm's and Bonferroni's corrections, the speedup (llmstable.speedup), stability and cost;
 - `markdown`, `page`, `plots`: report.md, report.html (self-contained) and the PNGs.
+- `proxies`, `proxy_page`, `proxy_plots`: a study run at several model sizes (`compare.models`): each size's report
+  in its subdirectory, and one across sizes that says which of Wortsman et al.'s claims reproduced.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from omegaconf import OmegaConf
 from llmstable.report.markdown import markdown
 from llmstable.report.page import html
 from llmstable.report.plots import plot_best_runs, plot_lr_sensitivity, plot_speedup
+from llmstable.report.proxy_page import write_proxy_report
 from llmstable.report.runs import aggregate, fairness, readable_runs
 from llmstable.report.study import analyse
 
@@ -75,8 +78,12 @@ def report_command(args: list[str]) -> int:
     target = ns.target_loss if ns.target_loss is not None else sweep.get("target_loss")
     baseline = ns.baseline or sweep.get("baseline") or "adamw"
     confirm = list(sweep.get("confirm_seeds") or [])  # the seeds each arm is judged on (its LR chosen on others)
+    root, models = Path(ns.sweep_dir), list(sweep.get("models") or [])
     try:
-        print(f"report: {write_report(Path(ns.sweep_dir), target, baseline, confirm)}")
+        for model in models:  # a study at several sizes: each size's report, then the one across sizes
+            write_report(root / model, target, baseline, confirm)
+        path = write_proxy_report(root, models) if models else write_report(root, target, baseline, confirm)
+        print(f"report: {path}")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

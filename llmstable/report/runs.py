@@ -87,7 +87,7 @@ def schedule_steps(cfg: dict) -> tuple[int, int]:
     per_step = int(train["global_batch_size"]) * int(cfg["data"]["seq_len"])
     steps = int(train["max_steps"]) if train.get("max_steps") is not None else -(-planned_tokens(cfg) // per_step)
     fields = ScheduleConfig.__dataclass_fields__  # (a run from before warmup_fraction existed lacks that key)
-    schedule = ScheduleConfig(**{k: v for k, v in cfg["schedule"].items() if k in fields})
+    schedule = ScheduleConfig(**{k: v for k, v in (cfg.get("schedule") or {}).items() if k in fields})
     return steps, warmup_steps(steps, schedule)
 
 
@@ -121,7 +121,8 @@ def run_row(run: Path, target: float | None, warnings: list[str] | None = None) 
         "spikes": summary.get("spikes", 0), "rollbacks": summary.get("rollbacks", 0),
         "skipped_steps": summary.get("skipped_steps", 0), "skipped_samples": summary.get("skipped_samples", 0),
         "tokens": summary["tokens"], "planned_tokens": planned_tokens(cfg), "budget_run": BUDGET_TAG in run.name,
-        "total_steps": steps, "warmup_steps": warmup, "schedule": cfg["schedule"].get("name"),
+        "total_steps": steps, "warmup_steps": warmup,
+        "schedule": (cfg.get("schedule") or {}).get("name", "cosine"),  # (the schema's default when absent)
         "optimizer_step_counts": step_counts(cfg),
         "initial_loss": summary.get("initial_loss"), "num_params": num_params, "optimizer_state_bytes": state_bytes,
         "optimizer_state_bytes_per_param": state_bytes / num_params if state_bytes is not None and num_params else None,

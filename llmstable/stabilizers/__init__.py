@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 from llmstable.config import StabilizerConfig, TrainConfig
+from llmstable.indicators import max_attention_logits
 from llmstable.model import Llama, build_model, llama_config
 from llmstable.stabilizers.emb_grad_shrink import EmbGradShrink
 from llmstable.stabilizers.hooks import Action, Capabilities, Stabilizer
 from llmstable.stabilizers.losses import ReplacingLoss, SoftmaxCollapse
 from llmstable.stabilizers.norm_growth import NormGrowthLimiter, limit_norm_growth
 from llmstable.stabilizers.orthograd import OrthoGrad, orthogonalize
-from llmstable.stabilizers.qk_clip import QKClip, max_attention_logits, qk_clip_scales
+from llmstable.stabilizers.qk_clip import QKClip, qk_clip_scales
 from llmstable.stabilizers.qk_norm import QKNorm
 from llmstable.stabilizers.quant4 import Quant4
 from llmstable.stabilizers.spike import SpikeGuard

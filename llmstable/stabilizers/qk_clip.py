@@ -13,10 +13,10 @@ gamma)^(1 - alpha) and each query head h by gamma_h over that, so every head's l
 its own gamma_h (a query head under tau in a clipped group is scaled up by as much as its key was scaled down).
 With one query head per key head this is Kimi's rule.
 
-Cost. Attention runs through `scaled_dot_product_attention`, which never exposes its logits, so the maximum is
-computed apart: forward hooks keep the outputs of `wq` and `wk` (no copy), and the attention module's hook applies
-RoPE and takes the causal max of q k^T in fp32, in chunks of the batch (at most 2^24 logits at a time). That is one
-extra QK^T product per layer in the forward pass; `interval` > 1 measures (and clips) only every interval-th update.
+Cost. The maxima come from `indicators.AttentionLogits`, the measurement the logged steps' `stab/attn_logit_max`
+indicator also reads (one per model, so a step both want is measured once): forward hooks keep the outputs of
+`wq` and `wk`, and the attention's hook takes the causal max of q k^T after RoPE in fp32. That is one extra QK^T
+product per layer in the forward pass; `interval` > 1 measures (and clips) only every interval-th update.
 `make bench` reports the overhead.
 
 Not with QK-norm: after an RMSNorm over the head dimension, rescaling W_q or W_k changes nothing (and QK-norm
@@ -27,31 +27,12 @@ rescales alike. Under FSDP2 the rescale multiplies the DTensor shards by a repli
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
+from llmstable.indicators import AttentionLogits
 from llmstable.parallel.dtensors import replicated_like
-from llmstable.model.llama import apply_rope
 from llmstable.stabilizers.hooks import Stabilizer
-
-CHUNK_LOGITS = 2**24
-
-
-def max_attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The largest causal pre-softmax logit of each query head: q (B, H, T, hd) and k (B, Hkv, T, hd), RoPE
-    applied, -> (H,) fp32. Key heads are shared by consecutive query heads, as SDPA's enable_gqa does."""
-    B, H, T, hd = q.shape
-    if k.shape[1] != H:
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    out = torch.full((H,), -math.inf, device=q.device)
-    rows = max(1, CHUNK_LOGITS // (H * T * T))
-    for b in range(0, B, rows):
-        logits = (q[b:b + rows].float() @ k[b:b + rows].float().transpose(-1, -2)) / math.sqrt(hd)
-        out = torch.maximum(out, logits.masked_fill(future, -math.inf).amax(dim=(0, 2, 3)))
-    return out
 
 
 def qk_clip_scales(max_logits: torch.Tensor, n_kv_heads: int, tau: float,
@@ -73,7 +54,7 @@ def scale_rows_(weight: torch.Tensor, head_scale: torch.Tensor, head_dim: int) -
 
 
 class QKClip(Stabilizer):
-    """Hooks: `transform_model` registers the forward hooks that measure each layer's per-head maximum;
+    """Hooks: `transform_model` asks the model's `AttentionLogits` to measure on this stabilizer's updates;
     `on_gradients` closes the step's measurement (all-reducing it across ranks); `on_update` rescales.
 
     Metrics at logging time: `stab/qk_clip/max_logit` and `stab/qk_clip/max_logit/layer_<i>` (the largest logit
@@ -92,9 +73,9 @@ class QKClip(Stabilizer):
         self.tau, self.alpha, self.interval = tau, alpha, interval
         self.updates = 0
         self.attentions: list[torch.nn.Module] = []
-        self._captured: dict[int, dict[str, torch.Tensor]] = {}
-        self._running: torch.Tensor | None = None  # (layers, heads) maxima of the forward passes of this step
-        self._step_max: torch.Tensor | None = None  # the step's maxima, once its backward is done
+        self.probe: AttentionLogits | None = None
+        self.reader = 0  # ours, for probe.close
+        self._step_max: torch.Tensor | None = None  # the step's (layers, heads) maxima, once its backward is done
         self._log_max: torch.Tensor | None = None
         self._clipped = torch.zeros((), dtype=torch.int64)
 
@@ -104,40 +85,16 @@ class QKClip(Stabilizer):
 
     def transform_model(self, model: torch.nn.Module) -> torch.nn.Module:
         self.attentions = [layer.attention for layer in model.layers]
-        for i, attention in enumerate(self.attentions):
-            if attention.q_norm is not None:
-                raise ValueError("qk_clip cannot act with qk_norm: rescaling W_q and W_k changes nothing after the "
-                                 "norm (and QK-norm already bounds the logits); choose one of them")
-            attention.wq.register_forward_hook(self._capture(i, "q"))
-            attention.wk.register_forward_hook(self._capture(i, "k"))
-            attention.register_forward_hook(self._measure(i))
+        if any(attention.q_norm is not None for attention in self.attentions):
+            raise ValueError("qk_clip cannot act with qk_norm: rescaling W_q and W_k changes nothing after the "
+                             "norm (and QK-norm already bounds the logits); choose one of them")
+        self.probe = AttentionLogits.of(model)
+        self.reader = self.probe.want(lambda: self.measuring)
         return model
-
-    def _capture(self, layer: int, which: str):
-        def hook(module, args, output):
-            if module.training and self.measuring:
-                self._captured.setdefault(layer, {})[which] = output.detach()
-        return hook
-
-    def _measure(self, layer: int):
-        @torch.no_grad()
-        def hook(module, args, output):
-            captured = self._captured.pop(layer, None)
-            if captured is None or len(captured) < 2:
-                return
-            x, cos, sin = args
-            B, T, _ = x.shape
-            q = captured["q"].view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
-            k = captured["k"].view(B, T, module.n_kv_heads, module.head_dim).transpose(1, 2)
-            peak = max_attention_logits(apply_rope(q, cos, sin), apply_rope(k, cos, sin))
-            if self._running is None or self._running.device != peak.device:
-                self._running = torch.full((len(self.attentions), peak.numel()), -math.inf, device=peak.device)
-            self._running[layer] = torch.maximum(self._running[layer], peak)
-        return hook
 
     def on_gradients(self, model: torch.nn.Module) -> None:
         """The step's forward passes are over (a replay measures again and replaces it): keep its maxima."""
-        self._step_max, self._running = self._running, None
+        self._step_max = self.probe.close(self.reader) if self.measuring else None
         if self._step_max is not None and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self._step_max, op=dist.ReduceOp.MAX)  # every rank reaches this hook alike
 
@@ -168,4 +125,4 @@ class QKClip(Stabilizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = state.get("updates", 0)
-        self._running = self._step_max = None
+        self._step_max = None

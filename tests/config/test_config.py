@@ -63,7 +63,8 @@ def test_unknown_key_added_with_plus_is_caught_by_validation(tmp_path):
 
 def test_unknown_group_option_lists_the_valid_ones(tmp_path):
     check_error(["model=llama_7b"], "model=llama_7b: 'llama_7b' is not an option of the model group; options: "
-                "llama_130m, llama_1b, llama_350m, llama_60m, tiny_10m, tiny_1m", tmp_path=tmp_path)
+                "llama_130m, llama_1b, llama_350m, llama_60m, proxy_100k, proxy_1m, proxy_300k, tiny_10m, tiny_1m",
+                tmp_path=tmp_path)
     # In a list, the wrong option is named, with every option of the group.
     check_error(["stabilizer=[zloss,foo]"], "stabilizer=[zloss,foo]: 'foo' is not an option of the stabilizer "
                 "group; options: emb_grad_shrink, norm_growth_limiter, orthograd, qk_clip, qk_norm, quant4, "
@@ -151,9 +152,11 @@ def test_every_sweep_file_loads_and_its_shared_overrides_compose(name, tmp_path)
 
     sweep, extra, _ = load_sweep([f"compare={name}"], CONFIG_DIR)
     assert sweep.name == name and sweep.arms and extra == []
+    sizes = [[f"model={m}"] for m in sweep.models] or [[]]  # a study across sizes composes at each of them
     for arm in sweep.arms:
-        cfg = compose_config([*sweep.overrides, f"arm={arm}"], run_dir=tmp_path)
-        assert cfg.name == arm
+        for size in sizes:
+            cfg = compose_config([*sweep.overrides, *size, f"arm={arm}"], run_dir=tmp_path)
+            assert cfg.name == arm
 
 
 def test_unknown_sweep_or_arm_is_refused_with_the_options():

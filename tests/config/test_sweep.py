@@ -20,14 +20,18 @@ def problems(*args):
 def test_every_sweep_file_loads_with_a_grid_for_every_arm(name):
     sweep, _, arm_files = load_sweep([f"compare={name}"], CONFIG_DIR)
     assert sweep.baseline in sweep.arms
-    for arm in sweep.arms:
-        grid, _ = sweep.grid_of(arm, arm_files[arm])
-        assert len(grid) >= 3, (name, arm)
-    assert len(sweep.judged_seeds) >= 2 and len(sweep.budget_fractions) >= 3
-    assert not set(sweep.seeds) & set(sweep.confirm_seeds)
     # a study's budget runs keep the schedule's shape: the warm-up is a share of each run, not a number of steps
     assert any(o.startswith("schedule.warmup_fraction=") for o in sweep.overrides)
     assert not any(o.startswith("schedule.warmup_steps=") for o in sweep.overrides)
+    assert not set(sweep.seeds) & set(sweep.confirm_seeds)
+    grids = {arm: sweep.grid_of(arm, arm_files[arm])[0] for arm in sweep.arms}
+    if sweep.models:  # a study across sizes (the proxy study): the LR sweep spans 1e-3 to 3e-1 in half decades, the
+        # arms outside it run at its two highest LRs; one seed and no budget runs, which its report says
+        assert len(sweep.models) >= 3 and grids[sweep.baseline] == [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
+        assert all(grid == grids[sweep.baseline] or grid == [0.1, 0.3] for grid in grids.values())
+        return
+    assert all(len(grid) >= 3 for grid in grids.values()), name
+    assert len(sweep.judged_seeds) >= 2 and len(sweep.budget_fractions) >= 3
 
 
 def test_every_arm_file_has_an_lr_grid():
@@ -50,9 +54,21 @@ def test_every_arm_file_has_an_lr_grid():
     (["compare.parallel=0"], "compare.parallel=0 must be >= 1"),
     (["compare.seeds=abc"], "compare.seeds=abc: "),
     (["compare.nope=1"], "compare.nope=1: "),
+    (["compare.models=[proxy_1m,proxy_10m]"], "compare.models has 'proxy_10m', which is not in configs/model/ (did you "
+                                              "mean 'proxy_1m'?)"),
+    (["compare.models=[proxy_1m,proxy_1m]"], "compare.models=['proxy_1m', 'proxy_1m'] repeats a size"),
+    (["compare.models=[proxy_1m]"], "model=tiny_1m chooses one model but compare.models=['proxy_1m'] runs the study "
+                                    "at each of those sizes"),
 ])
 def test_bad_sweep_input_names_the_key_the_value_and_the_fix(args, expected):
     assert expected in problems(*args)
+
+
+def test_a_study_across_sizes_refuses_a_model_override():
+    with pytest.raises(ConfigError) as err:
+        load_sweep(["compare=proxies_cpu", "model=tiny_10m"], CONFIG_DIR)
+    assert ("model=tiny_10m chooses one model but compare.models=['proxy_100k', 'proxy_300k', 'proxy_1m']"
+            in str(err.value))
 
 
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):

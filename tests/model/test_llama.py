@@ -40,6 +40,12 @@ def test_tied_embeddings_share_one_tensor_and_count_once():
     assert untied.num_params() - tied.num_params() == 97 * 32
 
 
+def test_non_embedding_params_leave_out_the_embedding_and_the_head_tied_or_not():
+    blocks = 2 * (4 * 32 * 32 + 3 * 32 * 48 + 2 * 32) + 32  # attention, MLP and two norms per block; the final norm
+    tied = Llama(LlamaConfig(**{**SMALL.__dict__, "tie_embeddings": True}))
+    assert Llama(SMALL).non_embedding_params() == tied.non_embedding_params() == blocks
+
+
 def test_init_std_is_002_and_norms_are_one():
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=4096, dim=256, intermediate_size=512, n_layers=1, n_heads=4))

@@ -58,6 +58,16 @@ def rewind(run, to_step: int) -> None:
     (run / "summary.json").unlink()
 
 
+INDICATORS = ("stab/attn_logit_max", "stab/output_log_z", "stab/output_logit_max")
+
+
+def indicators(run) -> dict:
+    """{step: the logits' indicators} of the logged steps (the last row per step): maxima over the ranks' shares of
+    the batch, and log Z averaged over them, equal to the one process's over the whole batch."""
+    return {row["step"]: tuple(row[k] for k in INDICATORS) for row in read_jsonl(run / "metrics.jsonl")
+            if INDICATORS[0] in row}
+
+
 def assert_close(got: dict, want: dict, rtol: float = RTOL, steps=None) -> None:
     for kind in ("train", "val"):
         keys = sorted(want[kind]) if steps is None else [s for s in sorted(want[kind]) if s in steps]
@@ -79,7 +89,7 @@ class SingleRuns(dict):
 
         run = self.tmp_path_factory.mktemp(f"single-{optimizer}")
         train(compose_config([*TINY, *STEPS, *OPTIMIZERS[optimizer]], run_dir=run))
-        self[optimizer] = losses(run)
+        self[optimizer] = {**losses(run), "indicators": indicators(run)}
         return self[optimizer]
 
 
@@ -109,6 +119,10 @@ def test_two_ranks_follow_the_single_process_curve(single_runs, tmp_path, optimi
     got = losses(run)
     assert len(got["train"]) == N
     assert_close(got, single_runs[optimizer])
+    want = single_runs[optimizer]["indicators"]
+    assert sorted(indicators(run)) == sorted(want) == list(range(1, N + 1))
+    for step, values in indicators(run).items():
+        assert values == pytest.approx(want[step], rel=RTOL), step
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == N
     name = {"ddp": "ddp", "fsdp2": "fsdp2"}.get(engine, "deepspeed")

@@ -12,7 +12,7 @@ from llmstable.config import ConfigError
 from llmstable.model import Llama, LlamaConfig
 from llmstable.model.llama import apply_rope
 from llmstable.stabilizers import QKClip, max_attention_logits, qk_clip_scales
-from llmstable.stabilizers import qk_clip as qk_clip_module
+from llmstable import indicators as indicators_module
 
 
 def reference_max_logits(model, idx):
@@ -57,7 +57,7 @@ def measure(model, hook, idx):
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 def test_the_measured_maximum_equals_the_explicit_reference(n_kv_heads, monkeypatch):
-    monkeypatch.setattr(qk_clip_module, "CHUNK_LOGITS", 1)  # one sequence at a time: the chunking is exercised
+    monkeypatch.setattr(indicators_module, "CHUNK_LOGITS", 1)  # one sequence at a time: the chunking is exercised
     model, hook = tiny(n_kv_heads), QKClip(tau=1.0)
     model = hook.transform_model(model)
     idx = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))

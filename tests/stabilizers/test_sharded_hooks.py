@@ -114,7 +114,7 @@ def qk_clip_over_ranks(rank: int, mesh) -> float:
         with torch.no_grad():
             model(batch)
         if kind == "one_process":  # no collective: every rank computes the whole batch alone
-            hook._step_max, hook._running = hook._running, None
+            hook._step_max = hook.probe.close(hook.reader)
         else:
             hook.on_gradients(model)
         hook.on_update(model)
