@@ -118,15 +118,6 @@ def _unknown_key(key: str, valid: set[str]) -> str:
     return f"unknown config key {key!r}{hint}; valid keys here: {', '.join(siblings)}"
 
 
-def one_budget(overrides: list[str]) -> list[str]:
-    """A run is `train.budget_tokens` (the default) or `train.max_steps` long: an override of max_steps alone
-    means that one, so the default budget is dropped (setting both is still an error, naming both)."""
-    keys = {o.lstrip("+").split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith("~")}
-    if keys.get("train.max_steps", "null") not in ("null", "None", "~") and "train.budget_tokens" not in keys:
-        return [*overrides, "train.budget_tokens=null"]
-    return overrides
-
-
 def compose_config(overrides: list[str], run_dir: str | Path | None = None) -> TrainConfig:
     """The typed config `llmstable train OVERRIDES` would run, composed with Hydra's compose API (for tests,
     notebooks and scripts). run_dir, if given, overrides the config's. Raises one ConfigError listing every
@@ -135,7 +126,7 @@ def compose_config(overrides: list[str], run_dir: str | Path | None = None) -> T
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    problems, kept = check_overrides(one_budget(overrides))
+    problems, kept = check_overrides(overrides)
     register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

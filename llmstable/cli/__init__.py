@@ -1,6 +1,6 @@
 """The `llmstable` command (also `python -m llmstable.cli`, for launchers that start a module).
 
-    llmstable train [overrides]                e.g. llmstable train model=tiny_10m train.max_steps=500
+    llmstable train [overrides]                e.g. llmstable train model=tiny_10m train.budget_tokens=5000000
     llmstable train [overrides] --cfg job      print the composed config (--config-name llmstable_schema: every key)
     llmstable prepare out=DIR [data overrides] e.g. llmstable prepare data=c4 out=prepared/c4
     torchrun --nproc_per_node 2 -m llmstable.cli train distributed=fsdp2 run_dir=runs/x [overrides]

@@ -158,9 +158,9 @@ def sweep_command(args: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from llmstable.compose import CONFIG_DIR, check_overrides, one_budget, register_resolvers
+    from llmstable.compose import CONFIG_DIR, check_overrides, register_resolvers
 
-    problems, overrides = check_overrides(one_budget(args))  # (schema keys become ++key=value: llmstable.compose)
+    problems, overrides = check_overrides(args)  # (schema keys become ++key=value, see llmstable.compose)
     if problems:
         raise ConfigError(problems)
     register_resolvers()
