@@ -203,6 +203,8 @@ CASES = [
     Case("min_lr_ratio_inf", ("schedule.min_lr_ratio=inf",), 2, ("schedule.min_lr_ratio=inf",), group="config"),
     Case("eps_overflow", ("optimizer.eps=1e999",), 2, ("optimizer.eps=inf",), group="config"),
     Case("fault_scale_inf", ("fault.loss_scale=inf",), 2, ("fault.loss_scale=inf",), group="config"),
+    Case("sweep_with_cfg", ("train", "-m", "optimizer.lr=0.001,0.002", "--cfg", "job"), 2,
+         ("--cfg prints one run's composition", "drop -m")),
     Case("max_steps_float", ("train.max_steps=1.5",), 2, ("train.max_steps=1.5 must be a whole number",),
          group="config"),
     # --- generate arguments: checked before the model loads, every problem at once ------------------------------

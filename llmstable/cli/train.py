@@ -33,7 +33,6 @@ from pathlib import Path
 import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Face import)
 from llmstable.config import ConfigError
 from llmstable.errors import UsageError, run_command
-from llmstable.parallel.world import launched_world_size
 
 SCHEMA = "llmstable_schema"
 
@@ -45,11 +44,16 @@ def train_command(args: list[str]) -> int:
 
 def _train(args: list[str]) -> int:
     if any(a in ("-m", "--multirun") for a in args):
+        shown = [a for a in args if a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i")]
+        if shown:
+            raise UsageError(f"{shown[0]} prints one run's composition and -m starts a sweep: drop -m (with one "
+                             "value per key) to see a run's config, or drop the flag to run the sweep")
         return sweep_command(args)
     show, overrides = print_flags(args)
     if show == SCHEMA:
         return print_schema()
     from llmstable.compose import compose_config
+    from llmstable.parallel.world import launched_world_size  # here: torch loads only for a run
 
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
     if run_dir is None and launched_world_size() > 1 and show is None:
