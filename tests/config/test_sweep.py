@@ -55,6 +55,7 @@ def test_bad_sweep_input_names_the_key_the_value_and_the_fix(args, expected):
     assert expected in problems(*args)
 
 
+@pytest.mark.subprocess
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "llmstable.cli", "compare", "compare=quick_cpu",
                              "compare.arms=[adamw,nope]", "compare.budget_fractions=[-1]",
