@@ -8,12 +8,13 @@ line, never from a list of lines, so an example is covered as soon as it is writ
 - `llmstable train ...`, and `train` after a launcher (`torchrun ... -m llmstable.cli train ...`, `deepspeed
   --module llmstable.cli train ...`): run with `--cfg job` appended, so the config is composed and validated
   (every key, option and combination) and nothing trains; a launcher's GPUs and processes are not needed for that.
-- `llmstable prepare ...`: run for real on the scratch corpus, unless it needs the network (`data=c4`, a Hub source
+- `llmstable prepare ...`: run for real (see below) on the scratch corpus, unless it needs the network (`data=c4`, a Hub source
   or a Hub tokenizer: see NETWORK); then its overrides are composed by `llmstable train ... --cfg job`.
 - `llmstable compare ...`: a study trains for minutes to hours, so the line is checked as the command checks it
   before its first run, in this process: the sweep is loaded and validated (every `compare.*` key, arm and grid),
   tuned values are rendered, and every arm's training config is composed with the line's overrides.
-- any other command (`export`, `generate`, `spikes`, `report`, `verify`, ...): run for real.
+- any other command (`export`, `generate`, `spikes`, `report`, `verify`, ...): run for real; these are marked
+  `long` (they load a model or tokenize a corpus, after the tiny run is trained), so `make test-all` runs them.
 - A synopsis (a help line) is made concrete: brackets around a flag or a key=value keep their content, brackets
   around words (`[overrides]`) are dropped, and upper-case placeholders become scratch paths (PLACEHOLDERS).
 - A line shown as `$ command` followed by its output must give that output: exit code 2 when it starts with
@@ -283,8 +284,11 @@ def runner(request, scratch, tmp_path_factory):
 
 
 def marks(ex: Example) -> list:
+    """A composition costs a process start (about 3 s); a command run for real loads a model or tokenizes a corpus,
+    after the trained run is made (about 15 s): those are `long`, and `make test` runs their own tests
+    (test_cli, test_export, test_generate, report/, data/)."""
     return {"make": [], "compare": [], "compose": [pytest.mark.subprocess],
-            "run": [pytest.mark.subprocess, pytest.mark.trains]}[ex.kind]  # (runs/mine is trained for them)
+            "run": [pytest.mark.subprocess, pytest.mark.trains, pytest.mark.long]}[ex.kind]
 
 
 @pytest.mark.parametrize("ex", [pytest.param(ex, id=ex.id, marks=marks(ex)) for ex in EXAMPLES])
@@ -372,7 +376,10 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip("# ").lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+PAGES = ["README.md", "docs/benchmarks.md", "docs/optimizers.md"]
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_every_relative_link_and_anchor_resolves(page):
     text = (REPO / page).read_text()
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
@@ -386,8 +393,9 @@ def test_every_relative_link_and_anchor_resolves(page):
             assert fragment in headings, f"{page} links to {target}: no such heading in {file.name}"
 
 
-def test_prose_and_code_lines_fit_in_120_columns():
+@pytest.mark.parametrize("page", PAGES)
+def test_prose_and_code_lines_fit_in_120_columns(page):
     """Tables excepted: a Markdown table row cannot wrap."""
-    long = [(n, len(line)) for n, line in enumerate(README.read_text().splitlines(), 1)
+    long = [(n, len(line)) for n, line in enumerate((REPO / page).read_text().splitlines(), 1)
             if len(line) > 120 and not line.startswith("|")]
-    assert not long, f"README lines over 120 columns (line, width): {long}"
+    assert not long, f"{page}: lines over 120 columns (line, width): {long}"
