@@ -66,9 +66,10 @@ def jsonl_corpus(tmp_path):
 # --- What a test does, declared ---------------------------------------------------------------------------------
 # `make test-fast` runs no training and starts no process: it leaves out the markers `trains` (the test runs
 # llmstable's training loop in its own process) and `subprocess` (it starts a process: a command, a launcher, a
-# 2-rank job, Chromium, the worker pool of a corpus preparation), besides `slow`, `long` and `gpu`. The doors every
-# such test goes through are watched while a test runs, its fixtures included; a test that passes one without the
-# marker that declares it fails, in every selection, naming the marker. (GPU tests are opt-in and exempt.)
+# 2-rank job, Chromium, inductor's compiler, the worker pool of a corpus preparation), besides `slow`, `long` and
+# `gpu`. The doors every such test goes through are watched while a test runs, its fixtures included; a test that
+# passes one without the marker that declares it fails, in every selection, naming the marker. (GPU tests are
+# opt-in and exempt.)
 
 TRAINS = "ran a training step (llmstable.step.TrainStep)"
 PREPARES = ("built a corpus through token-shard preparation (llmstable.data.prepare), which starts worker processes "

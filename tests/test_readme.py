@@ -8,8 +8,8 @@ line, never from a list of lines, so an example is covered as soon as it is writ
 - `llmstable train ...`, and `train` after a launcher (`torchrun ... -m llmstable.cli train ...`, `deepspeed
   --module llmstable.cli train ...`): run with `--cfg job` appended, so the config is composed and validated
   (every key, option and combination) and nothing trains; a launcher's GPUs and processes are not needed for that.
-- `llmstable prepare ...`: run for real (see below) on the scratch corpus, unless it needs the network (`data=c4`, a Hub source
-  or a Hub tokenizer: see NETWORK); then its overrides are composed by `llmstable train ... --cfg job`.
+- `llmstable prepare ...`: run for real (see below) on the scratch corpus, unless it needs the network (`data=c4`,
+  a Hub source or a Hub tokenizer: see NETWORK); then its overrides are composed by `llmstable train ... --cfg job`.
 - `llmstable compare ...`: a study trains for minutes to hours, so the line is checked as the command checks it
   before its first run, in this process: the sweep is loaded and validated (every `compare.*` key, arm and grid),
   tuned values are rendered, and every arm's training config is composed with the line's overrides.
