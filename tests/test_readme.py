@@ -23,7 +23,8 @@ line, never from a list of lines, so an example is covered as soon as it is writ
   Any other line must exit 0. No line may print a traceback.
 
 The rest of the file checks the README against the tree: the config-groups table against `configs/`, the Layout
-block against `llmstable/`, every relative link and anchor, and the width of its lines.
+block against `llmstable/`; and, in the README and the docs/ pages it links, every relative link and anchor, every
+path named, and the width of the lines.
 """
 
 from __future__ import annotations
@@ -399,3 +400,10 @@ def test_prose_and_code_lines_fit_in_120_columns(page):
     long = [(n, len(line)) for n, line in enumerate((REPO / page).read_text().splitlines(), 1)
             if len(line) > 120 and not line.startswith("|")]
     assert not long, f"{page}: lines over 120 columns (line, width): {long}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_path_the_pages_name_exists(page):
+    named = re.findall(r"`((?:llmstable|tests|scripts|docs|configs|docker)/[\w./*-]*)`", (REPO / page).read_text())
+    missing = sorted({path for path in named if not list(REPO.glob(path.rstrip("/")))})
+    assert not missing, f"{page} names paths that do not exist: {missing}"
