@@ -82,11 +82,14 @@ UNDECLARED = pytest.StashKey[str]()
 class _Watch:
     item: pytest.Item | None = None  # the test running now, fixtures included
     preparing = 0  # inside a preparation, whose worker processes it declares
+    pid = os.getpid()  # pytest's own process: a forked child (a worker) is the test's business, not the guard's
 
 
 def _undeclared(what: str) -> None:
     item = _Watch.item
-    if item is None or (what == STARTS and _Watch.preparing) or item.get_closest_marker("gpu"):
+    if item is None or os.getpid() != _Watch.pid or (what == STARTS and _Watch.preparing):
+        return
+    if item.get_closest_marker("gpu"):
         return
     markers = DECLARED_BY[what]
     if not any(item.get_closest_marker(m) for m in markers):
