@@ -19,6 +19,8 @@ from llmstable.metrics import read_jsonl
 from llmstable.loss_plot import final_curve
 from llmstable.statistics import t975
 
+pytestmark = pytest.mark.subprocess  # (every study runs `llmstable compare`)
+
 PNG = b"\x89PNG\r\n\x1a\n"
 # AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; the LRs chosen on seed 0, each
 # arm then judged at its LR on seeds 1 and 2; AdamW at its chosen LR also at 2 and 3 of the 6 steps on seeds 1 and 2:

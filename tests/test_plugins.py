@@ -27,6 +27,7 @@ def registries():
         live.update(old)
 
 
+@pytest.mark.trains
 def test_a_toy_optimizer_is_its_schema_and_builder(registries, tiny_config, tmp_path):
     @register("toy_sgd")
     @dataclasses.dataclass
@@ -61,6 +62,7 @@ class ToyEngine(Engine):
     """One process, like `single`, declared as an engine that cannot be compiled."""
 
 
+@pytest.mark.trains
 def test_a_toy_engine_is_its_class_and_traits(registries, tiny_config, tmp_path):
     ToyEngine.traits = register_engine(EngineTraits("toy_local", "tests.test_plugins:ToyEngine", "a toy",
                                                     can_compile=False, process_group=False))
@@ -81,6 +83,7 @@ def toy_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch
     return scale * torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+@pytest.mark.trains
 def test_a_toy_loss_is_its_schema_and_function(registries, tiny_config, tmp_path):
     @register_loss("toy_scaled")
     @dataclasses.dataclass

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m llmstable.cli train distributed=fsdp2 run_dir=runs/x [overrides]
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite] [--trust-checkpoint]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100] [--trust-checkpoint]
-    llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
+    llmstable compare compare=quick_cpu [compare.confirm_seeds=[4,5]] [train overrides]
     llmstable report SWEEP_DIR
     llmstable spikes RUN_DIR                   the run's spikes: step, metric, value, threshold, action, layer, skipped
     llmstable verify PATH                      hash every file of a prepared corpus, a checkpoint or a run's checkpoints

@@ -76,6 +76,7 @@ def test_the_deepspeed_json_comes_from_the_config_and_takes_user_keys(tiny_confi
         deepspeed_config(cfg, world_size=2)
 
 
+@pytest.mark.subprocess
 def test_deepspeed_on_cpu_does_not_build_its_inference_only_shared_memory_op(monkeypatch):
     """The switch `skip_inference_comm_op` flips is the one DeepSpeed's comm backend reads before compiling the op;
     its builder would be called (and compile for about a minute) if it were not."""
