@@ -230,19 +230,17 @@ class Trainer:
 
     def log_metrics(self, lr: float, grad_norm: float, indicators: dict) -> dict:
         """One row of metrics.jsonl for the steps since the last row; returns the progress bar's fields."""
-        row = self.meter.row(self.step, self.tokens, lr, grad_norm, {**indicators, **self.plugin_metrics()})
+        extra = dict(indicators)  # then the stabilizers', the optimizer's if it reports any, the spike counters
+        for stabilizer in self.stabilizers:
+            extra.update(stabilizer.metrics())
+        extra.update(self.engine.optimizer_metrics())
+        extra.update(self.rollback.metrics())
+        row = self.meter.row(self.step, self.tokens, lr, grad_norm, extra)
         self.log.metrics(row)
         fields = {"loss": f"{row['train/loss']:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{row['perf/tokens_per_sec']:,.0f}"}
         if self.rollback.ledger.spikes:
             fields.update(spikes=self.rollback.ledger.spikes, rollbacks=self.rollback.ledger.rollbacks)
         return fields
-
-    def plugin_metrics(self) -> dict[str, float]:
-        """Metrics of the stabilizers, of the optimizer if it reports any, and the spike counters."""
-        out: dict[str, float] = {}
-        for stabilizer in self.stabilizers:
-            out.update(stabilizer.metrics())
-        return {**out, **self.engine.optimizer_metrics(), **self.rollback.metrics()}
 
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
@@ -309,15 +307,10 @@ class Trainer:
             self.log.event(event.pop("event"), self.step, **event)
         log_stabilizer_events(self.log, self.stabilizers)  # warnings, SDC suspects
         if action is not None:  # a skipped update
-            self.log_spikes(self.step, self.tokens, action)
+            log_spikes(self.log, self.step, self.tokens, action)
             self.log.event("skip_step", self.step, tokens=self.tokens)
         for step in self.rollback.step_done(self.step, skipped=action is not None):
             self.run.mark_good(step)
-
-    def log_spikes(self, step: int, tokens: int, action) -> None:
-        for d in action.detections:
-            self.log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold,
-                           rule=d.rule, **d.details)  # details: the layer it came from (llmstable.stabilizers.localize)
 
     def recover(self, action, loss: float, grad_norm: float) -> None:
         """Carry out the rollback policy's plan: restore the last good checkpoint, skip the data since, maybe cut
@@ -328,7 +321,7 @@ class Trainer:
         if good is not None:  # (rank 0 reads the checkpoint's step and data position; every rank gets them)
             target = Target(good, *self.world.broadcast(self.run.step_and_ordinal(good) if self.world.is_main else None))
         plan = self.rollback.plan(action, self.data.train.ordinal, target)
-        self.log_spikes(spike_step, spike_tokens, action)
+        log_spikes(self.log, spike_step, spike_tokens, action)
         ledger = self.rollback.ledger
         if plan.kind == "abort":
             self.log.event("abort", spike_step, rollbacks=ledger.rollbacks, checkpoint=str(good))
@@ -443,3 +436,8 @@ class Trainer:
         return summary
 
 
+def log_spikes(log: RunLog, step: int, tokens: int, action) -> None:
+    """A `spike` event per detection of the step's action."""
+    for d in action.detections:
+        log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold, rule=d.rule,
+                  **d.details)  # details: the layer it came from (llmstable.stabilizers.localize)

@@ -23,16 +23,18 @@ Checkpoint formats (`meta["format"]` in state.json):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llmstable.checkpoint import CheckpointError
-from llmstable.tensorfiles import load_weights_only
 from llmstable.config.engines import ENGINES, EngineTraits
 from llmstable.optimizers.counting import extra_state, extra_state_key, load_extra_state
 from llmstable.parallel.world import World
+from llmstable.tensorfiles import load_weights_only
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: FSDP2 keeps the parameters' own dtype
 
@@ -306,7 +308,7 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     saved_keys = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
     if optimizer is None or not any(k.startswith("optim.") for k in saved_keys):  # (saved before any step)
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(source))
+        _read_dcp(state, source)
         set_model_state_dict(model, state["model"])
         return
     counters = extra_state(optimizer)
@@ -314,10 +316,21 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     state = {"model": model_state, "optim": optim_state}
     if counters is not None:
         state["optim_counters"] = counters
-    dcp.load(state, checkpoint_id=str(source))
+    _read_dcp(state, source)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if counters is not None:
         load_extra_state(optimizer, state["optim_counters"])  # (and the initialising step's events dropped)
+
+
+def _read_dcp(state: dict, source: Path) -> None:
+    """dcp.load into state; in one process (export, generate, a resume on one rank) without torch's warning that it
+    assumes one process: that is the intent."""
+    import torch.distributed.checkpoint as dcp
+
+    one_process = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(source), no_dist=one_process)
 
 
 def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
