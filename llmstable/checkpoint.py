@@ -4,7 +4,7 @@ Layout of `RUN_DIR/checkpoints/step_00000100/`:
 - the model and optimizer, in the engine's format (llmstable.parallel.engines): `model.safetensors` and
   `optimizer.pt` (one process, DDP; loaded with `weights_only=True`), `dcp/` (FSDP2: sharded by
   torch.distributed.checkpoint) or `deepspeed/` (DeepSpeed ZeRO);
-- `rng.pt`: every RNG state, torch (CPU and CUDA), python and numpy (llmstable.runtime.rng_state; loaded with
+- `rng.pt`: every RNG state, torch (CPU and CUDA), python and numpy (llmstable.rng.rng_state; loaded with
   `weights_only=True`);
 - `state.json`: step and token counters, the data loader's position, and whatever else the trainer needs to
   continue;
@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ from typing import Any
 import torch
 
 from llmstable import trust
-from llmstable.runtime import rng_state, set_rng_state
+from llmstable.config.engines import checkpoint_format
+from llmstable.rng import rng_state, set_rng_state
 from llmstable.tensorfiles import describe_misfit, fit_problems, load_weights_only, read_safetensors
 
 MANIFEST = "manifest.json"
@@ -48,8 +48,7 @@ GOOD = "GOOD"
 PREFIX = "step_"
 UNLISTED = (MANIFEST, GOOD, f".{GOOD}.tmp")  # written after the manifest
 # The files a loader reads, per format (besides state.json, config.yaml and rng.pt, which every format has).
-FORMAT_FILES = {"safetensors": ("model.safetensors", "optimizer.pt"), "dcp": ("dcp/.metadata",),
-                "deepspeed": ("deepspeed/",)}
+# The files a loader reads, per format: what each engine declares (llmstable.config.engines: checkpoint_files).
 
 
 class CheckpointError(RuntimeError):
@@ -244,31 +243,11 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-_verified: dict[tuple, tuple[str | None, float]] = {}  # verify()'s answers by the file stats, and when (below)
-VERIFIED_FOR_S = 300.0
-
-
 def verify(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong, naming the file: the manifest lists
     every file present and every file a loader reads, each listed file matches its size and SHA-256, and
-    state.json is a JSON object with the step and a known format. The answer is remembered for a few minutes
-    (VERIFIED_FOR_S) while no file in the checkpoint changes its size or modification time, so the checks before a
-    run starts and the load that follows hash a large checkpoint once; a rollback hours later hashes it again."""
-    try:
-        stats = [(str(p), p.stat()) for p in sorted(path.rglob("*")) if p.is_file()]
-        key = (str(path.resolve()), tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
-    except OSError:
-        key = None
-    now = time.monotonic()
-    if key is not None and key in _verified and now - _verified[key][1] < VERIFIED_FOR_S:
-        return _verified[key][0]
-    answer = _verify(path)
-    if key is not None:
-        _verified[key] = (answer, now)
-    return answer
-
-
-def _verify(path: Path) -> str | None:
+    state.json is a JSON object with the step and a known format. (It reads every byte: a run's start does it once,
+    when it chooses the checkpoint, and its load then trusts that choice: llmstable.resume.Claim.)"""
     try:
         manifest = read_manifest(path)
         files = manifest["files"]
@@ -279,9 +258,10 @@ def _verify(path: Path) -> str | None:
         return (f"{path / MANIFEST} says step {manifest.get('step')!r} but {path / 'state.json'} holds step "
                 f"{state['step']}: the checkpoint was changed after it was written")
     fmt = state_format(state)
-    if fmt not in FORMAT_FILES:
+    writer = checkpoint_format(fmt)
+    if writer is None:
         return f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}"
-    for required in FORMAT_FILES[fmt]:
+    for required in writer.checkpoint_files:
         if not any(n == required or (required.endswith("/") and n.startswith(required)) for n in files):
             return f"{path / required} is not in {MANIFEST}: the {fmt} checkpoint is incomplete"
     return None
@@ -319,7 +299,8 @@ def check_trusted(path: Path, trusted: bool, opt_in: str) -> None:
     """Refuse a checkpoint in a pickle-bearing format (DCP, DeepSpeed) that was not written under this account,
     unless the user trusts it (see llmstable.trust)."""
     fmt = state_format(read_state(path))
-    if fmt in trust.PICKLE_FORMATS and not trusted and not trust.signed_here(read_manifest(path)):
+    writer = checkpoint_format(fmt)
+    if writer is not None and writer.pickled_checkpoint and not trusted and not trust.signed_here(read_manifest(path)):
         raise CheckpointError(trust.untrusted_message(path, fmt, opt_in))
 
 
@@ -390,14 +371,6 @@ def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"{what} does not fit this model: {describe_misfit(wrong)}. Build the model it was made "
                               "for (model=..., model.vocab_size, the same tokenizer), or start from another file")
     model.load_state_dict(weights, strict=False)
-
-
-def fingerprint(tensors) -> str:
-    """A short hash of tensors' bytes: to check that arms really start alike."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from llmstable import checkpoint as ckpt
-from llmstable.runtime import rng_state
+from llmstable.rng import rng_state
 from llmstable.snapshot import Snapshot, nbytes
 
 

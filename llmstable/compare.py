@@ -97,7 +97,7 @@ def launch(sweep: SweepConfig, train_overrides: list[str], root: Path, arms: lis
     (`tags`: its values), so a rerun finds, skips or resumes its runs. Nothing is launched when every run has its
     summary: a diverged run would otherwise resume from its last checkpoint and diverge again."""
     from llmstable.progress import Progress
-    from llmstable.train import train_command
+    from llmstable.cli.train import train_command
 
     seeds = list(sweep.seeds if seeds is None else seeds)
     todo = [run for _, _, run in unfinished(root, arms, lrs, seeds, list(tags))]
@@ -148,7 +148,7 @@ def render_tuned(sweep: SweepConfig, train_overrides: list[str], root: Path,
     run later; returns arm -> (key, the values as the run's config holds them: `1` for a float key is `1.0`)."""
     from llmstable.compose import compose_config
     from llmstable.config import to_dict
-    from llmstable.resume import flatten
+    from llmstable.config import flatten
 
     out = {}
     for arm in sweep.arms:

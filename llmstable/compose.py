@@ -38,6 +38,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("llmstable_or", lambda value, default: value if value is not None else default)
 
 
+# Hydra's flags that take the next argument as their value (`hydra --help`); `--info` takes one optionally and is
+# written `--info=WHAT` here.
+HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                               "--package", "-p", "--experimental-rerun"})
+
+
 def check_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(problems, the overrides Hydra may compose). Each problem names its override: one that does not parse, a
     group option that does not exist (with the group's options), a key the schema does not know (with the valid
@@ -48,9 +54,11 @@ def check_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     valid = set(schema_keys(TrainConfig))
     prefixes = {k.rsplit(".", 1)[0] for k in valid if "." in k} | set(GROUPS)
     problems, kept = [], []
+    flag_value = False  # the item is the value of the Hydra flag before it (`--cfg job`, `-cn NAME`)
     for item in overrides:
-        if item.startswith(("-", "hydra.", "hydra/")):
+        if flag_value or item.startswith(("-", "hydra.", "hydra/")):
             kept.append(item)
+            flag_value = item in HYDRA_VALUE_FLAGS and not flag_value
             continue
         try:
             override = parser.parse_override(item)

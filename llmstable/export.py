@@ -149,8 +149,8 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, tr
         hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(checkpoint.resolve())}) + "\n")
-        if cfg.loss.name != "cross_entropy":
-            (tmp / LOGITS_NOTE).write_text(logits_note(cfg.loss.name))
+        if cfg.loss.replaces_cross_entropy:
+            (tmp / LOGITS_NOTE).write_text(cfg.loss.export_note())
         if out_dir.exists():  # an earlier export (checked above), or an empty folder
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.rename(out_dir, old)
@@ -163,18 +163,3 @@ def export_hf(path: str | Path, out_dir: str | Path, overwrite: bool = False, tr
         raise ExportError(f"could not write the export to {out_dir}: {err}; nothing was replaced") from err
     return out_dir
 
-
-def logits_note(loss: str) -> str:
-    """What the exported logits mean for a run trained with a loss other than the softmax cross-entropy."""
-    from llmstable.stabilizers.losses import LOGITS_MEAN
-
-    if loss == "stablemax":
-        return ("# These logits are StableMax scores\n\n"
-                f"This model was trained with loss=stablemax: {LOGITS_MEAN[loss]}.\n\n"
-                "transformers applies a softmax to them (generate, pipelines, perplexity), which is a different "
-                "distribution: the most likely token is the same (both are increasing in the score, so greedy "
-                "decoding and top-k sets agree), but sampled text and probabilities are not what the model was "
-                "trained for, and a softmax perplexity of this model means little. Sample with `llmstable generate` "
-                "(StableMax), or apply p = s(x) / sum s(x) to the logits yourself.\n")
-    return (f"# These logits were trained with loss={loss}\n\n{LOGITS_MEAN[loss]}. transformers applies a softmax "
-            "to them; the model's softmax cross-entropy is reported in validation as val/softmax_ce.\n")

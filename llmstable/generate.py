@@ -1,5 +1,6 @@
 """Short samples from a trained model, from the distribution it was trained for: the softmax of its logits, or,
-for a StableMax run (`loss=stablemax`), the StableMax distribution s(x) / sum s(x) of the same logits."""
+for a run whose loss defines another distribution (its schema's `samples_from`: StableMax's s(x) / sum s(x) for
+`loss=stablemax`), that distribution of the same logits."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from llmstable.model import Llama
 def sampling_model(engine, cfg, vocab_size: int) -> torch.nn.Module | None:
     """On rank 0, a model to sample from: the trained one where the engine holds it whole, else a whole copy of the
     sharded one (a collective every rank calls); None on other ranks."""
-    if engine.holds_whole_model:
+    if engine.traits.holds_whole_model:
         return engine.model if engine.world.is_main else None
     weights = engine.full_state_dict()
     if weights is None:
@@ -50,14 +51,14 @@ def check_sampling(temperature: float, top_k: int | None, max_new_tokens: int) -
 
 
 def pick(scores: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None,
-         loss: str = "cross_entropy") -> torch.Tensor:
+         sampler: str = "softmax") -> torch.Tensor:
     """The next token ids (B, 1) from the last position's scores (B, V): greedy at temperature <= 0, else a draw
-    from the softmax of scores / T (StableMax's s(x / T) / sum s(x / T) for loss=stablemax) over the top_k (s and
+    from the softmax of scores / T (sampler="stablemax": StableMax's s(x / T) / sum s(x / T)) over the top_k (s and
     exp are both increasing, so the top k are the same set). The same arithmetic as `Llama.generate`."""
     if temperature <= 0:
         return scores.argmax(dim=-1, keepdim=True)
-    if loss == "stablemax":
-        from llmstable.stabilizers.losses import stablemax_probs
+    if sampler == "stablemax":
+        from llmstable.losses import stablemax_probs
 
         probs = stablemax_probs(scores / temperature)
         if top_k is not None:
@@ -74,11 +75,11 @@ def pick(scores: torch.Tensor, temperature: float, top_k: int | None, generator:
 @torch.no_grad()
 def generate_ids(model: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 loss: str = "cross_entropy") -> Iterator[torch.Tensor]:
+                 sampler: str = "softmax") -> Iterator[torch.Tensor]:
     """The sampled ids (B, 1), one step at a time, so that a caller can show them as they come."""
     for _ in range(max_new_tokens):
         scores = model(idx[:, -model.cfg.max_seq_len:])[:, -1, :].float()  # (B, V)
-        next_id = pick(scores, temperature, top_k, generator, loss)
+        next_id = pick(scores, temperature, top_k, generator, sampler)
         idx = torch.cat([idx, next_id], dim=1)
         yield next_id
 
@@ -87,17 +88,17 @@ def stablemax_generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, tem
                        top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Like `Llama.generate`, sampling from StableMax instead of the softmax (see `pick`); temperature <= 0 is
     greedy."""
-    steps = list(generate_ids(model, idx, max_new_tokens, temperature, top_k, generator, loss="stablemax"))
+    steps = list(generate_ids(model, idx, max_new_tokens, temperature, top_k, generator, sampler="stablemax"))
     return torch.cat([idx, *steps], dim=1)
 
 
 def stream_text(model: Llama, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int | None = 50, seed: int = 0, loss: str = "cross_entropy") -> Iterator[str]:
+                top_k: int | None = 50, seed: int = 0, sampler: str = "softmax") -> Iterator[str]:
     """The text of prompt + max_new_tokens sampled tokens, one piece per token as the tokens come (the prompt
     alone when there are none); joined, the pieces are the decoded whole. A piece is held back (an empty one
     comes instead) while the text so far ends in an incomplete character or a space: the next token may still
-    change how those decode. Seeded, so the same model gives the same text. `loss` is the run's loss name: a
-    StableMax run samples from StableMax."""
+    change how those decode. Seeded, so the same model gives the same text. `sampler` is the distribution the run's
+    loss defines (`samples_from` of its schema): a StableMax run samples from StableMax."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
@@ -108,7 +109,7 @@ def stream_text(model: Llama, tokenizer, prompt: str, max_new_tokens: int, tempe
     try:
         if max_new_tokens == 0:
             yield tokenizer.decode(ids, skip_special_tokens=False)
-        for i, next_id in enumerate(generate_ids(model, idx, max_new_tokens, temperature, top_k, generator, loss), 1):
+        for i, next_id in enumerate(generate_ids(model, idx, max_new_tokens, temperature, top_k, generator, sampler), 1):
             ids.append(int(next_id[0, 0]))  # host sync: one token at a time is the point of streaming
             text = tokenizer.decode(ids, skip_special_tokens=False)
             settled = text if i == max_new_tokens else text.rstrip().rstrip("\ufffd")
@@ -128,14 +129,15 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def sample_text(model: Llama, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int | None = 50, seed: int = 0, loss: str = "cross_entropy") -> str:
+                top_k: int | None = 50, seed: int = 0, sampler: str = "softmax") -> str:
     """Decode prompt + max_new_tokens sampled tokens (`stream_text`, joined)."""
-    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed, loss))
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed, sampler))
 
 
 def print_sample(engine, cfg, data, step: int) -> None:
     """The end-of-run sample (train.sample_tokens), printed by rank 0; every rank calls it."""
     model = sampling_model(engine, cfg, data.vocab_size)
     if model is not None:
-        text = sample_text(model, data.tokenizer, "The", cfg.train.sample_tokens, seed=0, loss=cfg.loss.name)
+        text = sample_text(model, data.tokenizer, "The", cfg.train.sample_tokens, seed=0,
+                           sampler=cfg.loss.samples_from)
         print(f"\n--- sample after {step} steps ---\n{text}\n---")

@@ -93,7 +93,7 @@ class StepMeter:
 
     def row(self, step: int, tokens: int, lr: float, grad_norm: float, extra: dict) -> dict[str, Any]:
         """The row for the steps since the last one; starts the next."""
-        from llmstable.runtime import memory_mb
+        from llmstable.device import memory_mb
 
         now = time.perf_counter()
         tokens_per_sec = (tokens - self.since[1]) / max(now - self.since[0], 1e-9)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from llmstable.config import SpikeGuardConfig
+from llmstable.ranges import add_range
+from llmstable.stabilizers.ladder import SpikeLadder
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Rollback:
 
     def __init__(self, cfg: SpikeGuardConfig | None, global_batch_size: int):
         self.cfg, self.global_batch_size = cfg, global_batch_size
+        self.ladder = SpikeLadder(cfg) if cfg is not None else None  # what each rung does (its one owner)
         self.ledger = Ledger()
         self.pending_good: list[int] = []  # checkpoint steps waiting for enough clean steps to become good
 
@@ -88,7 +91,7 @@ class Rollback:
             self.ledger.skipped_steps += 1
             self.pending_good.clear()
             return []
-        ready = [s for s in self.pending_good if step - s >= self.cfg.good_after_steps] if self.guarded else []
+        ready = [s for s in self.pending_good if self.ladder.good(s, step)] if self.guarded else []
         self.pending_good = [s for s in self.pending_good if s not in ready]
         return ready
 
@@ -98,15 +101,14 @@ class Rollback:
         self.ledger.spikes += 1
         if action.kind == "abort" or target is None:
             return Plan("abort", target)
-        margin = self.cfg.margin_steps * self.global_batch_size
-        return Plan("rollback", target, (target.ordinal, consumed_until + margin),
-                    self.cfg.lr_cut_factor if action.lr_cut else 1.0, action.moment_reset)
+        return Plan("rollback", target, self.ladder.skip_range(target.ordinal, consumed_until, self.global_batch_size),
+                    self.ladder.lr_factor(action.lr_cut), action.moment_reset)
 
     def carried_out(self, plan: Plan) -> None:
         """Book a rollback the trainer has carried out (after its restore)."""
         ledger = self.ledger
         start, end = plan.skip
-        ledger.skip_ranges = _add_range(ledger.skip_ranges, start, end)
+        ledger.skip_ranges = add_range(ledger.skip_ranges, start, end)
         ledger.rollbacks += 1
         ledger.skipped_samples += end - start
         if plan.lr_factor != 1.0:
@@ -134,25 +136,13 @@ class Rollback:
         self.pending_good = list(state.get("pending_good", []))
 
 
-def _add_range(ranges: list, start: int, end: int) -> list:
-    from llmstable.data.packing import SkipList
-
-    skip = SkipList(ranges)
-    skip.add(start, end)
-    return skip.ranges
-
-
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2",
-               "momentum_buffer", "m", "v", "v_mean", "vmean")  # Muon; Adam-mini (pytorch-optimizer's, ours)
-
-
-def zero_moments(optimizer: torch.optim.Optimizer) -> int:
-    """Zero every first and second moment the optimizer keeps (torch AdamW, SPAM, Stable-SPAM, bitsandbytes,
-    torchao, Muon, Lion, SOAP, Adam-mini); step counts stay, as SPAM's own resets keep them. Returns the number
-    of tensors zeroed."""
+def zero_moments(optimizer: torch.optim.Optimizer, moment_keys: tuple[str, ...]) -> int:
+    """Zero the moment tensors the optimizer declares (`optimizer.moment_keys` of its config: Adam's first and
+    second moments, Muon's momentum buffer, S3's p-th moment, Adam-mini's block means, ...); step counts stay, as
+    SPAM's own resets keep them. Returns the number of tensors zeroed."""
     count = 0
     for state in optimizer.state.values():
-        for key in MOMENT_KEYS:
+        for key in moment_keys:
             if isinstance(state.get(key), torch.Tensor):
                 state[key].zero_()
                 count += 1

@@ -23,14 +23,15 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from llmstable import checkpoint as ckpt
 from llmstable.checkpointer import Checkpointer
-from llmstable.config import ConfigError, TrainConfig, load_config, to_dict
-from llmstable.runtime import set_rng_state
+from llmstable.config import ConfigError, TrainConfig, flatten, load_config, to_dict
+from llmstable.rng import set_rng_state
 from llmstable.rundir import LOCK, RunLock, check_place, foreign_contents, ownership_problem
 
 log = logging.getLogger("llmstable")
@@ -50,16 +51,6 @@ HARMLESS = (
     "stabilizer.spike_guard", "name",
     "stabilizer.zloss", "distributed.",  # the engine may change: the checkpoint loader says which formats it reads
 )
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -93,16 +84,13 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """The run-directory checks of `RunDirectory.claim` that refuse a run, made before Hydra writes anything into
-    the directory, and its lock, which this process then holds until it exits (rank 0 of a launch)."""
-    from llmstable.parallel.world import World
+@dataclass
+class Claim:
+    """What claiming a run directory decided: the checkpoint to resume from (None: start over), and whether its
+    checksums were read on the way (so the load that follows need not read them again)."""
 
-    run = RunDirectory(cfg, World())
-    run.take()
-    if cfg.resume == "never" and cfg.run_dir_overwrite:
-        return
-    run._choose(dry_run=True)
+    resume_from: Path | None
+    verified: bool = False
 
 
 class RunDirectory:
@@ -118,6 +106,7 @@ class RunDirectory:
                                          ring_size=guard.ring_size if guard is not None else 0)
         self.lock = RunLock(self.path)
         self.foreign: list[str] = []  # what a non-run directory held before this run took it (moved aside)
+        self.verified: set[Path] = set()  # checkpoints whose checksums this process has just read (claim)
 
     @property
     def last_checkpoint_bytes(self) -> int | None:
@@ -137,15 +126,22 @@ class RunDirectory:
         self.foreign = foreign_contents(self.path, ours)
         self.lock.acquire()
 
-    def claim(self) -> Path | None:
-        """The checkpoint to resume from, or None to start over (after moving an earlier run aside). Raises a
-        ConfigError or CheckpointError on every rank when the run must not start."""
+    def claim(self, decided: Claim | None = None) -> Claim:
+        """Take the run directory (checked, locked) and decide what to resume from (moving an earlier run aside to
+        start over); every rank gets rank 0's decision. `decided`: what this process's command already claimed (it
+        holds the lock; the decision is not taken again). Raises a ConfigError or CheckpointError on every rank
+        when the run must not start."""
         outcome: object = None
         if self.world.is_main:
             try:
-                self.take()
-                outcome = self._choose()
-                self.lock.announce()
+                if decided is None:
+                    self.take()
+                    path = self._choose()
+                    decided = Claim(path, verified=path is not None)  # (its checks hashed it)
+                    self.lock.announce()
+                else:
+                    self.lock.acquire()  # (held already: this counts this directory's second holder)
+                outcome = decided
             except (ConfigError, ckpt.CheckpointError) as err:
                 self.lock.release()
                 outcome = err
@@ -155,6 +151,8 @@ class RunDirectory:
         outcome = self.world.broadcast(outcome)
         if isinstance(outcome, Exception):
             raise outcome
+        if outcome.verified and outcome.resume_from is not None:
+            self.verified.add(Path(outcome.resume_from))
         return outcome
 
     def close(self, clean: bool = True) -> None:
@@ -171,10 +169,10 @@ class RunDirectory:
         finally:
             self.lock.release()
 
-    def _choose(self, dry_run: bool = False) -> Path | None:
+    def _choose(self) -> Path | None:
         resume, found = self.cfg.resume, ckpt.list_checkpoints(self.checkpoints)
         for path in found:
-            if (warning := ckpt.misnamed(path)) is not None and not dry_run:
+            if (warning := ckpt.misnamed(path)) is not None:
                 log.warning(warning)
         if resume == "never":
             if found:
@@ -184,7 +182,7 @@ class RunDirectory:
                         f"resume=never, but run_dir={str(self.path)!r} already holds a run (its checkpoints go up to "
                         f"{readable.name}): starting over there would mix two runs. Use a new run_dir, or add "
                         "run_dir_overwrite=true to move the earlier run aside (nothing is deleted)"])
-            if (found or self.foreign) and not dry_run:
+            if found or self.foreign:
                 moved = self.move_aside()
                 log.warning("resume=never: moved the earlier %s in %s aside to %s",
                             "run" if found else "contents", self.path, moved)
@@ -195,8 +193,7 @@ class RunDirectory:
                 found_problem = problem(path)
                 if found_problem is None:
                     return path
-                if not dry_run:
-                    log.warning("skipping unreadable checkpoint %s: %s", path, found_problem)
+                log.warning("skipping unreadable checkpoint %s: %s", path, found_problem)
                 problems.append(f"{path.name}: {found_problem}")
             if problems:
                 raise ckpt.CheckpointError(
@@ -299,7 +296,8 @@ class RunDirectory:
         outcome: object = None
         if self.world.is_main:
             try:
-                found = ckpt.verify(path)
+                found = None if path in self.verified else ckpt.verify(path)  # (the claim just hashed it)
+                self.verified.discard(path)
                 if found is not None:
                     raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {found}")
                 ckpt.check_trusted(path, self.cfg.resume_trust, "resume_trust=true")

@@ -22,7 +22,7 @@ import torch
 class Snapshot:
     step: int
     engine: dict  # the engine's tensors (Engine.snapshot), on CPU
-    rng: dict  # llmstable.runtime.rng_state() at the snapshot
+    rng: dict  # llmstable.rng.rng_state() at the snapshot
     state_json: str  # the trainer's state_dict(), as state.json will hold it
     config_yaml: str
     nbytes: int = 0  # the tensors' size in memory

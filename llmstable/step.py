@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from llmstable import checkpoint as ckpt
+from llmstable.fingerprint import fingerprint
 from llmstable.compiled import is_compile_error
 from llmstable.config import TrainConfig
-from llmstable.evaluate import training_loss
+from llmstable.losses import training_loss
 from llmstable.faults import FaultInjector
 from llmstable.indicators import LogitIndicators, UpdateNorm
-from llmstable.parallel import Engine
-from llmstable.runtime import autocast_for, rng_state, set_rng_state
+from llmstable.parallel.engines import Engine
+from llmstable.device import autocast_for
+from llmstable.rng import rng_state, set_rng_state
 from llmstable.stabilizers import Stabilizer
 
 
@@ -129,7 +130,7 @@ class TrainStep:
         for i in range(accum):
             batch = rows[i * cfg.micro_batch_size: (i + 1) * cfg.micro_batch_size]
             if step == 1 and self.first_batch_hash is None:
-                self.first_batch_hash = ckpt.fingerprint([batch])  # (rank 0's first micro-batch)
+                self.first_batch_hash = fingerprint([batch])  # (rank 0's first micro-batch)
             batch = self.faults.batch(step, batch).to(self.device, non_blocking=True)
             self.engine.set_sync(last=i == accum - 1)
             with autocast_for(self.device, cfg.precision):

@@ -29,19 +29,24 @@ import torch
 from llmstable import checkpoint as ckpt
 from llmstable.compiled import compiled_forward
 from llmstable.config import ConfigError, TrainConfig, to_dict
+from llmstable.config.engines import engine_traits
 from llmstable.data import DataBundle, build_data
 from llmstable.data.packing import SkipList
 from llmstable.evaluate import validation_metrics
+from llmstable.fingerprint import fingerprint
 from llmstable.faults import FaultInjector
 from llmstable.metrics import QuietLog, RunLog, StepMeter, run_summary
 from llmstable.optimizers import build_optimizer
-from llmstable.optimizers.reporting import state_bytes
-from llmstable.parallel import Engine, World, build_engine, engine_class, init_world
+from llmstable.optimizers.counting import state_bytes
+from llmstable.parallel.build import build_engine
+from llmstable.parallel.engines import Engine
+from llmstable.parallel.world import World, init_world
 from llmstable.preemption import EvalInterrupted, Preempted, SignalFlag
 from llmstable.progress import Progress
 from llmstable.recovery import Rollback, Target, zero_moments
-from llmstable.resume import RunDirectory
-from llmstable.runtime import memory_mb, seed_everything, use_deterministic_algorithms
+from llmstable.resume import Claim, RunDirectory
+from llmstable.device import memory_mb, use_deterministic_algorithms
+from llmstable.rng import seed_everything
 from llmstable.schedule import lr_factor
 from llmstable.step import TrainStep
 from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stabilizers
@@ -53,13 +58,14 @@ class SpikeAbort(RuntimeError):
     """The spike guard gave up (max_rollbacks reached); the last good checkpoint is intact."""
 
 
-def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
+def train(cfg: TrainConfig, extra_stabilizers: tuple = (), claim: Claim | None = None) -> dict:
     """Train (or resume) the run described by cfg; returns the summary also written to summary.json. Raises
-    `Preempted` (llmstable.preemption) after checkpointing when a preemption signal or Ctrl-C stopped the run."""
+    `Preempted` (llmstable.preemption) after checkpointing when a preemption signal or Ctrl-C stopped the run.
+    `claim`: what the command already decided about the run directory on this rank (llmstable.resume.Claim)."""
     signals = SignalFlag(cfg.train.preempt_signals).install()  # from here on a signal only sets a flag
     world = init_world(cfg.distributed, cfg.train.device)
     try:
-        trainer = build_trainer(cfg, world, extra_stabilizers, signals)
+        trainer = build_trainer(cfg, world, extra_stabilizers, signals, claim)
         try:
             summary = trainer.fit()
         except BaseException:
@@ -82,19 +88,16 @@ def train(cfg: TrainConfig, extra_stabilizers: tuple = ()) -> dict:
 
 
 def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizers: tuple = (),
-                  signals: SignalFlag | None = None) -> Trainer:
+                  signals: SignalFlag | None = None, claim: Claim | None = None) -> Trainer:
     """Every part of the run, built in order. `extra_stabilizers`: stabilizers built by the caller (plug-ins that
     live outside the package), run after the configured ones."""
     world = world or init_world(cfg.distributed, cfg.train.device)
-    per_step = cfg.train.micro_batch_size * world.world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError([
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{cfg.train.micro_batch_size} x {world.world_size} ranks = {per_step}: every rank needs whole "
-            "micro-batches; lower train.micro_batch_size or change the global batch"
-        ])
+    problems: list[str] = []
+    cfg.validate_ranks(problems, world.world_size)  # (the config did with the launcher's; a caller's world may differ)
+    if problems:
+        raise ConfigError(problems)
     run = RunDirectory(cfg, world)
-    resume_from = run.claim()  # checked and locked before anything is written into the run directory
+    resume_from = run.claim(claim).resume_from  # checked and locked before anything is written into it
     try:
         return _build(cfg, world, run, resume_from, extra_stabilizers, signals or SignalFlag([]))
     except BaseException:
@@ -114,13 +117,13 @@ def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path 
             f"set model.vocab_size={data.vocab_size} or null (take the tokenizer's size)"
         ])
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone, not on data loading
-    capabilities = Capabilities(fused_step=engine_class(cfg.distributed.name).fused_step)
+    capabilities = Capabilities(fused_step=engine_traits(cfg.distributed).fused_step)
     model, stabilizers = build_model_and_stabilizers(cfg, data.vocab_size, device, capabilities,
                                                      extra=extra_stabilizers)
     if cfg.train.init_from:
         ckpt.load_initial_weights(model, Path(cfg.train.init_from))
     state = model.state_dict()  # every rank holds the same weights until they are sharded
-    init_hash = ckpt.fingerprint(state[k] for k in sorted(state))
+    init_hash = fingerprint(state[k] for k in sorted(state))
     sizes = {"num_params": model.num_params(), "non_embedding_params": model.non_embedding_params(),
              "flops_per_token": model.flops_per_token(cfg.data.seq_len)}
     engine = build_engine(cfg, world, model,
@@ -227,19 +230,17 @@ class Trainer:
 
     def log_metrics(self, lr: float, grad_norm: float, indicators: dict) -> dict:
         """One row of metrics.jsonl for the steps since the last row; returns the progress bar's fields."""
-        row = self.meter.row(self.step, self.tokens, lr, grad_norm, {**indicators, **self.plugin_metrics()})
+        extra = dict(indicators)  # then the stabilizers', the optimizer's if it reports any, the spike counters
+        for stabilizer in self.stabilizers:
+            extra.update(stabilizer.metrics())
+        extra.update(self.engine.optimizer_metrics())
+        extra.update(self.rollback.metrics())
+        row = self.meter.row(self.step, self.tokens, lr, grad_norm, extra)
         self.log.metrics(row)
         fields = {"loss": f"{row['train/loss']:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{row['perf/tokens_per_sec']:,.0f}"}
         if self.rollback.ledger.spikes:
             fields.update(spikes=self.rollback.ledger.spikes, rollbacks=self.rollback.ledger.rollbacks)
         return fields
-
-    def plugin_metrics(self) -> dict[str, float]:
-        """Metrics of the stabilizers, of the optimizer if it reports any, and the spike counters."""
-        out: dict[str, float] = {}
-        for stabilizer in self.stabilizers:
-            out.update(stabilizer.metrics())
-        return {**out, **self.engine.optimizer_metrics(), **self.rollback.metrics()}
 
     def evaluate(self) -> float:
         """Mean loss over the first eval_samples validation blocks (the same blocks at every evaluation, on every
@@ -306,15 +307,10 @@ class Trainer:
             self.log.event(event.pop("event"), self.step, **event)
         log_stabilizer_events(self.log, self.stabilizers)  # warnings, SDC suspects
         if action is not None:  # a skipped update
-            self.log_spikes(self.step, self.tokens, action)
+            log_spikes(self.log, self.step, self.tokens, action)
             self.log.event("skip_step", self.step, tokens=self.tokens)
         for step in self.rollback.step_done(self.step, skipped=action is not None):
             self.run.mark_good(step)
-
-    def log_spikes(self, step: int, tokens: int, action) -> None:
-        for d in action.detections:
-            self.log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold,
-                           rule=d.rule, **d.details)  # details: the layer it came from (llmstable.stabilizers.localize)
 
     def recover(self, action, loss: float, grad_norm: float) -> None:
         """Carry out the rollback policy's plan: restore the last good checkpoint, skip the data since, maybe cut
@@ -325,19 +321,14 @@ class Trainer:
         if good is not None:  # (rank 0 reads the checkpoint's step and data position; every rank gets them)
             target = Target(good, *self.world.broadcast(self.run.step_and_ordinal(good) if self.world.is_main else None))
         plan = self.rollback.plan(action, self.data.train.ordinal, target)
-        self.log_spikes(spike_step, spike_tokens, action)
-        ledger, guard = self.rollback.ledger, self.cfg.stabilizer.spike_guard
+        log_spikes(self.log, spike_step, spike_tokens, action)
+        ledger = self.rollback.ledger
         if plan.kind == "abort":
             self.log.event("abort", spike_step, rollbacks=ledger.rollbacks, checkpoint=str(good))
             start_step, start_tokens, t_start = self._started
             wall_s = time.perf_counter() - t_start
             self.finish(wall_s, (self.tokens - start_tokens) / max(wall_s, 1e-9), start_step, aborted=True)
-            raise SpikeAbort(
-                f"spike guard: spike at step {spike_step} (loss {loss:.4g}, grad norm {grad_norm:.4g}) after "
-                f"{ledger.rollbacks} rollbacks (stabilizer.spike_guard.max_rollbacks={guard.max_rollbacks}); the "
-                f"last good checkpoint {good} is intact. Lower optimizer.lr, or inspect the data around the skipped "
-                "samples in events.jsonl."
-            )
+            raise SpikeAbort(self.rollback.ladder.abort_message(spike_step, loss, grad_norm, ledger.rollbacks, good))
         self.restore(good, keep_ledger=True, step=target.step)  # one code path with resume; the ledger stays
         self.run.checkpointer.forget_after(target.step)
         self.last_saved_step = target.step  # (the state is that checkpoint's: a stop now need not rewrite it)
@@ -350,7 +341,7 @@ class Trainer:
         if plan.lr_factor != 1.0:
             self.log.event("lr_cut", spike_step, factor=plan.lr_factor, lr_scale=ledger.lr_scale)
         if plan.reset_moments:
-            zero_moments(self.engine.base_optimizer)
+            zero_moments(self.engine.base_optimizer, self.cfg.optimizer.moment_keys)
             self.log.event("moment_reset", spike_step)
 
     # --- run state: start, save, restore ------------------------------------------------------------------------
@@ -435,7 +426,7 @@ class Trainer:
             return summary
         self.log.event("end", self.step, final_val_loss=summary["final_val_loss"])
         if self.cfg.train.plot and self.world.is_main:
-            from llmstable.plot import plot_losses
+            from llmstable.loss_plot import plot_losses
 
             plot_losses(self.run.path)
         if self.cfg.train.sample_tokens > 0:
@@ -445,3 +436,8 @@ class Trainer:
         return summary
 
 
+def log_spikes(log: RunLog, step: int, tokens: int, action) -> None:
+    """A `spike` event per detection of the step's action."""
+    for d in action.detections:
+        log.event("spike", step, tokens=tokens, metric=d.metric, value=d.value, threshold=d.threshold, rule=d.rule,
+                  **d.details)  # details: the layer it came from (llmstable.stabilizers.localize)

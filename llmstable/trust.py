@@ -27,8 +27,6 @@ import os
 import secrets
 from pathlib import Path
 
-PICKLE_FORMATS = ("dcp", "deepspeed")  # checkpoint formats whose files are read with pickle
-
 
 def writer_key_file() -> Path:
     explicit = os.environ.get("LLMSTABLE_KEY_FILE")

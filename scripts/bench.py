@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmstable.compose import compose_config  # noqa: E402
-from llmstable.runtime import autocast_for  # noqa: E402
+from llmstable.device import autocast_for  # noqa: E402
 from llmstable.trainer import build_trainer  # noqa: E402
 
 

@@ -184,8 +184,8 @@ def sync(device: torch.device) -> None:
 
 
 def time_training(model, forward, name, compiled, batch, args, device, flops_per_token, peak_tflops) -> dict:
-    from llmstable.evaluate import cross_entropy
-    from llmstable.runtime import autocast_for
+    from llmstable.losses import cross_entropy
+    from llmstable.device import autocast_for
 
     optimizer = build(name, model, device, compiled)
     fallbacks = []

@@ -5,7 +5,8 @@ import torch
 
 from llmstable import checkpoint as ckpt
 from llmstable.model import Llama, LlamaConfig
-from llmstable.parallel import Engine, World
+from llmstable.parallel.engines import Engine
+from llmstable.parallel.world import World
 
 CFG = LlamaConfig(vocab_size=50, dim=16, intermediate_size=24, n_layers=1, n_heads=2, max_seq_len=8)
 

@@ -23,6 +23,7 @@ def rows(run):
             for r in read_jsonl(run / "metrics.jsonl")}
 
 
+@pytest.mark.trains
 def test_a_background_write_gives_the_bytes_of_a_write_in_the_loop(tiny_config, tmp_path):
     for name, flag in (("async", "true"), ("sync", "false")):
         train(tiny_config(f"train.checkpoint_async={flag}", run_dir=tmp_path / name))
@@ -35,6 +36,7 @@ def test_a_background_write_gives_the_bytes_of_a_write_in_the_loop(tiny_config, 
     assert len(blocked) == 2 and all(b >= 0 for b in blocked)
 
 
+@pytest.mark.trains
 def test_a_rollback_served_from_the_ring_reads_no_checkpoint_and_gives_the_same_run(tiny_config, tmp_path,
                                                                                    monkeypatch):
     train(tiny_config(*GUARD, "stabilizer.spike_guard.ring_size=0", run_dir=tmp_path / "disk"))
@@ -48,6 +50,7 @@ def test_a_rollback_served_from_the_ring_reads_no_checkpoint_and_gives_the_same_
     assert rows(tmp_path / "ring") == rows(tmp_path / "disk")
 
 
+@pytest.mark.trains
 def test_a_renamed_checkpoint_counts_as_the_step_inside_it(tiny_config, tmp_path, caplog):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=8", "train.checkpoint_interval=2", "train.keep_checkpoints=3", run_dir=run))
@@ -62,6 +65,7 @@ def test_a_renamed_checkpoint_counts_as_the_step_inside_it(tiny_config, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_fault_fires_once_per_run_directory_so_the_same_command_resumes(tmp_path):
     command = [sys.executable, "-m", "llmstable.cli", "train", *TINY, "train.max_steps=10",
                "train.checkpoint_interval=3", "fault.kill_in_checkpoint_at_step=6", f"run_dir={tmp_path}/run"]

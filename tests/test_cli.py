@@ -13,18 +13,21 @@ def run(*args, cwd=None):
                           timeout=600)
 
 
+@pytest.mark.subprocess
 def test_unknown_key_on_the_command_line_exits_2_listing_valid_keys(tmp_path):
     result = run("train", "train.batch_size=4", f"run_dir={tmp_path}")
     assert result.returncode == 2
     assert "train.batch_size" in result.stderr and "global_batch_size" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_bad_value_exits_2_naming_the_key(tmp_path):
     result = run("train", "model.n_heads=3", f"run_dir={tmp_path}")
     assert result.returncode == 2
     assert "model.dim=128 is not divisible by model.n_heads=3" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_missing_data_path_names_the_file(tmp_path):
     result = run("train", "data=local_files", f"data.path={tmp_path}/none/*.txt", f"run_dir={tmp_path}/run")
     assert result.returncode == 2
@@ -32,6 +35,7 @@ def test_missing_data_path_names_the_file(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_then_generate_then_export_from_the_command_line(tmp_path):
     from conftest import TINY
 
@@ -48,16 +52,18 @@ def test_train_then_generate_then_export_from_the_command_line(tmp_path):
     assert again.returncode == 2 and "already holds an export: pass --overwrite" in again.stderr
 
 
+@pytest.mark.subprocess
 def test_prepare_and_spikes_start_without_torch():
     # `llmstable prepare` spends its first seconds importing; torch (2-3 s) is not needed until training, and
     # `llmstable spikes` only reads JSON. A lazy package import that turns eager again fails here.
-    code = ("import sys, llmstable.cli, llmstable.compose, llmstable.data.prepare, llmstable.spikes; "
+    code = ("import sys, llmstable.cli, llmstable.compose, llmstable.data.prepare, llmstable.report.spikes; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_deepspeed_started_as_a_plain_command_trains_as_a_world_of_one(tmp_path):
     """No launcher: nothing sets RANK, LOCAL_RANK or MASTER_ADDR, which DeepSpeed asserts on. llmstable sets them
     for its world of one (never over a launcher's) and the run trains."""
@@ -72,3 +78,21 @@ def test_deepspeed_started_as_a_plain_command_trains_as_a_world_of_one(tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["engine"] == "deepspeed" and summary["world_size"] == 1 and summary["steps"] == 3
 
+
+
+@pytest.mark.trains
+def test_train_composes_its_config_once(tmp_path, monkeypatch):
+    """One path from the command line to the run: Hydra's compose runs once, and no Hydra app composes again."""
+    import hydra
+
+    from conftest import TINY
+    from llmstable.cli import main
+
+    calls = []
+    real = hydra.compose
+    monkeypatch.setattr(hydra, "compose", lambda *a, **k: calls.append(k.get("overrides")) or real(*a, **k))
+    monkeypatch.setattr(hydra, "main", lambda *a, **k: pytest.fail("a single run needs no Hydra app"))
+    assert main(["train", *TINY, "train.max_steps=2", f"run_dir={tmp_path}/run"]) == 0
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert (tmp_path / "run" / "train.log").is_file()

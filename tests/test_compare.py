@@ -16,8 +16,10 @@ import pytest
 from browser import check_page, chromium
 from conftest import TINY
 from llmstable.metrics import read_jsonl
-from llmstable.plot import final_curve
+from llmstable.loss_plot import final_curve
 from llmstable.statistics import t975
+
+pytestmark = pytest.mark.subprocess  # (every study runs `llmstable compare`)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # AdamW over 0.003, 0.01 and an absurd 1e5 that diverges; Muon over 0.003 and 0.01; the LRs chosen on seed 0, each

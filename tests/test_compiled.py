@@ -86,6 +86,7 @@ class _FailingBackward(torch.autograd.Function):
         raise InductorError(RuntimeError("PassManager::run failed"), None)
 
 
+@pytest.mark.trains
 def test_a_backward_that_fails_to_compile_is_recomputed_eagerly_with_the_same_losses(tiny_config, tmp_path):
     from llmstable.trainer import build_trainer
 
@@ -118,6 +119,8 @@ def test_compile_errors_are_told_apart_from_the_models_own():
 
 
 @pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_train_compile_with_no_working_compiler_warns_and_trains_like_eager(tiny_config, tmp_path):
     """A real compile failure: inductor's C++ compiler is /bin/false, for the model (train.compile=true) and for
     Stable-SPAM's kernels (optimizer.compiled=true). The run finishes, warns once per thing that failed, and its

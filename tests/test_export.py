@@ -18,6 +18,7 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["untied_gqa", "tied", "qk_norm"])
+@pytest.mark.trains
 def test_exported_model_gives_the_same_logits_in_transformers(trained_run, tmp_path, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +46,7 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.trains
 def test_overwrite_never_replaces_a_folder_that_is_not_an_export(trained_run, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
@@ -54,6 +56,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_export(trained_run, tm
     assert snapshot(tmp_path / "taken") == {"keep.txt": b"mine"}
 
 
+@pytest.mark.trains
 def test_overwrite_replaces_an_earlier_export_only_when_asked(trained_run, tmp_path):
     out = export_hf(trained_run, tmp_path / "hf")
     assert (out / ".llmstable-export").is_file() and (out / "model.safetensors").is_file()
@@ -66,6 +69,7 @@ def test_overwrite_replaces_an_earlier_export_only_when_asked(trained_run, tmp_p
 
 
 @pytest.mark.parametrize("target", ["run", "checkpoint_into_run", "inside_run", "above_run"])
+@pytest.mark.trains
 def test_export_never_writes_over_or_into_what_it_reads(trained_run, tmp_path, target):
     import shutil
 
@@ -80,6 +84,8 @@ def test_export_never_writes_over_or_into_what_it_reads(trained_run, tmp_path, t
     assert snapshot(run) == before
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_the_cli_refuses_to_export_a_run_onto_itself(trained_run, tmp_path):
     import shutil
     import subprocess
@@ -99,6 +105,7 @@ def test_export_from_a_directory_without_checkpoints_says_so(tmp_path):
         export_hf(tmp_path, tmp_path / "out")
 
 
+@pytest.mark.trains
 def test_an_export_is_a_starting_point_for_init_from_in_either_naming(trained_run, tmp_path):
     # The route the trust model recommends for sharing: `llmstable export RUN OUT`, then train.init_from=OUT/
     # model.safetensors. The export holds Hugging Face's names; init_from takes them, and ours, to the same weights.
@@ -118,6 +125,7 @@ def test_an_export_is_a_starting_point_for_init_from_in_either_naming(trained_ru
             torch.testing.assert_close(fresh.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.trains
 def test_init_from_names_each_tensor_that_does_not_fit_with_both_shapes(trained_run, tmp_path):
     import dataclasses
 
@@ -133,6 +141,7 @@ def test_init_from_names_each_tensor_that_does_not_fit_with_both_shapes(trained_
     assert "tok_embeddings.weight is [512, 128] in the file and [512, 64] in the model" in str(caught.value)
 
 
+@pytest.mark.trains
 def test_our_names_and_hugging_faces_map_one_to_one(trained_run):
     from llmstable.model.names import from_hf, to_hf
 

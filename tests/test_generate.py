@@ -40,13 +40,13 @@ def model_and_tokenizer(tmp_path_factory):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "stablemax"])
-def test_the_streamed_pieces_join_to_the_whole_sample_one_piece_per_token(model_and_tokenizer, loss):
+@pytest.mark.parametrize("sampler", ["softmax", "stablemax"])  # (what loss=cross_entropy and loss=stablemax define)
+def test_the_streamed_pieces_join_to_the_whole_sample_one_piece_per_token(model_and_tokenizer, sampler):
     model, tok = model_and_tokenizer
-    pieces = list(stream_text(model, tok, "Fellow citizens", 40, temperature=1.0, top_k=20, seed=3, loss=loss))
+    pieces = list(stream_text(model, tok, "Fellow citizens", 40, temperature=1.0, top_k=20, seed=3, sampler=sampler))
     assert len(pieces) == 40  # one per token (held back as "" while a character or a word is incomplete)
     ids = tok("Fellow citizens", add_special_tokens=False)["input_ids"]
-    if loss == "cross_entropy":  # the model's own sampler, the whole sequence at once, the same generator seed
+    if sampler == "softmax":  # the model's own sampler, the whole sequence at once, the same generator seed
         whole = model.generate(torch.tensor([ids]), 40, temperature=1.0, top_k=20,
                                generator=torch.Generator().manual_seed(3))
         assert "".join(pieces) == tok.decode(whole[0].tolist(), skip_special_tokens=False)

@@ -203,6 +203,8 @@ CASES = [
     Case("min_lr_ratio_inf", ("schedule.min_lr_ratio=inf",), 2, ("schedule.min_lr_ratio=inf",), group="config"),
     Case("eps_overflow", ("optimizer.eps=1e999",), 2, ("optimizer.eps=inf",), group="config"),
     Case("fault_scale_inf", ("fault.loss_scale=inf",), 2, ("fault.loss_scale=inf",), group="config"),
+    Case("sweep_with_cfg", ("train", "-m", "optimizer.lr=0.001,0.002", "--cfg", "job"), 2,
+         ("--cfg prints one run's composition", "drop -m")),
     Case("max_steps_float", ("train.max_steps=1.5",), 2, ("train.max_steps=1.5 must be a whole number",),
          group="config"),
     # --- generate arguments: checked before the model loads, every problem at once ------------------------------
@@ -427,8 +429,13 @@ def outcome(case: Case, tmp_path: Path, resources) -> tuple[subprocess.Completed
     return _group_results[case.group]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.long] if c.long else [])
-                                  for c in CASES])
+def marks(case: Case) -> list:
+    """Every row starts the command; one that copies the trained run trains it first (in this process, once)."""
+    return [pytest.mark.subprocess, *([pytest.mark.long] if case.long else []),
+            *([pytest.mark.trains] if "run" in case.needs else [])]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=marks(c)) for c in CASES])
 def test_hostile_input_gets_a_named_error_and_changes_nothing(case, tmp_path_factory, resources):
     if case.skip is not None and (reason := case.skip()):
         pytest.skip(reason)
@@ -449,6 +456,7 @@ def test_hostile_input_gets_a_named_error_and_changes_nothing(case, tmp_path_fac
         assert not (root / "run").exists()  # refused before Hydra made the run directory
 
 
+@pytest.mark.subprocess
 def test_debug_and_llmstable_debug_show_the_traceback_before_the_same_paragraph(tmp_path):
     flag = run_cli(["--debug", "generate", str(tmp_path / "none"), "--top-k", "0"], tmp_path, {})
     env = run_cli(["generate", str(tmp_path / "none"), "--top-k", "0"], tmp_path, {"LLMSTABLE_DEBUG": "1"})

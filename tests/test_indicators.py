@@ -143,6 +143,7 @@ def test_a_compiled_model_reports_the_same_indicators():
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_the_trainer_logs_the_indicators_of_its_own_step_at_logged_steps_only(tiny_config, tmp_path):
     from llmstable.trainer import build_trainer
 

@@ -49,6 +49,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("fault, stopped_at", [("fault.signal_at_step=4", 5),  # seen at step 5's all-reduce
                                                ("fault.signal_in_eval_at_step=6", 6),  # between eval batches
                                                ("fault.signal=SIGUSR1 fault.signal_at_step=7", 8)])
+@pytest.mark.trains
 def test_a_signal_in_training_or_evaluation_checkpoints_stops_and_the_resume_is_bit_identical(
         reference, tmp_path, tiny_config, fault, stopped_at):
     """In process (the command's exit code 75 is checked by the tests below): the signal is real, sent by the
@@ -69,6 +70,8 @@ def test_a_signal_in_training_or_evaluation_checkpoints_stops_and_the_resume_is_
 
 
 @pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_sigterm_from_outside_at_an_arbitrary_moment_then_resume_equals_the_uninterrupted_run(tmp_path):
     common = ["train.max_steps=60", "train.checkpoint_interval=20", "train.eval_interval=7"]
     train_reference = tmp_path / "reference"
@@ -89,6 +92,7 @@ def test_sigterm_from_outside_at_an_arbitrary_moment_then_resume_equals_the_unin
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoints_and_a_second_ctrl_c_stops_at_once(tmp_path):
     for presses, code in ((1, 75), (2, 130)):
         run = tmp_path / f"run{presses}"
@@ -114,6 +118,7 @@ def test_ctrl_c_checkpoints_and_a_second_ctrl_c_stops_at_once(tmp_path):
 @pytest.mark.parametrize("case, fault", [
     ("train", ["fault.rank=1", "fault.signal_at_step=2"]),
     pytest.param("eval", ["fault.rank=0", "fault.signal_in_eval_at_step=3"], marks=pytest.mark.long)])
+@pytest.mark.subprocess
 def test_two_ranks_stop_together_when_one_gets_the_signal_and_resume_exactly(tmp_path, case, fault):
     from torch.multiprocessing import ProcessRaisedException
 
@@ -130,6 +135,7 @@ def test_two_ranks_stop_together_when_one_gets_the_signal_and_resume_exactly(tmp
     assert rows(run) == rows(tmp_path / "reference")
 
 
+@pytest.mark.trains
 def test_a_partial_last_line_is_cut_before_a_resume_appends(tiny_config, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run_dir=run))

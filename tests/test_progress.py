@@ -5,6 +5,8 @@ import io
 import re
 import time
 
+import pytest
+
 from llmstable.progress import Progress, duration
 
 
@@ -73,6 +75,7 @@ def test_durations_read_as_hours_minutes_seconds():
     assert [duration(s) for s in (4.2, 75, 3725)] == ["4s", "1m15s", "1h02m05s"]
 
 
+@pytest.mark.trains
 def test_training_writes_plain_progress_lines_with_the_loss_to_a_log(tiny_config, capfd, monkeypatch):
     from llmstable.trainer import train
 

@@ -100,6 +100,7 @@ def expected_verdicts(root):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_claim_table_follows_from_the_runs_own_files(study):
     root, report = study
     assert {c["id"]: c["verdict"] for c in report["claims"]} == expected_verdicts(root)
@@ -121,6 +122,7 @@ def test_the_claim_table_follows_from_the_runs_own_files(study):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_report_renders_in_chromium_with_one_sensitivity_row_per_arm(study):
     import os
 

@@ -36,6 +36,7 @@ def last_rows(run):
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_injected_spikes_are_detected_rolled_back_and_skipped(tiny_config, tmp_path):
     clean = train(tiny_config(*LONG, run_dir=tmp_path / "clean"))
     run = tmp_path / "spiky"
@@ -54,6 +55,7 @@ def test_injected_spikes_are_detected_rolled_back_and_skipped(tiny_config, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_a_nan_is_recovered_by_a_rollback(tiny_config, tmp_path):
     run = tmp_path / "nan"
     summary = train(tiny_config(*LONG, *GUARD, "stabilizer.spike_guard.min_history=100", "stabilizer.spike_guard.window=128",
@@ -63,6 +65,7 @@ def test_a_nan_is_recovered_by_a_rollback(tiny_config, tmp_path):
     assert summary["rollbacks"] == 1 and summary["final_val_loss"] < 6.0
 
 
+@pytest.mark.trains
 def test_one_spiky_step_is_skipped_without_a_rollback(tiny_config, tmp_path):
     run = tmp_path / "skip"
     summary = train(tiny_config("train.max_steps=40", "stabilizer=[spike_guard]",
@@ -74,6 +77,7 @@ def test_one_spiky_step_is_skipped_without_a_rollback(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_spikes_everywhere_abort_cleanly_and_leave_the_good_checkpoint_loadable(tiny_config, tmp_path):
     from llmstable.export import load_trained
 
@@ -99,6 +103,8 @@ def run_cli(*overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["fault.kill_at_step=4", "fault.kill_at_step=8",
                                   "fault.kill_in_checkpoint_at_step=6"])
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_resume_after_sigkill_matches_the_uninterrupted_run_bit_for_bit(tiny_config, tmp_path, kill):
     common = ["train.max_steps=10", "train.checkpoint_interval=3", "train.eval_interval=5"]
     train(tiny_config(*common, run_dir=tmp_path / "reference"))
@@ -116,6 +122,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run_bit_for_bit(tiny_con
     assert val[-1] == want[-1]
 
 
+@pytest.mark.trains
 def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_config, tmp_path, caplog):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=6", "train.checkpoint_interval=3", run_dir=run))
@@ -129,6 +136,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_config, tmp_path,
                and "optimizer.pt" in r.message for r in caplog.records)
 
 
+@pytest.mark.trains
 def test_resume_refuses_a_changed_model_shape_and_logs_harmless_changes(tiny_config, tmp_path):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=3", run_dir=run))
@@ -139,6 +147,7 @@ def test_resume_refuses_a_changed_model_shape_and_logs_harmless_changes(tiny_con
     assert "optimizer.lr: 0.003 -> 0.0005" in changes and "train.max_steps: 3 -> 5" in changes
 
 
+@pytest.mark.trains
 def test_pruning_never_deletes_the_last_good_checkpoint(tiny_config, tmp_path):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=12", "train.checkpoint_interval=5", "train.keep_checkpoints=2",
@@ -149,6 +158,7 @@ def test_pruning_never_deletes_the_last_good_checkpoint(tiny_config, tmp_path):
     assert not any(ckpt.is_good(run / "checkpoints" / n) for n in names[1:])
 
 
+@pytest.mark.trains
 def test_a_checkpoint_becomes_good_after_enough_clean_steps(tiny_config, tmp_path):
     run = tmp_path / "run"
     train(tiny_config("train.max_steps=12", "train.checkpoint_interval=4", "stabilizer=[spike_guard]",

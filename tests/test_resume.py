@@ -61,6 +61,8 @@ def copy(finished, tmp_path, name="run"):
     return tmp_path / name
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_resume_never_is_refused_in_a_run_dir_that_holds_a_run(finished, tmp_path, tiny_config):
     run = copy(finished, tmp_path)
     before = snapshot(run)
@@ -72,6 +74,8 @@ def test_resume_never_is_refused_in_a_run_dir_that_holds_a_run(finished, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_starting_over_never_mixes_two_runs(finished, tmp_path):
     """The reported case: a new run with resume=never in an old run's directory, killed at step 8, then resumed by
     a plain rerun, continues the *new* run (the old run's steps 10 outranked and pruned its checkpoints)."""
@@ -93,6 +97,7 @@ def test_starting_over_never_mixes_two_runs(finished, tmp_path):
     assert rows(run) == rows(reference)
 
 
+@pytest.mark.trains
 def test_garbage_state_with_a_matching_manifest_is_skipped_with_a_named_warning(finished, tmp_path, tiny_config,
                                                                                 caplog):
     run = copy(finished, tmp_path)
@@ -105,6 +110,7 @@ def test_garbage_state_with_a_matching_manifest_is_skipped_with_a_named_warning(
 
 
 @pytest.mark.parametrize("damage", ["empty_manifest", "unlisted_file", "no_config", "wrong_state"])
+@pytest.mark.trains
 def test_every_kind_of_unreadable_checkpoint_is_named(finished, tmp_path, damage):
     run = copy(finished, tmp_path)
     checkpoint = run / "checkpoints" / "step_00000010"
@@ -125,6 +131,8 @@ def test_every_kind_of_unreadable_checkpoint_is_named(finished, tmp_path, damage
     assert expected in problem(checkpoint)
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_when_every_checkpoint_is_unreadable_the_run_is_refused_with_a_list(finished, tmp_path, tiny_config):
     run = copy(finished, tmp_path)
     for checkpoint in ckpt.list_checkpoints(run / "checkpoints"):
@@ -145,6 +153,8 @@ def test_when_every_checkpoint_is_unreadable_the_run_is_refused_with_a_list(fini
     assert snapshot(aside) == before
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_an_explicit_resume_path_gets_a_named_error(finished, tmp_path, tiny_config):
     run = copy(finished, tmp_path)
     handmade = tmp_path / "handmade"
@@ -157,6 +167,7 @@ def test_an_explicit_resume_path_gets_a_named_error(finished, tmp_path, tiny_con
     assert done.returncode == 2 and "handmade" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.trains
 def test_a_refused_resume_leaves_config_yaml_as_it_was(finished, tmp_path, tiny_config):
     run = copy(finished, tmp_path)
     before = (run / "config.yaml").read_bytes()
@@ -165,6 +176,8 @@ def test_a_refused_resume_leaves_config_yaml_as_it_was(finished, tmp_path, tiny_
     assert (run / "config.yaml").read_bytes() == before
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_a_harmless_change_on_resume_is_printed_and_logged(finished, tmp_path):
     run = copy(finished, tmp_path)
     done = cli(*F[1:], "train.max_steps=11", "optimizer.lr=1e-3", f"run_dir={run}")
@@ -173,6 +186,8 @@ def test_a_harmless_change_on_resume_is_printed_and_logged(finished, tmp_path):
     assert "optimizer.lr: 0.003 -> 0.001" in (run / "train.log").read_text()
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, tiny_config):
     run = tmp_path / "run"
     done = cli(*F, "fault.disk_full_at_step=10", f"run_dir={run}")
@@ -190,6 +205,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, tiny
 
 
 @pytest.mark.parametrize("writer", ["write_snapshot", "save"])  # in the background (the default), in the loop
+@pytest.mark.trains
 def test_a_save_that_fails_any_other_way_removes_its_partial_write(tmp_path, tiny_config, monkeypatch, writer):
     from llmstable.parallel.engines import Engine
 
@@ -204,6 +220,7 @@ def test_a_save_that_fails_any_other_way_removes_its_partial_write(tmp_path, tin
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.trains
 def test_a_save_that_will_not_fit_is_warned_about_before_the_step(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setattr(ckpt, "free_bytes", lambda directory: 1000)
     run = tmp_path / "run"

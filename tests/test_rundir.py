@@ -38,6 +38,7 @@ def wait_for_step(run, step, process, timeout=300):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder_and_the_first_is_unharmed(tmp_path):
     run = tmp_path / "run"
     first = cli("train", *TINY, "train.max_steps=60", "train.eval_interval=30", "train.checkpoint_interval=30",
@@ -55,6 +56,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder_and_the
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(tmp_path):
     run = tmp_path / "run"
     killed = cli("train", *TINY, "train.max_steps=40", f"run_dir={run}")
@@ -69,6 +71,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(tmp_path):
     assert f"took over the lock of process {killed.pid}" in err
 
 
+@pytest.mark.subprocess
 def test_the_lock_is_reentrant_in_a_process_and_exclusive_between_processes(tmp_path):
     first = RunLock(tmp_path / "run").acquire()
     again = RunLock(tmp_path / "run").acquire()  # the CLI took it before Hydra; train() takes it again
@@ -81,6 +84,8 @@ def test_the_lock_is_reentrant_in_a_process_and_exclusive_between_processes(tmp_
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")]).returncode == 0
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_train_refuses_a_directory_that_is_not_a_run_and_changes_nothing_in_it(tmp_path, tiny_config):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -145,6 +150,7 @@ def test_hidden_files_and_hydra_files_of_this_launch_do_not_make_a_run(tmp_path)
     assert ownership_problem(d, overwrite=True, ignore={".hydra"}) is None
 
 
+@pytest.mark.subprocess
 def test_prepare_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path, text_corpus):
     out = tmp_path / "out"
     out.mkdir()

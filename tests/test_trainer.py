@@ -11,6 +11,7 @@ LOSS_KEYS = ("train/loss", "optim/lr", "optim/grad_norm")
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_tiny_run_on_sotu_lowers_val_loss_and_writes_the_run_directory(tiny_config, tmp_path):
     cfg = tiny_config("train.max_steps=60", "train.eval_interval=30", "train.checkpoint_interval=30",
                       "optimizer.lr=3e-3", "train.plot=true", run_dir=tmp_path / "run")
@@ -44,6 +45,7 @@ def rows_by_step(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run_bit_for_bit(tiny_config, tmp_path):
     full = tiny_config("train.max_steps=8", "train.checkpoint_interval=3", run_dir=tmp_path / "full")
     train(full)
@@ -63,6 +65,7 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run_bit_for_bit(tiny
     assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
 
 
+@pytest.mark.trains
 def test_resume_never_starts_over_after_moving_the_earlier_run_aside(tiny_config, tmp_path):
     train(tiny_config("train.max_steps=3", run_dir=tmp_path / "r"))
     summary = train(tiny_config("train.max_steps=3", "resume=never", "run_dir_overwrite=true", run_dir=tmp_path / "r"))
@@ -71,6 +74,7 @@ def test_resume_never_starts_over_after_moving_the_earlier_run_aside(tiny_config
     assert (aside / "checkpoints" / "step_00000003").is_dir() and (aside / "metrics.jsonl").is_file()
 
 
+@pytest.mark.trains
 def test_grad_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     """global 8 as 2 x 4 and as 1 x 8 see the same samples and take the same first step (up to fp32 sums)."""
     a = train(tiny_config("train.max_steps=2", "train.micro_batch_size=4", run_dir=tmp_path / "a"))

@@ -78,6 +78,8 @@ def cli(*args):
 
 
 @pytest.mark.parametrize("fmt", ["dcp", "deepspeed"])
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_a_planted_payload_is_refused_by_export_generate_and_resume(trained_run, tmp_path, fmt, tiny_config):
     run, marker = plant(trained_run, tmp_path, fmt)
     with pytest.raises(ckpt.CheckpointError, match=r"not written by llmstable under this account.*--trust-checkpoint"):
@@ -93,6 +95,8 @@ def test_a_planted_payload_is_refused_by_export_generate_and_resume(trained_run,
     assert not marker.exists()
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_deepspeed_files_are_read_weights_only_even_when_trusted(trained_run, tmp_path):
     run, marker = plant(trained_run, tmp_path, "deepspeed")
     with pytest.raises(ckpt.CheckpointError, match="weights-only loader refuses"):
@@ -102,6 +106,7 @@ def test_deepspeed_files_are_read_weights_only_even_when_trusted(trained_run, tm
     assert not marker.exists()
 
 
+@pytest.mark.trains
 def test_a_forged_signature_does_not_pass(trained_run, tmp_path):
     run, marker = plant(trained_run, tmp_path, "dcp")
     checkpoint = ckpt.latest_valid(run / "checkpoints")
@@ -111,6 +116,7 @@ def test_a_forged_signature_does_not_pass(trained_run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.trains
 def test_manifests_are_signed_with_the_writers_key_and_only_that_key(trained_run, tmp_path, monkeypatch):
     checkpoint = ckpt.latest_valid(trained_run / "checkpoints")
     manifest = ckpt.read_manifest(checkpoint)
@@ -122,6 +128,7 @@ def test_manifests_are_signed_with_the_writers_key_and_only_that_key(trained_run
     assert not trust.signed_here(manifest)
 
 
+@pytest.mark.trains
 def test_an_own_fsdp2_checkpoint_loads_and_a_foreign_one_needs_trust(tmp_path, tiny_config, monkeypatch):
     run = tmp_path / "fsdp2"
     train(tiny_config("train.max_steps=2", "distributed=fsdp2", run_dir=run))

@@ -11,7 +11,7 @@ default (the YAML files in `configs/` only choose and change values, see tests/c
 
 from llmstable.config.checks import ConfigError
 from llmstable.config.data import DataConfig, TokenizerConfig
-from llmstable.config.loader import load_config, register_schemas, schema_keys, to_dict
+from llmstable.config.loader import flatten, load_config, register_schemas, schema_keys, to_dict
 from llmstable.config.loss import CrossEntropyConfig, LossConfig, SphericalZConfig, StableMaxConfig
 from llmstable.config.model import ModelConfig
 from llmstable.config.optimizer import (
@@ -33,5 +33,5 @@ __all__ = [
     "FaultConfig", "FiraConfig", "LoggingConfig", "ModelConfig", "NormGrowthLimiterConfig", "OptimizerConfig",
     "OrthoGradConfig", "QKClipConfig", "QKNormConfig", "Quant4Config", "S3Config", "SPAMConfig",
     "ScheduleConfig", "SpikeGuardConfig", "StabilizerConfig", "StableSPAMConfig", "TokenizerConfig", "TrainConfig",
-    "TrainLoopConfig", "UpdateClipConfig", "ZLossConfig", "load_config", "register", "register_schemas", "schema_keys", "to_dict",
+    "TrainLoopConfig", "UpdateClipConfig", "ZLossConfig", "flatten", "load_config", "register", "register_schemas", "schema_keys", "to_dict",
 ]

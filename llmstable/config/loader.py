@@ -41,6 +41,17 @@ def to_dict(cfg: Any) -> dict:
     return _plain(dataclasses.asdict(cfg))
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} (an empty dict stays a value)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def schema_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key the schema accepts, e.g. ['model.dim', ..., 'data.tokenizer.kind', ...]."""
     if hasattr(cls, "variant"):  # the union of every variant's keys

@@ -33,6 +33,17 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # applied to matrices and embeddings only, never to norm weights
 
     variants: typing.ClassVar[dict[str, type]] = {}  # name -> schema, filled by @register
+    # What the optimizer is and needs, as data (llmstable.config.compatibility holds the rules that read it; a
+    # variant may make any of them a property of its own fields). Each reason is a phrase for the message.
+    whole_tensors: typing.ClassVar[str | None] = None  # why it needs each tensor whole (not shards or partitions)
+    tensor_statistics: typing.ClassVar[str | None] = None  # why it needs per-tensor statistics (all-reduced over
+    #   shards, so exact there; impossible over flat partitions that mix tensors)
+    global_step: typing.ClassVar[str | None] = None  # what its global step drives (wrong when an engine steps the
+    #   optimizer one parameter group at a time)
+    engine_client: typing.ClassVar[bool] = True  # may be handed to an engine that keeps its own copy of the state
+    dtensor_ready: typing.ClassVar[bool] = True  # steps DTensor parameters (FSDP2)
+    adam_like: typing.ClassVar[bool] = False  # keeps Adam's second moment as `exp_avg_sq` (the early warning reads it)
+    moment_keys: typing.ClassVar[tuple[str, ...]] = ()  # its state's moment tensors (a spike guard reset zeroes them)
     # Hyperparameters counted in optimizer steps. A study's shorter budget runs keep them as they are (they are the
     # optimizer's own, as its paper sets them, not shares of the run); the report lists them. "auto" means the
     # run's own steps.
@@ -59,6 +70,8 @@ class OptimizerConfig:
 class AdamWConfig(OptimizerConfig):
     """torch.optim.AdamW, the baseline."""
 
+    adam_like = True
+    moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     lr: float = 3e-3
     impl: str = "auto"  # auto (= fused) | fused | foreach | for_loop
 
@@ -73,6 +86,10 @@ class SPAMConfig(OptimizerConfig):
     """SPAM (arXiv 2501.06842); defaults as the official code, warmup_steps as the paper (150)."""
 
     step_counts: typing.ClassVar[tuple[str, ...]] = ("warmup_steps", "DeltaT", "grad_accu_steps")
+    global_step = ("its global step (momentum resets, warm-up damping, the clipping schedule) would advance once per "
+                   "group")
+    adam_like = True
+    moment_keys = ("exp_avg", "exp_avg_sq")
     name: str = "spam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -93,6 +110,16 @@ class SPAMConfig(OptimizerConfig):
             problems.append(f"optimizer.density={self.density} must be in (0, 1], or null for dense moments")
         choice(problems, "optimizer.compiled", self.compiled, ("auto", True, False))
 
+    @property
+    def whole_tensors(self) -> str | None:  # (dense SPAM is elementwise: shards are fine)
+        if self.density is None:
+            return None
+        return f"optimizer.density={self.density} (SPAM's sparse momentum) draws its masks over whole tensors"
+
+    @property
+    def engine_client(self) -> bool:
+        return self.density is None
+
 
 @register("stable_spam")
 @dataclass
@@ -101,6 +128,10 @@ class StableSPAMConfig(OptimizerConfig):
     as the paper's training scripts set it (null turns the cosine damping off, the official default)."""
 
     step_counts: typing.ClassVar[tuple[str, ...]] = ("total_T", "update_proj_gap")
+    tensor_statistics = "its per-tensor statistics (max |g| for AdaClip, ||g|| for AdaGN)"
+    global_step = "its global step (the cosine damping, the momentum resets) would advance once per group"
+    adam_like = True
+    moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     name: str = "stable_spam"
     betas: tuple[float, float] = (0.9, 0.999)
     amsgrad: bool = False
@@ -131,6 +162,7 @@ class StableSPAMConfig(OptimizerConfig):
 class AdamW8bitConfig(OptimizerConfig):
     """8-bit AdamW, the low-memory baseline: bitsandbytes in one process; torchao's also under FSDP2."""
 
+    engine_client = False  # (DeepSpeed would keep full-precision copies of its 8-bit state)
     name: str = "adamw8bit"
     lr: float = 3e-3
     backend: str = "bitsandbytes"  # bitsandbytes | torchao
@@ -138,6 +170,14 @@ class AdamW8bitConfig(OptimizerConfig):
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
         choice(problems, "optimizer.backend", self.backend, ("bitsandbytes", "torchao"))
+
+    @property
+    def dtensor_ready(self) -> bool:  # torchao's 8-bit state is DTensor-aware; bitsandbytes fails on DTensors
+        return self.backend == "torchao"
+
+    @property
+    def moment_keys(self) -> tuple[str, ...]:
+        return ("state1", "state2") if self.backend == "bitsandbytes" else ("exp_avg", "exp_avg_sq")
 
 
 @register("fira")
@@ -148,6 +188,8 @@ class FiraConfig(OptimizerConfig):
     as the official LLaMA-60M pre-training script (130M and 350M use rank 256, 1B rank 512 and alpha 0.0625)."""
 
     step_counts: typing.ClassVar[tuple[str, ...]] = ("update_proj_gap",)
+    whole_tensors = "its projector takes an SVD of each whole gradient matrix"
+    moment_keys = ("exp_avg", "exp_avg_sq")
     name: str = "fira"
     lr: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
@@ -181,6 +223,7 @@ class S3Config(OptimizerConfig):
     """SignSoftSGD, S3 (arXiv 2507.06464): one beta for both moments, a p-th order moment in the denominator, a
     memory-free Nesterov numerator; every entry moves by at most lr per step (before weight decay)."""
 
+    moment_keys = ("exp_avg", "exp_avg_pow")
     name: str = "s3"
     beta: float = 0.95  # the one decay of the numerator's and the denominator's moments
     p: float = 3.0  # order of the denominator's moment (2: Adam's second moment)
@@ -203,6 +246,9 @@ class MuonConfig(OptimizerConfig):
     matrices, AdamW (betas, eps) on the embeddings, the LM head and the norms. With adjust_lr_fn match_rms_adamw
     (Liu et al.'s scaling) one lr serves both parts."""
 
+    whole_tensors = "Muon orthogonalizes each whole matrix"
+    engine_client = False
+    moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")
     name: str = "muon"
     lr: float = 3e-3
     momentum: float = 0.95  # Muon's momentum (Nesterov by default)
@@ -227,6 +273,7 @@ class LionConfig(OptimizerConfig):
     """Lion (Chen et al. 2023, arXiv 2302.06675) from pytorch-optimizer: the sign of an interpolated momentum.
     Its LR is about 3-10x smaller than AdamW's (the paper); betas as the paper (0.9, 0.99); eps unused."""
 
+    moment_keys = ("exp_avg",)
     name: str = "lion"
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.99)
@@ -239,6 +286,9 @@ class SOAPConfig(OptimizerConfig):
     preconditioner, refreshed every precondition_frequency steps; betas as the paper (0.95, 0.95)."""
 
     step_counts: typing.ClassVar[tuple[str, ...]] = ("precondition_frequency",)
+    whole_tensors = "SOAP keeps a preconditioner of each whole matrix"
+    engine_client = False
+    moment_keys = ("exp_avg", "exp_avg_sq")
     name: str = "soap"
     lr: float = 3e-3
     betas: tuple[float, float] = (0.95, 0.95)
@@ -260,6 +310,8 @@ class AdamMiniConfig(OptimizerConfig):
     the old partition (Adam on the embedding and LM head, value, output and MLP matrices whole). lr, betas, eps and
     weight_decay are AdamW's, as the authors' README recommends."""
 
+    whole_tensors = "Adam-mini's blocks (per head, per neuron, per token) are cut from whole tensors"
+    engine_client = False
     name: str = "adam_mini"
     lr: float = 3e-3
     backend: str = "llmstable"  # llmstable (official partition) | pytorch_optimizer (4.1, the old partition)
@@ -272,3 +324,7 @@ class AdamMiniConfig(OptimizerConfig):
         if self.backend == "pytorch_optimizer" and self.value_blocks != "neuron":
             problems.append("optimizer.value_blocks=whole needs optimizer.backend=llmstable: pytorch-optimizer's "
                             "Adam-mini already keeps the value matrix as one block")
+
+    @property
+    def moment_keys(self) -> tuple[str, ...]:
+        return ("m", "vmean") if self.backend == "llmstable" else ("m", "v", "v_mean")

@@ -4,10 +4,13 @@ holds one field per group and validates what only the whole config can (values t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmstable.config.checks import choice, positive
+from llmstable.config.compatibility import compatibility_problems
+from llmstable.config.engines import ENGINES
 from llmstable.config.data import DataConfig
 from llmstable.config.loss import CrossEntropyConfig, LossConfig
 from llmstable.config.model import ModelConfig
@@ -68,7 +71,7 @@ class DistributedConfig:
     and deepspeed run as a world of one process, which trains and checkpoints exactly as the engine would.
     """
 
-    name: str = "single"  # single | ddp | fsdp2 | deepspeed
+    name: str = "single"  # single | ddp | fsdp2 | deepspeed (or an engine registered in llmstable.config.engines)
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: int = 600  # how long a collective waits for a rank that died or hangs before the job fails
     param_dtype: str = "fp32"  # fsdp2: dtype of the gathered parameters in forward/backward (fp32 | bf16)
@@ -78,7 +81,7 @@ class DistributedConfig:
     deepspeed_config: str | None = None  # deepspeed: a JSON file whose keys override the generated config
 
     def validate(self, problems: list[str]) -> None:
-        choice(problems, "distributed.name", self.name, ("single", "ddp", "fsdp2", "deepspeed"))
+        choice(problems, "distributed.name", self.name, tuple(ENGINES))
         choice(problems, "distributed.backend", self.backend, ("auto", "gloo", "nccl"))
         choice(problems, "distributed.param_dtype", self.param_dtype, ("fp32", "bf16"))
         choice(problems, "distributed.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
@@ -88,9 +91,11 @@ class DistributedConfig:
         if self.deepspeed_config is not None:
             from pathlib import Path
 
-            if self.name != "deepspeed":
-                problems.append(f"distributed.deepspeed_config is set but distributed.name={self.name!r}: use "
-                                "distributed=deepspeed, or set distributed.deepspeed_config=null")
+            readers = [n for n, t in ENGINES.items() if t.config_file_key == "deepspeed_config"]
+            if self.name not in readers:
+                problems.append(f"distributed.deepspeed_config is set but distributed.name={self.name!r}, which does "
+                                f"not read it: use distributed={' or distributed='.join(readers)}, or set "
+                                "distributed.deepspeed_config=null")
             elif not Path(self.deepspeed_config).is_file():
                 problems.append(f"distributed.deepspeed_config={self.deepspeed_config!r} is not a file: point it at "
                                 "a DeepSpeed JSON, or null to use the generated config")
@@ -221,6 +226,7 @@ class TrainConfig:
                       self.stabilizer, self.loss, self.fault, self.distributed):
             group.validate(problems)
         self.validate_distributed(problems)
+        self.validate_ranks(problems)
         quant, m = self.stabilizer.quant4, self.model
         if quant is not None and m.n_heads > 0:
             kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
@@ -235,8 +241,6 @@ class TrainConfig:
         if self.fault.sdc_at_step is not None and self.fault.sdc_layer >= self.model.n_layers:
             problems.append(f"fault.sdc_layer={self.fault.sdc_layer} is not a block of a {self.model.n_layers}-layer "
                             f"model: choose 0 to {self.model.n_layers - 1}")
-        if self.stabilizer.spike_guard is not None:
-            self.stabilizer.spike_guard.validate_run(self.optimizer.name, self.distributed.name, problems)
         if self.data.seq_len > self.model.max_seq_len:
             problems.append(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}: "
@@ -253,61 +257,21 @@ class TrainConfig:
                 "checkpoint less often, or lower good_after_steps"
             )
 
+    def validate_ranks(self, problems: list[str], ranks: int | None = None) -> None:
+        """Every rank of the launch (`ranks`, by default the launcher's WORLD_SIZE) needs whole micro-batches of
+        every global batch."""
+        ranks, t = ranks or int(os.environ.get("WORLD_SIZE", "1") or 1), self.train
+        per_step = t.micro_batch_size * ranks
+        if ranks > 1 and t.micro_batch_size > 0 and t.global_batch_size % per_step:
+            problems.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{t.micro_batch_size} x {ranks} ranks = {per_step}: every rank needs whole micro-batches; lower "
+                "train.micro_batch_size or change the global batch")
+
     def validate_distributed(self, problems: list[str]) -> None:
-        """What cannot work on the chosen engine (the README's backend x feature table, as errors)."""
-        d, opt = self.distributed, self.optimizer
-        if d.name == "deepspeed" and d.zero_stage > 0 and opt.name == "stable_spam":
-            problems.append(
-                f"optimizer=stable_spam cannot run under distributed=deepspeed with distributed.zero_stage="
-                f"{d.zero_stage}: ZeRO hands the optimizer flat partitions that mix many tensors, so Stable-SPAM's "
-                "per-tensor statistics (max |g| for AdaClip, ||g|| for AdaGN) would be wrong. Use distributed=fsdp2 "
-                "(exact per-tensor statistics over the sharded tensors), distributed=ddp, or distributed.zero_stage=0"
-            )
-        if d.name == "deepspeed" and d.zero_stage > 0 and opt.name == "spam":
-            problems.append(
-                f"optimizer=spam cannot run under distributed=deepspeed with distributed.zero_stage={d.zero_stage}: "
-                "ZeRO steps the optimizer one parameter group at a time, so SPAM's global step (momentum resets, "
-                "warm-up damping, the clipping schedule) would advance once per group. Use distributed=fsdp2, "
-                "distributed=ddp, or distributed.zero_stage=0"
-            )
-        if d.name in ("fsdp2", "deepspeed") and getattr(opt, "density", None) is not None:
-            problems.append(
-                f"optimizer.density={opt.density} (SPAM's sparse momentum) needs whole tensors; under "
-                f"distributed={d.name} the optimizer sees shards. Set optimizer.density=null or use distributed=ddp"
-            )
-        if d.name == "fsdp2" and opt.name == "adamw8bit" and getattr(opt, "backend", None) == "bitsandbytes":
-            problems.append(
-                "optimizer=adamw8bit with optimizer.backend=bitsandbytes fails on FSDP2's DTensor parameters: set "
-                "optimizer.backend=torchao (DTensor-aware) or use distributed=ddp"
-            )
-        if d.name == "deepspeed" and opt.name == "adamw8bit":
-            problems.append("optimizer=adamw8bit is not supported under distributed=deepspeed: use optimizer=adamw, "
-                            "or distributed=fsdp2 with optimizer.backend=torchao")
-        if opt.name == "fira" and (d.name == "fsdp2" or (d.name == "deepspeed" and d.zero_stage > 0)):
-            problems.append(
-                f"optimizer=fira cannot run under distributed={d.name}"
-                + (f" with distributed.zero_stage={d.zero_stage}" if d.name == "deepspeed" else "")
-                + ": its projector takes an SVD of each whole gradient matrix, and the optimizer would see shards or "
-                "flat partitions. Use distributed=ddp (or distributed.zero_stage=0)")
-        if opt.name in ("muon", "soap", "adam_mini") and d.name in ("fsdp2", "deepspeed"):
-            problems.append(
-                f"optimizer={opt.name} cannot run under distributed={d.name}: it needs whole tensors (Muon's "
-                "orthogonalization, SOAP's preconditioners, Adam-mini's per-head blocks) and would see shards. Use "
-                "distributed=ddp")
-        gradient_hooks = [n for n in ("orthograd", "norm_growth_limiter", "update_clip", "qk_clip")
-                          if getattr(self.stabilizer, n) is not None]
-        if d.name == "deepspeed" and gradient_hooks:
-            problems.append(
-                f"stabilizer={gradient_hooks} cannot run under distributed=deepspeed: DeepSpeed reduces, clips and "
-                "updates inside backward, so there is no point between the gradients and the update, or right after "
-                "the update, where they could act. Use distributed=fsdp2 or distributed=ddp")
-        if d.name == "deepspeed" and self.train.compile is True:
-            problems.append("train.compile=true cannot take effect under distributed=deepspeed: the DeepSpeed engine "
-                            "wraps the module itself, so llmstable cannot compile it. Use train.compile=auto or false "
-                            "(eager), or distributed=fsdp2 or ddp to compile")
-        if d.name == "deepspeed" and self.stabilizer.quant4 is not None and d.zero_stage == 3:
-            problems.append("stabilizer=quant4 is not supported under distributed=deepspeed with zero_stage=3: use "
-                            "distributed=fsdp2 (tested) or distributed.zero_stage<=2")
+        """What cannot work on the chosen engine, from what the engine, the optimizer and the stabilizers declare
+        (llmstable.config.compatibility; the README's backend x feature table, as errors)."""
+        compatibility_problems(self, problems)
 
     @property
     def grad_accum_steps(self) -> int:

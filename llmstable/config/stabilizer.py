@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 
@@ -32,6 +33,7 @@ class Quant4Config:
     """4-bit weights (the Stable-SPAM INT4 recipe): fake-quantized attention and MLP weights in the forward pass,
     straight-through gradients, full-precision master weights, embeddings, head and norms."""
 
+    whole_params_in_forward: typing.ClassVar[bool] = True  # it quantizes each whole weight as forward reads it
     group_size: int = 256  # consecutive weights (row-major) per quantization group
     act_bits: int | None = None  # 4: also fake-quantize the activations entering those layers (per token)
 
@@ -110,23 +112,9 @@ class SpikeGuardConfig:
         """The watched metrics that are checked for spikes every step (the others give early warnings)."""
         return [m for m in self.watch if m in ("loss", "grad_norm")]
 
-    def validate_run(self, optimizer: str, engine: str, problems: list[str]) -> None:
-        """What the warnings and the replay need from the optimizer and the engine."""
-        warnings = [m for m in self.watch if m.startswith("precond")]
-        if warnings and optimizer not in ADAM_LIKE:
-            problems.append(f"stabilizer.spike_guard.watch={warnings} reads Adam's second moment, which "
-                            f"optimizer={optimizer} does not keep: use one of {', '.join(ADAM_LIKE)} or drop it")
-        if warnings and engine not in ("single", "ddp"):
-            problems.append(f"stabilizer.spike_guard.watch={warnings} needs whole gradients and optimizer states "
-                            f"beside each other, which distributed={engine} shards or fuses: use distributed=ddp "
-                            "or single, or drop it")
-        if self.replay and engine == "deepspeed":
-            problems.append("stabilizer.spike_guard.replay=true cannot run under distributed=deepspeed, which "
-                            "updates inside backward before a step could be replayed: use ddp or fsdp2")
 
 
 WATCHABLE = ("loss", "grad_norm", "precond", "precond_curvature")
-ADAM_LIKE = ("adamw", "spam", "stable_spam")
 
 
 @dataclass
@@ -145,6 +133,8 @@ class SoftmaxCollapseConfig:
 class NormGrowthLimiterConfig:
     """Fira's norm-growth limiter on every gradient (arXiv 2410.01623): per tensor, ||g_t|| <= gamma ||g_{t-1}||."""
 
+    step_hooks: typing.ClassVar[bool] = True  # acts between the gradients and the update, or right after it
+
     gamma: float = 1.01
 
     def validate(self, problems: list[str]) -> None:
@@ -156,6 +146,8 @@ class NormGrowthLimiterConfig:
 class OrthoGradConfig:
     """OrthoGrad (Prieto et al. 2025, arXiv 2501.04697): each gradient projected orthogonal to its weight, then
     rescaled to its own norm."""
+
+    step_hooks: typing.ClassVar[bool] = True  # acts between the gradients and the update, or right after it
 
     enabled: bool = True
 
@@ -180,6 +172,8 @@ class UpdateClipConfig:
     """Update clipping (anchors: Levanter's clip_update_norm and update-RMS clipping, marin#1368): per tensor, an
     update whose RMS exceeds k times the mean of its last `window` update RMS values is scaled down to it."""
 
+    step_hooks: typing.ClassVar[bool] = True  # acts between the gradients and the update, or right after it
+
     k: float = 2.0
     window: int = 128  # Levanter's rolling_interval_length in Marin's 32B runs
     min_history: int = 16  # updates in the window before anything is clipped
@@ -198,6 +192,8 @@ class UpdateClipConfig:
 class QKClipConfig:
     """QK-clip (MuonClip, Kimi K2, arXiv 2507.20534): a head whose largest attention logit of the step exceeds tau
     gets its W_q and W_k rows scaled by (tau / max)^alpha and (tau / max)^(1 - alpha) after the update."""
+
+    step_hooks: typing.ClassVar[bool] = True  # acts between the gradients and the update, or right after it
 
     tau: float = 100.0
     alpha: float = 0.5  # the share of the rescale given to W_q
@@ -220,8 +216,8 @@ class StabilizerConfig:
     qk_norm: QKNormConfig | None = None
     quant4: Quant4Config | None = None
     spike_guard: SpikeGuardConfig | None = None
+    orthograd: OrthoGradConfig | None = None  # (in the order the gradient hooks act: OrthoGrad, then the limiter)
     norm_growth_limiter: NormGrowthLimiterConfig | None = None
-    orthograd: OrthoGradConfig | None = None
     emb_grad_shrink: EmbGradShrinkConfig | None = None
     softmax_collapse: SoftmaxCollapseConfig | None = None
     update_clip: UpdateClipConfig | None = None

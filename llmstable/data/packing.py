@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmstable.ranges import add_range
+
 
 def encode_stream(tok, texts: Iterable[str], batch_size: int = 64) -> Iterator[np.ndarray]:
     """Token ids of each document followed by EOS, one array per document."""
@@ -54,13 +56,7 @@ class SkipList:
         self.ranges: list[list[int]] = sorted([int(a), int(b)] for a, b in (ranges or []))
 
     def add(self, start: int, end: int) -> None:
-        merged = []
-        for a, b in sorted([*self.ranges, [start, end]]):
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        self.ranges = merged
+        self.ranges = add_range(self.ranges, start, end)
 
     def __contains__(self, ordinal: int) -> bool:
         return any(a <= ordinal < b for a, b in self.ranges)

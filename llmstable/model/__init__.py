@@ -1,11 +1,12 @@
-"""The LLaMA-style decoder (llama.py), its builder, and its shape (shape.py).
+"""The LLaMA-style decoder (llama.py), its builder, and its parameters' roles (roles.py); its shape, `LlamaConfig`,
+is part of the config schema (llmstable.config.model).
 
 Importing the package does not import torch: `LlamaConfig` is plain, and the rest loads on first use.
 """
 
 from __future__ import annotations
 
-from llmstable.model.shape import LlamaConfig
+from llmstable.config.model import LlamaConfig
 
 __all__ = ["Llama", "LlamaConfig", "build_model", "llama_config"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmstable.model.shape import LlamaConfig
+from llmstable.config.model import LlamaConfig
 
 
 class RMSNorm(nn.Module):

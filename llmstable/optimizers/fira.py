@@ -15,7 +15,7 @@ k (0 before its first step):
    (rows < columns), per row otherwise; the residual S = (G - alpha B(R)) phi, where B is the back-projection
    (P R or R Q);
 4. norm-growth limiter on S (gamma 1.01): if ||S|| / (||S_prev|| + 1e-8) > 1.01, S is divided by that ratio
-   / 1.01; S_prev is the limited norm (`llmstable.stabilizers.norm_growth.limit_norm_growth`);
+   / 1.01; S_prev is the limited norm (`llmstable.optimizers.norm_growth.limit_norm_growth`);
 5. w <- w - step (alpha B(N) + S), then decoupled weight decay after the update: w <- w - lr wd w.
 
 Parameters of a group without `rank` get plain Adam (steps 2 and 5 on G). alpha multiplies the back-projection
@@ -50,7 +50,7 @@ from torch.optim import Optimizer
 
 from llmstable.optimizers.compile import compile_per_shape
 from llmstable.optimizers.sharding import shard_group
-from llmstable.stabilizers.norm_growth import limit_norm_growth
+from llmstable.optimizers.norm_growth import limit_norm_growth
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 GROUP_DEFAULTS = {"update_proj_gap": 200, "alpha": 1.0, "proj_type": "std"}  # the official GradientProjector's

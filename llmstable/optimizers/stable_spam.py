@@ -29,7 +29,7 @@ import math
 
 import torch
 from llmstable.optimizers.compile import compile_kernel
-from llmstable.optimizers.reporting import ClipResetStats, CountingOptimizer
+from llmstable.optimizers.counting import ClipResetStats, CountingOptimizer
 from llmstable.optimizers.sharding import all_reduce_, local, local_max, shard_group
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from llmstable.checkpoint import CheckpointError
+from llmstable.config.engines import ENGINES
 from llmstable.config import ConfigError
 from llmstable.trust import weights_only_loads
-from llmstable.optimizers.reporting import CountingOptimizer
+from llmstable.optimizers.counting import extra_state, load_extra_state
 from llmstable.parallel.engines import Engine, cannot_load
 from llmstable.parallel.world import World
 
@@ -92,12 +93,7 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    name = "deepspeed"
-    checkpoint_format = "deepspeed"
-    fused_step = True
-    can_compile = False  # the DeepSpeed engine wraps the module itself
-    holds_whole_model = False
-    can_snapshot = False  # DeepSpeed writes its own files with collectives: saved in the step path
+    traits = ENGINES["deepspeed"]  # (fused_step; no compile: DeepSpeed wraps the module; no snapshot: its own files)
 
     def __init__(self, world: World, model: torch.nn.Module, ds_engine, stage: int, run_dir: Path):
         super().__init__(world, model, ds_engine.optimizer)
@@ -105,9 +101,10 @@ class DeepSpeedEngine(Engine):
         self.module = ds_engine
 
     @classmethod
-    def build(cls, cfg, world: World, model: torch.nn.Module, optimizer, run_dir: Path) -> DeepSpeedEngine:
+    def build(cls, cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> DeepSpeedEngine:
         import deepspeed
 
+        optimizer = make_optimizer(model)
         skip_inference_comm_op()
         config = deepspeed_config(cfg, world.world_size)
         if world.is_main:
@@ -156,7 +153,7 @@ class DeepSpeedEngine(Engine):
             (directory / EXTRA).write_text(json.dumps(optimizer_extra(self.base_optimizer)))
 
     def load(self, directory: Path, meta: dict) -> None:
-        if meta.get("format") != "deepspeed":
+        if meta.get("format") != self.checkpoint_format:
             raise CheckpointError(cannot_load(directory, meta.get("format", "safetensors"), self.name))
         source = directory / "deepspeed"
         saved_world, saved_stage = meta.get("world_size", 1), meta.get("zero_stage", self.stage)
@@ -201,8 +198,8 @@ def optimizer_extra(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's step count and, for SPAM / Stable-SPAM, their global counters."""
     steps = [st["step"] for st in optimizer.state.values() if "step" in st]
     extra = {"step": float(steps[0]) if steps else None}
-    if isinstance(optimizer, CountingOptimizer):
-        extra["counters"] = optimizer.global_state()
+    if (counters := extra_state(optimizer)) is not None:
+        extra["counters"] = counters
     return extra
 
 
@@ -211,8 +208,8 @@ def set_optimizer_extra(optimizer: torch.optim.Optimizer, extra: dict) -> None:
         for st in optimizer.state.values():
             if "step" in st:
                 st["step"] = torch.full_like(st["step"], extra["step"]) if torch.is_tensor(st["step"]) else int(extra["step"])
-    if "counters" in extra and isinstance(optimizer, CountingOptimizer):
-        optimizer.load_global_state(extra["counters"])
+    if "counters" in extra:
+        load_extra_state(optimizer, extra["counters"])
 
 
 def to_universal(source: Path, target: Path) -> None:

@@ -7,9 +7,10 @@ their state is checkpointed. The trainer calls the same few methods whatever the
     engine.step(); engine.zero_grad()
     engine.save(dir) / engine.load(dir, meta)   every rank calls them (they may be collectives)
 
-and asks it what it can do instead of its name: `can_compile`, `fused_step` (clipping and the update happen
-inside backward, so an update cannot be skipped or replayed), `holds_whole_model` (every rank has every weight),
-`full_state_dict()`, `optimizer_metrics()`, `optimizer_events()`, `checkpoint_meta()`.
+and asks it what it can do instead of its name: its `traits` (llmstable.config.engines: `fused_step`, clipping
+and the update inside backward, so an update cannot be skipped or replayed; `can_compile`; `can_snapshot`;
+`checkpoint_format`; what the optimizer sees), `full_state_dict()`, `optimizer_metrics()`, `optimizer_events()`,
+`checkpoint_meta()`. An engine is built by its class's `build` (the builder imports the class its traits name).
 
 Parallelism is applied from outside: the model file never imports torch.distributed.
 
@@ -22,32 +23,42 @@ Checkpoint formats (`meta["format"]` in state.json):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llmstable.checkpoint import CheckpointError
-from llmstable.tensorfiles import load_weights_only
-from llmstable.optimizers.reporting import CountingOptimizer
+from llmstable.config.engines import ENGINES, EngineTraits
+from llmstable.optimizers.counting import extra_state, extra_state_key, load_extra_state
 from llmstable.parallel.world import World
+from llmstable.tensorfiles import load_weights_only
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: FSDP2 keeps the parameters' own dtype
 
 
 class Engine:
-    """One process, or every rank holding everything (the base of DDP)."""
+    """One process, or every rank holding everything (the base of DDP). What it is and allows is its `traits`,
+    declared in llmstable.config.engines (the builder sets the ones of the run's config, ZeRO stage applied)."""
 
-    name = "single"
-    checkpoint_format = "safetensors"
-    fused_step = False  # True when clipping and the update happen inside backward (DeepSpeed)
-    can_compile = True  # torch.compile may wrap the forward
-    holds_whole_model = True  # every rank holds every weight, as plain tensors
-    can_snapshot = True  # its checkpoint can be taken to CPU memory and written in the background (snapshot())
+    traits: EngineTraits = ENGINES["single"]
 
     def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.world, self.model, self.optimizer = world, model, optimizer
         self.module: torch.nn.Module = model  # what forward is called on
+
+    @classmethod
+    def build(cls, cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> Engine:
+        """Wrap or shard the model as the engine needs, then build the optimizer over the result."""
+        return cls(world, model, make_optimizer(model))
+
+    name = property(lambda self: self.traits.name)
+    checkpoint_format = property(lambda self: self.traits.checkpoint_format)
+    fused_step = property(lambda self: self.traits.fused_step)  # clipping and the update inside backward
+    can_compile = property(lambda self: self.traits.can_compile)  # torch.compile may wrap the forward
+    can_snapshot = property(lambda self: self.traits.can_snapshot)  # checkpoint via snapshot() in the background
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -144,7 +155,7 @@ class Engine:
 class DDPEngine(Engine):
     """torch DistributedDataParallel: whole replicas, gradients all-reduced in backward."""
 
-    name = "ddp"
+    traits = ENGINES["ddp"]
 
     def __init__(self, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         super().__init__(world, model, optimizer)
@@ -163,10 +174,12 @@ class FSDP2Engine(Engine):
     """torch FSDP2: `fully_shard` on every transformer block, then on the root. Parameters become DTensors sharded
     along dim 0; mixed precision follows distributed.param_dtype / reduce_dtype."""
 
-    name = "fsdp2"
-    checkpoint_format = "dcp"
-    holds_whole_model = False
-    can_snapshot = False  # DCP writes every rank's shards with collectives: saved in the step path
+    traits = ENGINES["fsdp2"]  # (can_snapshot false: DCP writes every rank's shards with collectives)
+
+    @classmethod
+    def build(cls, cfg, world: World, model: torch.nn.Module, make_optimizer, run_dir: Path) -> FSDP2Engine:
+        model = cls.shard(model, world, cfg.distributed)
+        return cls(world, model, make_optimizer(model))
 
     @staticmethod
     def shard(model: torch.nn.Module, world: World, cfg) -> torch.nn.Module:
@@ -273,8 +286,8 @@ def save_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         return
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    if isinstance(optimizer, CountingOptimizer):  # SPAM / Stable-SPAM global counters (the same on every rank)
-        state["optim_counters"] = optimizer.global_state()
+    if (counters := extra_state(optimizer)) is not None:  # SPAM / Stable-SPAM global counters (same on every rank)
+        state["optim_counters"] = counters
     dcp.save(state, checkpoint_id=str(directory / "dcp"))
 
 
@@ -295,19 +308,29 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     saved_keys = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
     if optimizer is None or not any(k.startswith("optim.") for k in saved_keys):  # (saved before any step)
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(source))
+        _read_dcp(state, source)
         set_model_state_dict(model, state["model"])
         return
-    counters = optimizer.global_state() if isinstance(optimizer, CountingOptimizer) else None
+    counters = extra_state(optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)  # (creates the optimizer state to load into)
     state = {"model": model_state, "optim": optim_state}
     if counters is not None:
         state["optim_counters"] = counters
-    dcp.load(state, checkpoint_id=str(source))
+    _read_dcp(state, source)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if counters is not None:
-        optimizer.load_global_state(state["optim_counters"])
-        optimizer.stats.events.clear()  # (from get_state_dict's initialising step)
+        load_extra_state(optimizer, state["optim_counters"])  # (and the initialising step's events dropped)
+
+
+def _read_dcp(state: dict, source: Path) -> None:
+    """dcp.load into state; in one process (export, generate, a resume on one rank) without torch's warning that it
+    assumes one process: that is the intent."""
+    import torch.distributed.checkpoint as dcp
+
+    one_process = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(source), no_dist=one_process)
 
 
 def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -327,6 +350,6 @@ def load_full_into_sharded(directory: Path, model: torch.nn.Module, optimizer: t
     extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
     set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))
-    if isinstance(optimizer, CountingOptimizer) and optimizer.stats.name in extra:
-        optimizer.load_global_state(extra[optimizer.stats.name])
-        optimizer.stats.events.clear()
+    key = extra_state_key(optimizer)
+    if key is not None and key in extra:
+        load_extra_state(optimizer, extra[key])

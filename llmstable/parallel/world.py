@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from llmstable.config import ConfigError, DistributedConfig
+from llmstable.config.engines import ENGINES, engine_traits
 
 INIT_METHOD_ENV = "LLMSTABLE_INIT_METHOD"
 
@@ -100,11 +101,12 @@ def launched_world_size() -> int:
 def init_world(cfg: DistributedConfig, device_name: str) -> World:
     """Join (or create) the process group that cfg and the launcher's environment describe."""
     world_size = launched_world_size()
-    if cfg.name == "single":
+    if not engine_traits(cfg).process_group:
         if world_size > 1:
+            grouped = [name for name, t in ENGINES.items() if t.process_group]
             raise ConfigError([
-                f"the launcher started {world_size} processes (WORLD_SIZE={world_size}) but distributed=single: "
-                "pass distributed=ddp, distributed=fsdp2 or distributed=deepspeed"
+                f"the launcher started {world_size} processes (WORLD_SIZE={world_size}) but distributed={cfg.name}, "
+                f"which runs in one process: pass distributed={', distributed='.join(grouped)}"
             ])
         return World(device=_device(device_name, 0))
     rank = int(os.environ.get("RANK", "0"))
@@ -149,7 +151,7 @@ def launcher_environment() -> tuple[str, ...]:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
-    from llmstable.runtime import resolve_device
+    from llmstable.device import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:

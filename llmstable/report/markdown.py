@@ -5,7 +5,7 @@ checks. The HTML report (llmstable.report.page) renders the same cells and text.
 from __future__ import annotations
 
 from llmstable.report.runs import tuned_label
-from llmstable.spikes import COLUMNS, cell
+from llmstable.report.spikes import COLUMNS, cell
 
 PLOTS = (("lr_sensitivity.png", "final validation loss against LR per arm, on the selection seeds (x: diverged, "
                                  "ring: best LR)"),

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from llmstable.records import read_events, read_metrics
-from llmstable.plot import final_curve
+from llmstable.loss_plot import final_curve
 from llmstable.report.study import best_runs
 
 

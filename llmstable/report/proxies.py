@@ -19,9 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from llmstable.config import flatten
 from llmstable.metrics import read_jsonl
 from llmstable.report.runs import run_dirs, run_row
-from llmstable.resume import flatten
 from llmstable.statistics import lr_sensitivity
 
 # Differences of LR sensitivity (nats) within this are not resolved with one seed: the seed-to-seed standard

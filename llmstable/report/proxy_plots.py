@@ -75,7 +75,8 @@ def plot_sensitivity_vs_size(root: Path, study: dict) -> None:
     ax.set_ylabel("LR sensitivity (nats)")
     ax.set_title("LR sensitivity: mean over the LR grid of min(loss, initial loss) - best loss", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # (a study without the roles plotted has nothing to label)
+        ax.legend(fontsize=8)
     save(plt, fig, root / "proxy_lr_sensitivity.png")
 
 
@@ -98,7 +99,8 @@ def plot_curves(root: Path, study: dict, key: str, roles: tuple[str, str], name:
         ax.set_title(f"{size['model']} ({fmt_params(size)})", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel(ylabel)
     save(plt, fig, root / name)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from llmstable.records import read_events, read_metrics, skipped_warning
-from llmstable.plot import final_curve
-from llmstable.resume import flatten
-from llmstable.spikes import spike_rows
+from llmstable.loss_plot import final_curve
+from llmstable.config import flatten
+from llmstable.report.spikes import spike_rows
 
 TIMING = ("wall_s", "tokens_per_sec", "peak_memory_mb")  # the only fields that differ between identical reruns
 BUDGET_TAG = "_budget"  # in the directory name of the baseline's runs at a fraction of the budget (llmstable.compare)

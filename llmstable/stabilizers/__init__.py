@@ -65,7 +65,7 @@ def build_model_and_stabilizers(cfg: TrainConfig, vocab_size: int, device: torch
     """The model as the run trains it: config hooks, build (seeded by the caller), then model transforms. `extra`
     are stabilizers the caller built (plug-ins outside the package), applied after the configured ones."""
     stabilizers = [*build_stabilizers(cfg.stabilizer, capabilities), *extra]
-    if cfg.loss.name != "cross_entropy":  # the replacing loss goes before any other compute_loss
+    if cfg.loss.replaces_cross_entropy:  # the replacing loss goes before any other compute_loss
         stabilizers.insert(int(cfg.stabilizer.softmax_collapse is not None), ReplacingLoss(cfg.loss))
     model_cfg = llama_config(cfg.model, vocab_size)
     for stabilizer in stabilizers:

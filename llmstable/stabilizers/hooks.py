@@ -4,7 +4,7 @@ Stabilizers are built before the engine, and are told then what the run allows (
 changed afterwards. Hooks fire in this order, on every rank alike, and call torch.distributed themselves only for
 a value that exists per rank, always at a point every rank reaches alike, decided by the step number and state that
 all ranks share: QK-clip's attention-logit maxima (measured on each rank's share of the batch) and the spike
-guard's per-block gradient norms over FSDP2 shards (`indicators.block_norms`) are all-reduced in `on_gradients`;
+guard's per-block gradient norms over FSDP2 shards (`parallel.dtensors.block_norms`) are all-reduced in `on_gradients`;
 the early warning's curvature predictor under DDP averages its gradient and product in `on_loss`, on curvature
 steps only:
 

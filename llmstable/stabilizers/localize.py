@@ -2,7 +2,7 @@
 
 Update-norm spikes come before loss spikes and are larger in lower layers (marin#1368), so a spike event is more
 useful when it says where. `SpikeLocalizer` keeps, on the device, the gradient norm of every block at every step
-(one stacked norm per block, no host sync; under FSDP2 one all-reduce for all blocks, `indicators.block_norms`) and
+(one stacked norm per block, no host sync; under FSDP2 one all-reduce for all blocks, `parallel.dtensors.block_norms`) and
 the last `window` clean steps of them. Only when the guard has detected a spike does it read them back (the extra
 host sync happens after detection, never on a clean step) and name:
 - `layer`: the block that moved first relative to its own history: for each block, the first of the last
@@ -22,7 +22,8 @@ from collections import deque
 
 import torch
 
-from llmstable.indicators import block_norms, layer_grad_norms
+from llmstable.indicators import layer_grad_norms
+from llmstable.parallel.dtensors import block_norms
 
 MIN_BASELINE = 8  # clean steps of history a block's mean and std are taken over, before the recent ones
 

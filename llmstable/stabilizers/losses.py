@@ -1,97 +1,12 @@
-"""Losses that replace the softmax cross-entropy (the `loss` group), what their logits mean, and the
-softmax-collapse monitor.
-
-- StableMax (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697): the logits
-  are scores x with p_i = s(x_i) / sum_j s(x_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x + eps) for x < 0. As in the
-  official code, the scores are taken to float64 before s, with eps = 1e-30 in the x < 0 branch only.
-- Spherical Z-loss (de Brebisson and Vincent 2016, arXiv 1604.08859): each position's logits are standardised,
-  z = (o - mean(o)) / (std(o) + 1e-12) (the population std, over the vocabulary), and
-  loss = softplus(a (b - z_target)) / a, as in the authors' code.
-  It defines no distribution of its own; the logits are read as softmax logits for sampling and for the
-  cross-entropy that evaluation reports beside it.
-- The softmax-collapse monitor (Prieto et al. 2025, section 3): the share of positions whose fp32 softmax
-  probability of the target is exactly 1.0. There the target's component of the cross-entropy's gradient,
-  p_target - 1, is exactly zero; the other components, p_j, are tiny but not zero (about 2e-9 each on the logits
-  [20, 0 x 9]), so the position still pushes the other logits down, and the target's logit no longer moves.
-
-Both losses act through the `compute_loss` hook; the monitor through `begin_step` / `on_loss` / `metrics`.
-"""
+"""The hooks of the losses (llmstable.losses holds their math): the loss that replaces the softmax cross-entropy
+(`compute_loss`, every micro-batch) and the softmax-collapse monitor (`begin_step` / `on_loss` / `metrics`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from llmstable.losses import loss_function, softmax_collapse_fraction
 from llmstable.stabilizers.hooks import Stabilizer
-
-# What the logits mean, by loss: said in validation rows, in the exported folder and by `generate`.
-LOGITS_MEAN = {
-    "cross_entropy": "softmax logits: p = softmax(logits)",
-    "stablemax": ("StableMax scores: p_i = s(x_i) / sum_j s(x_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x) for "
-                  "x < 0 (arXiv 2501.04697); a softmax over them is NOT the distribution the model was trained for"),
-    "spherical_z": ("logits trained with the spherical Z-loss (arXiv 1604.08859), which defines no distribution; "
-                    "they are read as softmax logits"),
-}
-
-
-def stablemax_s(x: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
-    """s(x): x + 1 for x >= 0, 1 / (1 - x + eps) for x < 0 (elementwise, any dtype). Each branch sees only its own
-    half of the line (clamped), so the branch not taken never divides by zero, in values or in gradients."""
-    negative = x < 0
-    return torch.where(negative, 1.0 / (1.0 - x.clamp(max=0) + eps), x.clamp(min=0) + 1.0)
-
-
-def log_stablemax(x: torch.Tensor, eps: float = 1e-30, dim: int = -1) -> torch.Tensor:
-    """log(s(x) / sum s(x)) over `dim`, in float64 (the official code's precision)."""
-    s = stablemax_s(x.to(torch.float64), eps)
-    return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
-
-
-def stablemax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
-    """Mean -log StableMax probability of the targets, computed in float64 and returned as fp32 (the loop's
-    accumulator dtype; the cast is after the mean, so gradients are the float64 ones). logits (..., V)."""
-    logp = log_stablemax(logits.reshape(-1, logits.shape[-1]), eps)
-    return -logp.gather(-1, targets.reshape(-1, 1)).mean().float()
-
-
-def stablemax_probs(logits: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
-    """The StableMax distribution over the last dim, in float64 (for sampling)."""
-    s = stablemax_s(logits.to(torch.float64), eps)
-    return s / s.sum(dim=-1, keepdim=True)
-
-
-def spherical_z_loss(logits: torch.Tensor, targets: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """Mean over positions of softplus(a (b - z_target)) / a, z the position's logits standardised over the
-    vocabulary, in fp32: z = (o - mean) / (std + 1e-12) with the population std, as in the authors' Theano code
-    (pascal20100/factored_output_layer), so a position whose std is 0 has z = 0. They take the std as
-    sqrt(mean(o^2) - mean^2), the spherical family's form; the centred variance here is the same in exact
-    arithmetic without the cancellation. Where a position's logits are all equal (a zero-initialised head) the std
-    is 0 and its square root's derivative infinite; there the std is taken as a constant 0, so the gradient is the
-    large but finite (onehot - 1/V) / 1e-12 that gradient clipping can scale, not NaN."""
-    o = logits.float().reshape(-1, logits.shape[-1])
-    mean = o.mean(dim=-1, keepdim=True)
-    var = o.var(dim=-1, correction=0, keepdim=True)
-    std = torch.where(var > 0, var, 1.0).sqrt() * (var > 0)
-    z_target = (o.gather(-1, targets.reshape(-1, 1)) - mean) / (std + 1e-12)
-    return (F.softplus(a * (b - z_target)) / a).mean()
-
-
-def softmax_collapse_fraction(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The share of positions whose fp32 softmax probability of the target is exactly 1.0, where the target's
-    gradient component is exactly zero (a device tensor)."""
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    return (probs.gather(-1, targets.unsqueeze(-1)) == 1.0).float().mean()
-
-
-def loss_function(cfg):
-    """The training loss of a `loss` config: (logits, targets) -> scalar tensor."""
-    from llmstable.evaluate import cross_entropy
-
-    if cfg.name == "stablemax":
-        return lambda logits, targets: stablemax_cross_entropy(logits, targets, cfg.eps)
-    if cfg.name == "spherical_z":
-        return lambda logits, targets: spherical_z_loss(logits, targets, cfg.a, cfg.b)
-    return cross_entropy
 
 
 class ReplacingLoss(Stabilizer):

@@ -1,8 +1,8 @@
 """The norm-growth limiter of Fira (Chen et al. 2024, arXiv 2410.01623, section 4.3), on its own: a gradient
 whose norm grew by more than a factor gamma since the last step is scaled back to gamma times the last norm.
 
-Fira applies it to the scaled residual of each low-rank matrix, inside the optimizer (`llmstable.optimizers.fira`
-uses `limit_norm_growth` below, so both share one arithmetic). As a stabilizer it applies to the raw gradient of
+Fira applies it to the scaled residual of each low-rank matrix, inside the optimizer; both use one arithmetic,
+`limit_norm_growth` (llmstable.optimizers.norm_growth, the optimizer's own mechanism). As a stabilizer it applies to the raw gradient of
 every parameter, for any optimizer, through the `on_gradients` hook.
 
 Granularity: one norm per parameter tensor. That is Fira's granularity (one residual per weight matrix), and it
@@ -18,23 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from llmstable.optimizers.norm_growth import limit_norm_growth
 from llmstable.stabilizers.hooks import Stabilizer
-
-
-def limit_norm_growth(x: torch.Tensor, norm: torch.Tensor, prev_norm: torch.Tensor | None,
-                      gamma: float = 1.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x scaled so that its norm grows by at most gamma over prev_norm: (x', norm to remember, limited?).
-
-    Fira's arithmetic: r = norm / (prev_norm + 1e-8); limiter = max(r, gamma) / gamma; x' = x / limiter; the
-    remembered norm is norm / limiter. Written with torch.where, so it never syncs the host; it takes the same
-    branch as the official `max(r, gamma)` (which keeps r unless r < gamma) and divides by exactly 1.0 otherwise,
-    so the result is bit-identical to it. With prev_norm None (the first step) x is returned as it is."""
-    if prev_norm is None:
-        return x, norm, torch.zeros((), dtype=torch.bool, device=x.device)
-    ratio = norm / (prev_norm + 1e-8)
-    below = ratio < gamma
-    limiter = torch.where(below, torch.ones_like(ratio), ratio / gamma)
-    return x / limiter, norm / limiter, ~below
 
 
 class NormGrowthLimiter(Stabilizer):

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from llmstable.indicators import AttentionLogits, replicated_like
+from llmstable.indicators import AttentionLogits
+from llmstable.parallel.dtensors import replicated_like
 from llmstable.stabilizers.hooks import Stabilizer
 
 

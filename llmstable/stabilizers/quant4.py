@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmstable.model.roles import BLOCK_ROLES, param_roles
 from llmstable.stabilizers.hooks import Stabilizer
 
 
@@ -53,9 +54,9 @@ class QuantLinear(torch.nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def is_block_linear(module: torch.nn.Module, fqn: str) -> bool:
-    """The attention and MLP projections: what the recipe quantizes."""
-    return type(module) is torch.nn.Linear and (".attention." in f".{fqn}." or ".feed_forward." in f".{fqn}.")
+def is_block_linear(module: torch.nn.Module, fqn: str, roles: dict[str, str]) -> bool:
+    """The attention and MLP projections (by the model's parameter roles): what the recipe quantizes."""
+    return type(module) is torch.nn.Linear and roles.get(f"{fqn}.weight") in BLOCK_ROLES
 
 
 class Quant4(Stabilizer):
@@ -67,8 +68,9 @@ class Quant4(Stabilizer):
         self.group_size, self.act_bits = group_size, act_bits
 
     def transform_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        roles = param_roles(model)
         for fqn, module in model.named_modules():
-            if is_block_linear(module, fqn):
+            if is_block_linear(module, fqn, roles):
                 module.__class__ = QuantLinear  # keeps the Parameter objects, so nothing is re-registered
                 module.group_size, module.act_bits = self.group_size, self.act_bits
         return model

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from llmstable.config import SpikeGuardConfig
 from llmstable.stabilizers.hooks import Action, Capabilities, Detection, Stabilizer, SuspectedHardwareFault
+from llmstable.stabilizers.ladder import SpikeLadder
 from llmstable.stabilizers.localize import SpikeLocalizer
 from llmstable.stabilizers.sdc import SDCReplay
 from llmstable.stabilizers.warning import PrecondWarning
@@ -81,9 +82,10 @@ class SpikeGuard(Stabilizer):
     gradient-norm reduction and before the optimizer step, with the step's loss and pre-clip gradient norm as
     host floats (the one sync the trainer does per step). Returns None or an `Action`.
 
-    The ladder: the first `skip_steps` spiky steps in a row are skipped (no update); the next one rolls back. The
-    `lr_cut_after`-th rollback and later ones also multiply the LR by `lr_cut_factor`; the `moment_reset_after`-th
-    and later ones also zero the optimizer moments. Past `max_rollbacks` rollbacks the guard asks to abort.
+    The ladder (llmstable.stabilizers.ladder, which owns its rules): the first `skip_steps` spiky steps in a row are
+    skipped (no update); the next one rolls back. The `lr_cut_after`-th rollback and later ones also multiply the
+    LR by `lr_cut_factor`; the `moment_reset_after`-th and later ones also zero the optimizer moments. Past
+    `max_rollbacks` rollbacks the guard asks to abort.
 
     Around the ladder (each in its own module): every spike names the block it came from
     (`localize.SpikeLocalizer`, via `on_gradients`); with `replay`, a spike is first recomputed to tell a hardware
@@ -95,7 +97,7 @@ class SpikeGuard(Stabilizer):
     name = "spike"
 
     def __init__(self, cfg, capabilities: Capabilities = Capabilities()):
-        self.cfg = cfg
+        self.cfg, self.ladder = cfg, SpikeLadder(cfg)
         self.detectors = {
             metric: SpikeDetector(cfg.window, cfg.k_std, cfg.min_history, cfg.ema_decay, cfg.ema_ratio)
             for metric in cfg.spike_metrics()
@@ -205,14 +207,9 @@ class SpikeGuard(Stabilizer):
             d.details = where
         self._last_layer = where.get("layer")
         self._spiky_in_a_row += 1
-        if self.can_skip and self._spiky_in_a_row <= self.cfg.skip_steps:
-            return Action("skip_step", detections)
-        n = rollbacks_so_far + 1  # from the trainer's ledger, which survives the rollback itself
-        if n > self.cfg.max_rollbacks:
-            return Action("abort", detections)
-        return Action("rollback", detections,
-                      lr_cut=self.cfg.lr_cut_after > 0 and n >= self.cfg.lr_cut_after,
-                      moment_reset=self.cfg.moment_reset_after > 0 and n >= self.cfg.moment_reset_after)
+        # rollbacks_so_far: from the trainer's ledger, which survives the rollback itself
+        rung = self.ladder.rung(self._spiky_in_a_row, rollbacks_so_far, self.can_skip)
+        return Action(rung.kind, detections, lr_cut=rung.lr_cut, moment_reset=rung.moment_reset)
 
     def state_dict(self) -> dict:
         return {"detectors": {m: d.state_dict() for m, d in self.detectors.items()},

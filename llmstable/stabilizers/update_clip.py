@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from llmstable.indicators import full, replicated_like
+from llmstable.parallel.dtensors import full, replicated_like
 from llmstable.stabilizers.hooks import Stabilizer
 
 

@@ -6,4 +6,4 @@ set -euo pipefail
 args=()
 if [[ -n "${HOSTFILE:-}" ]]; then args+=(--hostfile "$HOSTFILE"); fi
 if [[ -n "${NUM_GPUS:-}" ]]; then args+=(--num_gpus "$NUM_GPUS"); fi
-exec deepspeed "${args[@]}" --module llmstable.train "$@"
+exec deepspeed "${args[@]}" --module llmstable.cli train "$@"

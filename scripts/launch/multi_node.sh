@@ -10,4 +10,4 @@ NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 RDZV_PORT=${RDZV_PORT:-29500}
 RUN_ID=${RUN_ID:-llmstable}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
-    --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$RUN_ID" -m llmstable.train "$@"
+    --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$RUN_ID" -m llmstable.cli train "$@"

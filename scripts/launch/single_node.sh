@@ -5,4 +5,4 @@
 # interface); RUN_DIR must be the same for every rank, so it is required.
 set -euo pipefail
 nproc=${1:?usage: single_node.sh NPROC [overrides...] run_dir=PATH}; shift
-exec torchrun --standalone --nproc_per_node "$nproc" -m llmstable.train "$@"
+exec torchrun --standalone --nproc_per_node "$nproc" -m llmstable.cli train "$@"

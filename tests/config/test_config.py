@@ -75,6 +75,16 @@ def test_an_override_that_does_not_parse_is_named(tmp_path):
     check_error(["optimizer.betas=[0.9,"], "the override 'optimizer.betas=[0.9,' does not parse", tmp_path=tmp_path)
 
 
+def test_hydra_flags_and_their_values_pass_the_override_check():
+    """A flag's value (`--cfg job`, `-cn train`) is not an override: the check passes it to Hydra with its flag, and
+    still checks the overrides after it."""
+    from llmstable.compose import check_overrides
+
+    problems, kept = check_overrides(["--cfg", "job", "-cn", "train", "train.max_steps=3", "train.max_step=3"])
+    assert kept == ["--cfg", "job", "-cn", "train", "++train.max_steps=3"]
+    assert len(problems) == 1 and "train.max_step" in problems[0]
+
+
 def test_heads_must_divide_hidden(tmp_path):
     check_error(["model.dim=130", "model.n_heads=4"], "model.dim=130 is not divisible by model.n_heads=4",
                 tmp_path=tmp_path)

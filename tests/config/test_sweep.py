@@ -71,6 +71,7 @@ def test_a_study_across_sizes_refuses_a_model_override():
             in str(err.value))
 
 
+@pytest.mark.subprocess
 def test_the_cli_prints_the_error_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "llmstable.cli", "compare", "compare=quick_cpu",
                              "compare.arms=[adamw,nope]", "compare.budget_fractions=[-1]",

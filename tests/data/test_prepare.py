@@ -30,6 +30,7 @@ def checksums(root: Path) -> list[tuple[str, int, str]]:
     return [(e["file"], e["tokens"], e["sha256"]) for e in manifest["train"] + manifest["val"]]
 
 
+@pytest.mark.subprocess
 def test_shards_hold_the_in_memory_token_stream_and_serve_the_same_blocks_in_the_same_order(tmp_path, tokenizer_dir,
                                                                                            jsonl_dir):
     cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, shard_tokens=5000, workers=2)
@@ -55,6 +56,7 @@ GOLDEN_ROWS = "b6c75e9cc3f639ce71c6556e09448a28bc75f19e93c0b5cba96f22d9ba2fbda9"
 GOLDEN_VAL = "d061f4d4dededf5dd259c308de435983b2161b2840f73ae67f7bab0799ca3b54"
 
 
+@pytest.mark.subprocess
 def test_the_default_corpus_serves_the_blocks_of_the_loader_before_shards(tiny_config):
     import hashlib
 
@@ -65,6 +67,7 @@ def test_the_default_corpus_serves_the_blocks_of_the_loader_before_shards(tiny_c
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_prepare_then_train_equals_training_without_prepare(tiny_config, tmp_path):
     from llmstable.cli import main
     from llmstable.trainer import train
@@ -82,6 +85,7 @@ def test_prepare_then_train_equals_training_without_prepare(tiny_config, tmp_pat
     assert losses(tmp_path / "shards") == losses(tmp_path / "direct") and len(losses(tmp_path / "direct")) == 4
 
 
+@pytest.mark.subprocess
 def test_kill_9_during_prepare_then_rerun_gives_the_same_shards_without_redoing_finished_ones(tmp_path, tokenizer_dir,
                                                                                               jsonl_dir):
     cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, shard_tokens=4000, workers=1)
@@ -114,6 +118,7 @@ def test_kill_9_during_prepare_then_rerun_gives_the_same_shards_without_redoing_
     assert not list(out.glob(".*.tmp*"))
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_during_prepare_stops_at_once_with_one_line(tmp_path, tokenizer_dir, jsonl_dir):
     # Ctrl-C reaches the whole process group. The pool used to wait for every chunk already handed to the workers
     # (here each takes 30 s: it hung for minutes on big chunks under load); the workers printed their own tracebacks.
@@ -140,6 +145,7 @@ def test_ctrl_c_during_prepare_stops_at_once_with_one_line(tmp_path, tokenizer_d
     assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp*"))
 
 
+@pytest.mark.subprocess
 def test_a_full_disk_is_a_named_error_leaves_no_half_shard_and_a_rerun_completes(tmp_path, tokenizer_dir, jsonl_dir,
                                                                                  monkeypatch):
     cfg = hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir, shard_tokens=5000, workers=1)
@@ -182,6 +188,7 @@ def prepared_dir(tmp_path, tokenizer_dir, jsonl_dir):
                    progress=False)
 
 
+@pytest.mark.subprocess
 def test_a_changed_tokenizer_names_the_folder_and_the_fix(prepared_dir):
     tokenizer_json = prepared_dir / "tokenizer" / "tokenizer.json"
     spec = json.loads(tokenizer_json.read_text())
@@ -191,6 +198,7 @@ def test_a_changed_tokenizer_names_the_folder_and_the_fix(prepared_dir):
         PreparedCorpus(prepared_dir)
 
 
+@pytest.mark.subprocess
 def test_a_config_tokenizer_other_than_the_prepared_one_is_refused(prepared_dir, tmp_path):
     from llmstable.data.tokenizer import build_tokenizer
 
@@ -202,6 +210,7 @@ def test_a_config_tokenizer_other_than_the_prepared_one_is_refused(prepared_dir,
         build_data(cfg, seed=0, min_train_blocks=1)
 
 
+@pytest.mark.subprocess
 def test_a_missing_shard_names_the_file_and_a_rerun_of_prepare_repairs_it(prepared_dir, tokenizer_dir, jsonl_dir):
     before = checksums(prepared_dir)
     (prepared_dir / "train-00001.bin").unlink()
@@ -211,6 +220,7 @@ def test_a_missing_shard_names_the_file_and_a_rerun_of_prepare_repairs_it(prepar
     assert checksums(prepared_dir) == before
 
 
+@pytest.mark.subprocess
 def test_a_corrupted_shard_is_a_checksum_mismatch_naming_the_file(prepared_dir):
     victim = prepared_dir / "train-00000.bin"
     data = bytearray(victim.read_bytes())
@@ -225,11 +235,13 @@ def test_a_directory_without_manifest_says_how_to_make_one(tmp_path):
         build_data(DataConfig(source="prepared", path=str(tmp_path / "nothing"), seq_len=32), 0, 1)
 
 
+@pytest.mark.subprocess
 def test_preparing_another_corpus_into_the_same_directory_is_refused(prepared_dir, tokenizer_dir, text_corpus):
     with pytest.raises(DataError, match=r"was prepared from another corpus.*differs in: .*files"):
         prepare(hf_files_cfg(text_corpus / "*.txt", tokenizer_dir, format="text"), prepared_dir, progress=False)
 
 
+@pytest.mark.subprocess
 def test_an_undecodable_file_among_good_ones_is_named(tmp_path, tokenizer_dir):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("A perfectly good document. " * 40)
@@ -246,6 +258,7 @@ def _killed(*args):  # (module level: the pool sends it to the worker by name)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.subprocess
 def test_a_killed_worker_is_a_named_error_and_a_rerun_completes(tmp_path, tokenizer_dir, jsonl_dir, monkeypatch):
     import llmstable.data.prepare as prepare_module
     from llmstable.data.prepare import PrepareWorkerDied
@@ -260,6 +273,7 @@ def test_a_killed_worker_is_a_named_error_and_a_rerun_completes(tmp_path, tokeni
     assert checksums(tmp_path / "out") == checksums(prepare(cfg, tmp_path / "whole", progress=False))
 
 
+@pytest.mark.subprocess
 def test_an_empty_file_among_good_ones_holds_no_documents(tmp_path, tokenizer_dir, jsonl_dir):
     import shutil
 
@@ -274,6 +288,7 @@ def test_an_empty_file_among_good_ones_holds_no_documents(tmp_path, tokenizer_di
     assert checksums(with_empty) == checksums(without)
 
 
+@pytest.mark.subprocess
 def test_a_prepared_tokenizer_that_asks_for_code_is_refused_before_any_load(prepared_dir, tmp_path):
     config = json.loads((prepared_dir / "tokenizer" / "tokenizer_config.json").read_text())
     config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
@@ -289,6 +304,7 @@ def test_a_prepared_tokenizer_that_asks_for_code_is_refused_before_any_load(prep
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.subprocess
 def test_prepare_writes_a_plain_progress_line_to_a_log(tmp_path, tokenizer_dir, jsonl_dir, capfd, monkeypatch):
     monkeypatch.setenv("LLMSTABLE_PROGRESS_S", "0.001")
     prepare(hf_files_cfg(jsonl_dir / "*.json.gz", tokenizer_dir), tmp_path / "out")
@@ -297,6 +313,7 @@ def test_prepare_writes_a_plain_progress_line_to_a_log(tmp_path, tokenizer_dir, 
     assert "docs" in lines[-1] and "docs/s" in lines[-1] and "file=8/8" in lines[-1]
 
 
+@pytest.mark.subprocess
 def test_an_empty_corpus_is_refused_before_anything_is_written(tmp_path, tokenizer_dir):
     for i in range(3):
         (tmp_path / f"e{i}.txt").write_text("  \n")
@@ -305,6 +322,7 @@ def test_an_empty_corpus_is_refused_before_anything_is_written(tmp_path, tokeniz
     assert not list((tmp_path / "out").glob("*.bin"))
 
 
+@pytest.mark.subprocess
 def test_the_cli_needs_out_and_prints_how_to_train(tmp_path, tokenizer_dir, jsonl_dir, capsys):
     from llmstable.cli import main
 
@@ -316,6 +334,7 @@ def test_the_cli_needs_out_and_prints_how_to_train(tmp_path, tokenizer_dir, json
     assert f"data=prepared data.path={tmp_path / 'cli'}" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_zst_jsonl_and_parquet_prepare_to_the_same_shards_as_gzip(tmp_path, tokenizer_dir, jsonl_dir):
     import gzip
 
@@ -337,6 +356,7 @@ def test_zst_jsonl_and_parquet_prepare_to_the_same_shards_as_gzip(tmp_path, toke
     assert sums[0] == sums[1] == sums[2] and sums[0]
 
 
+@pytest.mark.subprocess
 def test_a_corpus_with_no_document_in_validation_holds_out_the_smallest_hash_as_before(tmp_path, tokenizer_dir):
     for i in range(4):
         (tmp_path / f"d{i}.txt").write_text(f"Document number {i} of four. " * 30)

@@ -103,6 +103,7 @@ def test_the_window_order_depends_on_the_seed(jsonl_dir, tokenizer_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_rank_streaming_follows_the_one_process_curve_and_its_checkpoint_resumes_on_one(tmp_path, tokenizer_dir,
                                                                                            jsonl_dir):
     from tests.conftest import TINY

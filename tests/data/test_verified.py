@@ -30,6 +30,7 @@ def counting_hashes(monkeypatch) -> list:
     return hashed
 
 
+@pytest.mark.subprocess
 def test_a_start_hashes_no_shard_that_prepare_or_an_earlier_start_verified(prepared, monkeypatch):
     assert (prepared / VERIFIED).is_file()  # prepare hashed the shards as it wrote them
     hashed = counting_hashes(monkeypatch)
@@ -43,6 +44,7 @@ def test_a_start_hashes_no_shard_that_prepare_or_an_earlier_start_verified(prepa
     assert hashed == ["train-00001.bin"]
 
 
+@pytest.mark.subprocess
 def test_a_flipped_byte_that_keeps_size_and_time_is_found_by_verify(prepared, monkeypatch):
     victim = prepared / "train-00000.bin"
     stat = victim.stat()
@@ -60,6 +62,8 @@ def test_a_flipped_byte_that_keeps_size_and_time_is_found_by_verify(prepared, mo
         PreparedCorpus(prepared)
 
 
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_verify_passes_an_intact_corpus_and_a_run_and_names_what_it_is_not(prepared, tmp_path, tiny_config):
     from llmstable.trainer import train
 

@@ -50,6 +50,7 @@ def test_matches_the_official_package_over_300_steps_with_six_projector_refreshe
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess  # (inductor starts its compile workers and the C++ compiler)
 def test_compiled_steps_match_the_official_package():
     ours, _, _ = run(lambda g: Fira(g, compiled=True, **HP), 120, gap=20)
     ref, _, _ = run(official(**HP), 120, gap=20)

@@ -23,6 +23,7 @@ def test_matches_the_float64_reference_with_spikes_and_decay(power, nesterov):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess  # (inductor starts its compile workers and the C++ compiler)
 def test_compiled_update_matches_the_eager_one():
     ours, _, _ = run(lambda g: S3(g, compiled=True, **HP), 40)
     ref, _, _ = run(lambda g: S3(g, **HP), 40)

@@ -28,6 +28,7 @@ def test_matches_the_reference_over_a_long_run_with_spikes_resets_and_decay(grou
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess  # (inductor starts its compile workers and the C++ compiler)
 def test_compiled_update_matches_the_reference():
     ours, _, _ = run(lambda g: SPAM(g, compiled=True, **HP), 130, sparse)
     ref, _, _ = run(lambda g: ReferenceSPAM(g, **HP), 130, sparse)

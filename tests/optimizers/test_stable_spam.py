@@ -21,6 +21,7 @@ def test_matches_the_reference_over_a_long_run_with_spikes_resets_and_decay(amsg
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess  # (inductor starts its compile workers and the C++ compiler)
 def test_compiled_update_matches_the_reference():
     ours, _, _ = run(lambda g: StableSPAM(g, compiled=True, **HP), 130)
     ref, _, _ = run(lambda g: ReferenceStableSPAM(g, **HP), 130)

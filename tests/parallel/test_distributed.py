@@ -13,7 +13,7 @@ from llmstable.metrics import read_jsonl
 from tests.conftest import TINY
 from tests.parallel.launch import run_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # (2-rank jobs, each rank a process)
 
 N, HALF = 12, 6  # steps of the parity and resume runs; they checkpoint (and resume) at HALF
 STEPS = [f"train.max_steps={N}", f"train.eval_interval={HALF}", f"train.checkpoint_interval={HALF}",
@@ -113,6 +113,7 @@ PARITY = [("adamw", e) for e in ("ddp", "fsdp2", "zero2")] + [
 
 
 @pytest.mark.parametrize("optimizer,engine", PARITY)
+@pytest.mark.trains  # (single_runs: the one-process curves, trained here)
 def test_two_ranks_follow_the_single_process_curve(single_runs, tmp_path, optimizer, engine):
     run = tmp_path / "run"
     run_ranks(2, [*TINY, *STEPS, *OPTIMIZERS[optimizer], *ENGINES[engine]], run)

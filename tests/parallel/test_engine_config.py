@@ -36,7 +36,7 @@ def test_impossible_engine_combinations_are_refused_by_name(tiny_config, overrid
 
 
 def test_a_multi_process_launch_of_single_is_refused(monkeypatch, tiny_config):
-    from llmstable.parallel import init_world
+    from llmstable.parallel.world import init_world
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"\(WORLD_SIZE=2\) but distributed=single"):
@@ -44,7 +44,7 @@ def test_a_multi_process_launch_of_single_is_refused(monkeypatch, tiny_config):
 
 
 def test_a_multi_process_launch_needs_run_dir(monkeypatch, capsys):
-    from llmstable.train import train_command
+    from llmstable.cli.train import train_command
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train_command(["distributed=fsdp2", "train.max_steps=1", "train.budget_tokens=null"]) == 2
@@ -52,7 +52,7 @@ def test_a_multi_process_launch_needs_run_dir(monkeypatch, capsys):
 
 
 def test_micro_batches_must_fill_every_rank(tiny_config):
-    from llmstable.parallel import World
+    from llmstable.parallel.world import World
     from llmstable.trainer import build_trainer
 
     cfg = tiny_config("train.global_batch_size=8", "train.micro_batch_size=8")
@@ -76,6 +76,7 @@ def test_the_deepspeed_json_comes_from_the_config_and_takes_user_keys(tiny_confi
         deepspeed_config(cfg, world_size=2)
 
 
+@pytest.mark.subprocess
 def test_deepspeed_on_cpu_does_not_build_its_inference_only_shared_memory_op(monkeypatch):
     """The switch `skip_inference_comm_op` flips is the one DeepSpeed's comm backend reads before compiling the op;
     its builder would be called (and compile for about a minute) if it were not."""

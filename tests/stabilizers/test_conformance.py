@@ -84,6 +84,7 @@ def hook_stabilizers():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*TINY_SETTINGS, "combined", "hooks"])
+@pytest.mark.trains
 def test_trains_round_trips_and_resumes_bit_identically(name, tiny_config, tmp_path):
     overrides = {"combined": COMBINED, "hooks": COMBINED_QK_CLIP}.get(name) or TINY_SETTINGS[name]
     extra = hook_stabilizers if name == "hooks" else tuple

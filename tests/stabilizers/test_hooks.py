@@ -9,7 +9,7 @@ import torch
 from llmstable import checkpoint as ckpt
 from llmstable.metrics import read_jsonl
 from llmstable.stabilizers import Action, Stabilizer
-from llmstable.evaluate import cross_entropy
+from llmstable.losses import cross_entropy
 from llmstable.trainer import train
 
 
@@ -88,6 +88,7 @@ def plain_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.trains
 def test_on_gradients_changes_the_gradients_before_clipping_and_the_norm(tiny_config, tmp_path, plain_run):
     plain = rows(plain_run)
     hook = HalveGradients()
@@ -98,6 +99,7 @@ def test_on_gradients_changes_the_gradients_before_clipping_and_the_norm(tiny_co
     assert halved[1]["train/loss"] == plain[1]["train/loss"]  # same weights at step 1
 
 
+@pytest.mark.trains
 def test_on_update_acts_after_each_applied_update(tiny_config, tmp_path, plain_run):
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(PinFinalNorm(),))
     from safetensors.torch import load_file
@@ -108,6 +110,7 @@ def test_on_update_acts_after_each_applied_update(tiny_config, tmp_path, plain_r
     assert not torch.equal(plain["norm.weight"], torch.ones_like(plain["norm.weight"]))
 
 
+@pytest.mark.trains
 def test_a_loss_provider_replaces_the_cross_entropy(tiny_config, tmp_path, plain_run):
     plain = rows(plain_run)
     train(tiny_config(*STEPS, run_dir=tmp_path / "hook"), extra_stabilizers=(DoubleLoss(),))
@@ -116,6 +119,7 @@ def test_a_loss_provider_replaces_the_cross_entropy(tiny_config, tmp_path, plain
     assert doubled[1]["optim/grad_norm"] == 2.0 * plain[1]["optim/grad_norm"]
 
 
+@pytest.mark.trains
 def test_a_replayed_step_recomputes_the_same_result_and_the_run_goes_on_unchanged(tiny_config, tmp_path, plain_run):
     plain = rows(plain_run)
     hook = ReplayStep(at=3)

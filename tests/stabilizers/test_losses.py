@@ -9,7 +9,7 @@ import torch
 
 from llmstable.config import SphericalZConfig, StableMaxConfig
 from llmstable.evaluate import validation_metrics
-from llmstable.stabilizers.losses import (
+from llmstable.losses import (
     log_stablemax, softmax_collapse_fraction, spherical_z_loss, stablemax_cross_entropy, stablemax_probs,
 )
 
@@ -152,7 +152,5 @@ def test_stablemax_sampling_draws_from_the_stablemax_distribution():
 
 
 def test_an_export_of_a_stablemax_run_says_what_its_logits_mean():
-    from llmstable.export import logits_note
-
-    note = logits_note("stablemax")
+    note = StableMaxConfig().export_note()
     assert "StableMax" in note and "softmax" in note and "greedy" in note

@@ -6,7 +6,7 @@ run with a message to check the machine."""
 import pytest
 
 from llmstable.metrics import read_jsonl
-from llmstable.spikes import format_table, spike_rows
+from llmstable.report.spikes import format_table, spike_rows
 from llmstable.stabilizers.hooks import SuspectedHardwareFault
 from llmstable.stabilizers.sdc import SDCReplay
 from llmstable.trainer import train
@@ -19,6 +19,7 @@ GUARD = ["stabilizer=[spike_guard]", "stabilizer.spike_guard.min_history=3", "st
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_the_replay_tells_a_transient_fault_from_a_data_spike(tiny_config, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_config(*GUARD, "fault.sdc_at_step=9", "fault.corrupt_batch_steps=[11]", run_dir=run))
@@ -52,6 +53,7 @@ def test_replays_that_keep_differing_stop_the_run_with_a_message_to_check_the_ma
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_llmstable_train_exits_4_at_max_sdc_suspects_and_says_to_check_the_machine(tmp_path):
     import subprocess
     import sys

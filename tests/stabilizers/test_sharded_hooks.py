@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 SHAPES = {"wide": (6, 10), "odd": (5, 3), "one_row": (1, 7), "vector": (9,)}  # odd: uneven; one_row: rank 1 empty
 

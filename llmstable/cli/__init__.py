@@ -1,18 +1,20 @@
-"""The `llmstable` command: `train` (a Hydra app), `export` and `generate`.
+"""The `llmstable` command (also `python -m llmstable.cli`, for launchers that start a module).
 
-    llmstable train [Hydra overrides]          e.g. llmstable train model=tiny_10m train.max_steps=500
+    llmstable train [overrides]                e.g. llmstable train model=tiny_10m train.budget_tokens=5000000
+    llmstable train [overrides] --cfg job      print the composed config (--config-name llmstable_schema: every key)
     llmstable prepare out=DIR [data overrides] e.g. llmstable prepare data=c4 out=prepared/c4
-    torchrun --nproc_per_node 2 -m llmstable.train distributed=fsdp2 run_dir=runs/x [Hydra overrides]
+    torchrun --nproc_per_node 2 -m llmstable.cli train distributed=fsdp2 run_dir=runs/x [overrides]
     llmstable export RUN_OR_CHECKPOINT OUT_DIR [--overwrite] [--trust-checkpoint]
     llmstable generate RUN_OR_CHECKPOINT --prompt "Fellow citizens" [--max-new-tokens 100] [--trust-checkpoint]
-    llmstable compare compare=quick_cpu [compare.seeds=[0,1]] [train overrides]
+    llmstable compare compare=quick_cpu [compare.confirm_seeds=[4,5]] [train overrides]
     llmstable report SWEEP_DIR
     llmstable spikes RUN_DIR                   the run's spikes: step, metric, value, threshold, action, layer, skipped
     llmstable verify PATH                      hash every file of a prepared corpus, a checkpoint or a run's checkpoints
 
 Every command reports bad input as one `error:` paragraph naming the key or file and the fix, and exits with a
 documented code (llmstable/errors.py: 2 bad input, 3 spike abort, 4 suspected hardware fault, 5 checkpoint write
-failed, 75 stopped by a preemption signal after a checkpoint (train), 1 a bug, 130 Ctrl-C). `--debug` anywhere on the line, or LLMSTABLE_DEBUG=1, also prints the traceback.
+failed, 75 stopped by a preemption signal after a checkpoint (train), 1 a bug, 130 Ctrl-C). `--debug` anywhere on
+the line, or LLMSTABLE_DEBUG=1, also prints the traceback.
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ from llmstable.errors import EXIT_ERROR, ArgumentParser, debug_requested, run_co
 
 
 COMMANDS = {  # name -> (module, function), None for this module: only the chosen command's module is imported
-    "train": ("llmstable.train", "train_command"), "export": (None, "export_command"),
+    "train": ("llmstable.cli.train", "train_command"), "export": (None, "export_command"),
     "generate": (None, "generate_command"), "compare": ("llmstable.compare", "compare_command"),
     "report": ("llmstable.report", "report_command"), "prepare": (None, "prepare_command"),
-    "spikes": ("llmstable.spikes", "spikes_command"), "verify": ("llmstable.verify", "verify_command"),
+    "spikes": ("llmstable.report.spikes", "spikes_command"), "verify": ("llmstable.cli.verify", "verify_command"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
-    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]  # (deepspeed's)
+    debug, argv = debug_requested(argv)
     set_debug(debug)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
@@ -104,10 +107,8 @@ def generate_command(args: list[str]) -> int:
     from llmstable.progress import Progress
 
     model, tokenizer, cfg = load_trained(ns.path, trusted=ns.trust_checkpoint)
-    if cfg.loss.name != "cross_entropy":
-        from llmstable.stabilizers.losses import LOGITS_MEAN
-
-        print(f"(loss={cfg.loss.name}: sampling from {LOGITS_MEAN[cfg.loss.name]})", file=sys.stderr)
+    if cfg.loss.replaces_cross_entropy:
+        print(f"(loss={cfg.loss.name}: sampling from {cfg.loss.logits_mean})", file=sys.stderr)
     context = model.cfg.max_seq_len
     tokens = ns.max_new_tokens
     if tokens > context:  # without a KV cache each token costs a forward over the whole context: bound the wait
@@ -118,7 +119,7 @@ def generate_command(args: list[str]) -> int:
     # The text itself streams to stdout; where stderr is not a terminal (a scheduler's log), a progress line too.
     with Progress("generate", total=tokens, unit="token", bar=False) as progress:
         for piece in stream_text(model, tokenizer, ns.prompt, tokens, ns.temperature, ns.top_k, ns.seed,
-                                 loss=cfg.loss.name):
+                                 sampler=cfg.loss.samples_from):
             print(piece, end="", flush=True)
             progress.update_to(progress.count + 1)
     print()

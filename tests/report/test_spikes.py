@@ -3,8 +3,8 @@
 import json
 
 from llmstable.cli import main
-from llmstable.plot import plot_losses
-from llmstable.spikes import spike_rows
+from llmstable.loss_plot import plot_losses
+from llmstable.report.spikes import spike_rows
 
 EVENTS = [
     {"event": "start", "step": 0},

@@ -1,12 +1,11 @@
-"""The process around a run: device, precision, seeding, memory, and every RNG state in one place."""
+"""Where and how a run computes: the device, the precision (bf16 autocast), deterministic kernels, and the memory
+it holds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 
-import numpy as np
 import torch
 
 from llmstable.config import ConfigError
@@ -18,12 +17,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError([f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto"])
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def use_deterministic_algorithms(on: bool) -> None:
@@ -51,42 +44,3 @@ def memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def rng_state() -> dict:
-    """Every RNG the run draws from: torch (CPU and CUDA), python and numpy. Tensors and plain lists only, so the
-    checkpoint's rng.pt loads with torch.load(weights_only=True)."""
-    torch_state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        torch_state["cuda"] = torch.cuda.get_rng_state_all()
-    return {"torch": torch_state, "python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned (a part of it: each key is optional)."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"]["cpu"])
-        if "cuda" in state["torch"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["torch"]["cuda"])
-    if state.get("python") is not None:
-        random.setstate(_python_rng(state["python"]))
-    if state.get("numpy") is not None:
-        np.random.set_state(_numpy_rng(state["numpy"]))
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _python_rng(state: list) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
-
-
-def _numpy_rng(state: list) -> tuple:
-    kind, keys, pos, has_gauss, cached = state
-    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached

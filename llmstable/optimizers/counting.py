@@ -1,6 +1,7 @@
-"""What SPAM-family optimizers report: entries clipped (counted on the device, read at logging time) and momentum
-resets (a counter, and one event each for events.jsonl); and the base class that reports them and keeps the
-optimizer's global counters in its state_dict."""
+"""Optimizers that count: the SPAM family's global step counters and what they report (entries clipped, counted on
+the device and read at logging time; momentum resets, a counter and one event each for events.jsonl).
+`CountingOptimizer` is their base; `extra_state` / `load_extra_state` are how checkpoint code outside this package
+reaches the counters of any optimizer (None for one that keeps none), without asking its class."""
 
 from __future__ import annotations
 
@@ -76,6 +77,23 @@ class CountingOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if counters is not None:
             self.load_global_state(counters)
+
+
+def extra_state(optimizer) -> dict | None:
+    """The optimizer's state beyond its per-parameter tensors (SPAM's and Stable-SPAM's global counters), or None."""
+    return optimizer.global_state() if isinstance(optimizer, CountingOptimizer) else None
+
+
+def extra_state_key(optimizer) -> str | None:
+    """The key under which the optimizer's state_dict() carries its extra state, or None."""
+    return optimizer.stats.name if isinstance(optimizer, CountingOptimizer) else None
+
+
+def load_extra_state(optimizer, state: dict | None) -> None:
+    """Restore what extra_state() returned; events of the state-initialising step (DCP takes one) are dropped."""
+    if state is not None and isinstance(optimizer, CountingOptimizer):
+        optimizer.load_global_state(state)
+        optimizer.stats.events.clear()
 
 
 def state_bytes(optimizer) -> int | None:
