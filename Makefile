@@ -43,7 +43,7 @@ test-gpu: ## The GPU tests (needs CUDA; the venv's python if there is one, else 
 gpu-check: ## On one GPU: make test-gpu, then the GPU benchmarks (MFU, optimizers, checkpoints); writes gpu_check.json
 	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
-bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps; hooks; indicators; checkpoints; start; data
+bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer steps; hooks; indicators; checkpoints; start; compile; data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_optim.py
 	$(BIN)/python scripts/bench_hooks.py
@@ -51,6 +51,7 @@ bench: $(STAMP) ## Benchmarks: training step vs bare PyTorch and HF; optimizer s
 	$(BIN)/python scripts/bench_warning.py
 	$(BIN)/python scripts/bench_checkpoint.py
 	$(BIN)/python scripts/bench_start.py
+	$(BIN)/python scripts/bench_compile.py
 	$(BIN)/python scripts/preempt_check.py
 	$(MAKE) bench-data
 

@@ -88,7 +88,7 @@ def save_checkpoint(
     except Exception as err:  # noqa: BLE001  (safetensors and torch.save report a full disk as their own errors)
         _give_up(root, tmp, final, err, world.is_main)
     if world.is_main:
-        _prune(root, keep)
+        _prune(root, keep, step)
     world.barrier()
     return final
 
@@ -109,7 +109,7 @@ def write_snapshot(root: Path, snapshot, write_engine_files, keep: int, before_c
                                good)
     except Exception as err:  # noqa: BLE001
         _give_up(root, tmp, final, err, True)
-    _prune(root, keep)
+    _prune(root, keep, snapshot.step)
     return final
 
 
@@ -373,10 +373,13 @@ def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(weights, strict=False)
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep`, never the newest good one."""
+def _prune(root: Path, keep: int, step: int) -> None:
+    """After writing `step`: delete all but the newest `keep` up to that step, never the newest good one. A later
+    step's checkpoint belongs to another branch (one a resume skipped as unreadable, or one past an explicit
+    resume=PATH): it is neither counted, which would prune each new checkpoint as soon as it is written, nor deleted
+    (the run replaces it when it writes that step)."""
     good = latest_good(root, check_files=False)
-    for path in list_checkpoints(root)[keep:]:
+    for path in [p for p in list_checkpoints(root) if content_step(p) <= step][keep:]:
         if path != good:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -6,7 +6,9 @@ the flag at each step boundary through the step's one all-reduce (llmstable.step
 through a small all-reduce of its own, so every rank stops at the same point; it then writes a checkpoint, logs a
 `preempted` event and stops with `Preempted`, which the command turns into exit code 75 (EX_TEMPFAIL: run the same
 command again to resume; schedulers can requeue on it). A second SIGINT stops at once with one line and exit code
-130, leaving the last checkpoint intact. Handlers are installed for the run and the previous ones restored after.
+130, leaving the last checkpoint intact. Handlers are installed for the run and the previous ones restored after;
+`llmstable train` installs them first thing, so a signal during start-up (imports, the config, the corpus, the
+model) stops the run at its first step boundary too, and one after the last step leaves the finished run as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ class SignalFlag:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def narrow(self, signals: list[str]) -> SignalFlag:
+        """(A command installs the default set first, before its config is known.) The flag for the run's own
+        `signals` (and SIGINT), installed in place of this one; a signal this one received that the run does not
+        handle gets its default action now, as it would have without llmstable."""
+        self.uninstall()
+        wanted = SignalFlag(signals)
+        if self.received is not None and getattr(signal, self.received) not in wanted.signals:
+            signal.raise_signal(getattr(signal, self.received))
+        wanted.received = self.received
+        return wanted.install()
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

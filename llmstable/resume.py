@@ -32,7 +32,7 @@ from llmstable import checkpoint as ckpt
 from llmstable.checkpointer import Checkpointer
 from llmstable.config import ConfigError, TrainConfig, flatten, load_config, to_dict
 from llmstable.rng import set_rng_state
-from llmstable.rundir import LOCK, RunLock, check_place, foreign_contents, ownership_problem
+from llmstable.rundir import LOCK, RunLock, check_place, foreign_contents, held_lock_content, ownership_problem
 
 log = logging.getLogger("llmstable")
 
@@ -91,6 +91,7 @@ class Claim:
 
     resume_from: Path | None
     verified: bool = False
+    config_changes: tuple[str, ...] = ()  # the harmless changes since that checkpoint (the others were refused)
 
 
 class RunDirectory:
@@ -137,7 +138,8 @@ class RunDirectory:
                 if decided is None:
                     self.take()
                     path = self._choose()
-                    decided = Claim(path, verified=path is not None)  # (its checks hashed it)
+                    changes = tuple(self.check_config_changes(path)) if path is not None else ()
+                    decided = Claim(path, verified=path is not None, config_changes=changes)  # (its checks hashed it)
                     self.lock.announce()
                 else:
                     self.lock.acquire()  # (held already: this counts this directory's second holder)
@@ -225,13 +227,14 @@ class RunDirectory:
         for entry in sorted(self.path.iterdir()):
             if entry.name not in ours:
                 os.rename(entry, target / entry.name)
-        if (self.path / LOCK).is_file() and not self.foreign:  # the lock stays (this process holds it); an old
-            shutil.copy2(self.path / LOCK, target / LOCK)  # run keeps a copy (a user's folder had none)
+        if not self.foreign:  # the lock stays (this process holds it); the old run keeps a copy of its content,
+            (target / LOCK).write_bytes(held_lock_content(self.path))  # read through the held descriptor
         return target
 
     def check_config_changes(self, path: Path) -> list[str]:
-        """The harmless config changes since checkpoint `path`, also logged to the console and train.log; the
-        others are refused unless resume_force=true."""
+        """The harmless config changes since checkpoint `path` (with the breaking ones under resume_force=true);
+        the breaking ones are refused unless resume_force=true. Run when the directory is claimed, before anything
+        is written into it."""
         stored = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
         try:  # keys added to the schema since the checkpoint was written count as their defaults
             stored = to_dict(load_config(stored))
@@ -242,10 +245,7 @@ class RunDirectory:
             raise ConfigError([f"cannot resume {path} with a changed config: {c}" for c in breaking] + [
                 "these change the model, data, seed or optimizer type: use a new run_dir, or pass "
                 "resume_force=true to resume anyway"])
-        for change in harmless + (breaking if self.cfg.resume_force else []):
-            if self.world.is_main:
-                log.warning("resuming %s with a changed config: %s", path, change)
-        return harmless
+        return harmless + (breaking if self.cfg.resume_force else [])
 
     def write_config(self) -> None:
         if self.world.is_main:
@@ -329,6 +329,16 @@ class RunDirectory:
 
     def mark_good(self, step: int) -> None:
         self.checkpointer.mark_good(step)
+
+    def abandon_after(self, step: int) -> None:
+        """After a rollback to `step` (every rank): the checkpoints of later steps, in memory and on disk, hold a
+        branch the run abandoned; a resume or a preemption must never return to it."""
+        self.checkpointer.wait()
+        self.checkpointer.forget_after(step)
+        if self.world.is_main:
+            for path in ckpt.list_checkpoints(self.checkpoints):
+                if ckpt.content_step(path) > step:
+                    shutil.rmtree(path)
 
 
 def _hydra_files(run_dir: Path) -> set[str]:

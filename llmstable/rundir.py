@@ -2,14 +2,18 @@
 run per directory.
 
 - `check_place`: run_dir must be a directory llmstable may write: not a regular file, not on a read-only mount.
-- `is_run`: a directory holds an llmstable run (its lock file, its logs, its checkpoints, or Hydra's files of an
-  earlier start). `train` refuses a non-empty directory that is not a run (nothing in it is touched), unless
-  `resume=never run_dir_overwrite=true` moves its contents aside.
+- `is_run`: a directory holds an llmstable run: its event log (opening with the run's start), its metrics rows,
+  checkpoint directories with their state.json, or an llmstable config in Hydra's `.hydra/` of an earlier start.
+  Another program's files of the same names make no run. `train` refuses a non-empty directory that is not a run
+  (nothing in it is touched), unless `resume=never run_dir_overwrite=true` moves its contents aside.
 - `RunLock`: an exclusive POSIX record lock on `RUN_DIR/.llmstable.lock`, held for the process's lifetime (taken by
-  the command before Hydra writes its files, and by `train()` for runs started from Python; reentrant within a
-  process). The kernel releases it when the process dies, even by kill -9, and forked workers (data preparation)
-  do not inherit it, so a lock left by a dead process is free and taken over with a message naming that process. A second run on a locked directory is refused with the
-  process that holds it. Rank 0 holds the lock for every rank of a distributed run.
+  the command before the run is built, and by `train()` for runs started from Python; reentrant within a process).
+  The kernel releases it when the process dies, even by kill -9, and forked workers (data preparation) do not
+  inherit it, so a lock left by a dead process is free and taken over with a message naming that process. POSIX
+  also releases it when the process closes *any* descriptor of the file, so nothing here opens the lock file twice.
+  A second run on a locked directory is refused with the process that holds it. Rank 0 holds the lock for every
+  rank of a distributed run. A clean end empties the holder's record; a start refused before it was announced
+  removes the lock file (and the directory) it made.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ log = logging.getLogger("llmstable")
 
 LOCK = ".llmstable.lock"
 RUN_MARKERS = ("events.jsonl", "metrics.jsonl", "checkpoints", ".hydra")  # each checked by its content (_marks_run)
+RUN_SECTIONS = {"model", "data", "optimizer", "train", "schedule"}  # the top-level keys of a run's config
 _held: dict[str, tuple[int, int]] = {}  # resolved run_dir -> (file descriptor, how many holders in this process)
+_unannounced: dict[str, tuple[bool, bool]] = {}  # run_dir -> (acquire made the directory, made the lock file)
 
 
 def check_place(path: Path) -> None:
@@ -61,12 +67,13 @@ def is_run(path: Path, ignore: set[str] = frozenset()) -> bool:
 
 
 def _marks_run(path: Path) -> bool:
-    """Whether `path` is what llmstable writes under that name (a user's own file of the same name is not)."""
+    """Whether `path` is what llmstable writes under that name; another program's file or folder of the same name
+    (a Hydra app's `.hydra`, another trainer's `metrics.jsonl` or `checkpoints/step_1000.pt`) is not."""
     if path.name == "checkpoints":
-        return path.is_dir() and any(p.name.startswith("step_") or p.name.startswith(".tmp-step_")
-                                     for p in path.iterdir())
+        return path.is_dir() and any(p.is_dir() and (p.name.startswith(".tmp-step_") or (
+            p.name.startswith("step_") and (p / "state.json").is_file())) for p in path.iterdir())
     if path.name == ".hydra":
-        return (path / "config.yaml").is_file()
+        return _has_run_sections(path / "config.yaml")
     if not path.is_file():
         return False
     try:
@@ -74,7 +81,21 @@ def _marks_run(path: Path) -> bool:
             first = json.loads(f.readline())
     except (OSError, ValueError):
         return False
-    return isinstance(first, dict) and "step" in first and ("event" in first or path.name == "metrics.jsonl")
+    if not isinstance(first, dict) or not isinstance(first.get("step"), int):
+        return False
+    if path.name == "events.jsonl":
+        return first.get("event") == "start" and "engine" in first
+    return "tokens" in first and any(key.startswith(("train/", "val/")) for key in first)  # metrics.jsonl
+
+
+def _has_run_sections(path: Path) -> bool:
+    """Whether a YAML file is an llmstable config (its top-level sections), without parsing more of it."""
+    try:
+        heads = {line.split(":", 1)[0] for line in path.read_text(encoding="utf-8").splitlines()
+                 if line[:1].isalpha() and ":" in line}
+    except (OSError, ValueError):
+        return False
+    return RUN_SECTIONS <= heads
 
 
 def foreign_contents(path: Path, ignore: set[str] = frozenset()) -> list[str]:
@@ -112,8 +133,10 @@ class RunLock:
             _held[self.key] = (fd, count + 1)
             self.mine = True
             return self
+        made_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK
+        made_file = not path.exists()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
@@ -136,6 +159,7 @@ class RunLock:
                 log.warning("run_dir %s: took over the lock of %s, which is no longer running", self.run_dir,
                             _describe(previous))
         _held[self.key] = (fd, 1)
+        _unannounced[self.key] = (made_dir, made_file)
         self.mine = True
         return self
 
@@ -144,6 +168,7 @@ class RunLock:
         was), for the message a second run gets."""
         if self.mine and self.key in _held:
             _write_holder(_held[self.key][0])
+            _unannounced.pop(self.key, None)
 
     def release(self) -> None:
         if not self.mine or self.key not in _held:
@@ -154,8 +179,28 @@ class RunLock:
             _held[self.key] = (fd, count - 1)
             return
         del _held[self.key]
+        made = _unannounced.pop(self.key, None)  # set: the run was refused before it started
+        try:
+            if made is None:
+                os.ftruncate(fd, 0)  # a clean end leaves no holder: the next start has no lock to take over
+            elif made[1]:  # a refused start leaves no trace: the lock file it made goes
+                os.unlink(self.run_dir / LOCK)
+        except OSError:
+            pass
         fcntl.lockf(fd, fcntl.LOCK_UN)
         os.close(fd)
+        if made is not None and made[0]:
+            try:
+                self.run_dir.rmdir()  # (and the directory it made, if nothing else was written into it)
+            except OSError:
+                pass
+
+
+def held_lock_content(run_dir: Path) -> bytes:
+    """The lock file's bytes, read through the descriptor this process holds it by. Opening the file again and
+    closing it would release the lock: POSIX drops a process's record locks on a file at any close of it."""
+    fd, _ = _held[str(run_dir.resolve())]
+    return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 def _read_holder(fd: int) -> dict:

@@ -10,7 +10,10 @@ law assumed, so two families are fitted to the points and both answers are given
 - a power law with a free floor, L = a D^(-B) + b (a, B > 0, b any real): with three budgets it passes through
   them when they flatten in log D, as such a law does; it refuses when they steepen (no such law follows them);
 - a log-linear law, L = c - k ln D (k > 0), by least squares.
-A family also refuses when the arm's loss is beyond its reach (at or below the power law's floor).
+Each law is continued from the measured end point nearest the arm's loss, D_eff = D_end * D_law(L) / D_law(L_end):
+the law gives the shape beyond the points, the points give where it starts, so the two methods meet at the end and
+an arm that beat the baseline's best measured loss is never given a speedup below 1 by a line that misses that
+point. A family also refuses when the arm's loss is beyond its reach (at or below the power law's floor).
 
 The interval is the delta method over the paired seeds. Each seed is one replicate of the whole comparison: its
 initial weights and data order are shared by the arm and by every baseline run of that seed. The seed's deviation
@@ -173,16 +176,21 @@ FITS = {"power_law": fit_power_law, "log_linear": fit_log_linear}
 
 
 def d_eff(method: str, budgets: list[float], losses: list[float], loss: float) -> tuple[float | None, str]:
-    """D_eff by `method` (interpolated, or one of FAMILIES fitted to the points), with the reason when there is none."""
+    """D_eff by `method` (interpolated, or one of FAMILIES fitted to the points), with the reason when there is none.
+    A family's law is continued from the measured end nearest the loss (the largest budget for a lower loss):
+    D_eff = D_end * D_law(loss) / D_law(L_end), so it meets the interpolation there, even where a least-squares law
+    misses that point, and a loss below every measured one never gets a speedup under 1."""
     if method == "interpolated":
         return interpolated_budget(budgets, losses, loss, extend=True), "outside the measured losses"
     law, reason = FITS[method](budgets, losses)
     if law is None:
         return None, reason
-    value = law.budget_for(loss)
-    if value is None:
-        return None, f"loss {loss:.4g} is at or below the power law's floor b = {law.b:.4g}: no budget reaches it"
-    return value, ""
+    end = -1 if loss < losses[-1] else 0
+    value, at_end = law.budget_for(loss), law.budget_for(losses[end])
+    if value is None or at_end is None:
+        below = loss if value is None else losses[end]
+        return None, f"loss {below:.4g} is at or below the power law's floor b = {law.b:.4g}: no budget reaches it"
+    return budgets[end] * value / at_end, ""
 
 
 @dataclass(frozen=True)

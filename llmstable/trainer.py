@@ -20,6 +20,7 @@ is taken alike on every rank. Rank 0 alone writes the run directory's files.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -53,16 +54,21 @@ from llmstable.stabilizers import Capabilities, Stabilizer, build_model_and_stab
 from llmstable.stabilizers.hooks import log_stabilizer_events
 from llmstable.stabilizers.hooks import lr_factor as stabilizer_lr_factor
 
+logger = logging.getLogger("llmstable")
+
 
 class SpikeAbort(RuntimeError):
     """The spike guard gave up (max_rollbacks reached); the last good checkpoint is intact."""
 
 
-def train(cfg: TrainConfig, extra_stabilizers: tuple = (), claim: Claim | None = None) -> dict:
+def train(cfg: TrainConfig, extra_stabilizers: tuple = (), claim: Claim | None = None,
+          signals: SignalFlag | None = None) -> dict:
     """Train (or resume) the run described by cfg; returns the summary also written to summary.json. Raises
     `Preempted` (llmstable.preemption) after checkpointing when a preemption signal or Ctrl-C stopped the run.
-    `claim`: what the command already decided about the run directory on this rank (llmstable.resume.Claim)."""
-    signals = SignalFlag(cfg.train.preempt_signals).install()  # from here on a signal only sets a flag
+    `claim`: what the command already decided about the run directory on this rank (llmstable.resume.Claim);
+    `signals`: the command's installed preemption flag (by default the run installs its own, for its duration)."""
+    own = signals is None
+    signals = SignalFlag(cfg.train.preempt_signals).install() if own else signals  # a signal only sets a flag
     world = init_world(cfg.distributed, cfg.train.device)
     try:
         trainer = build_trainer(cfg, world, extra_stabilizers, signals, claim)
@@ -79,7 +85,8 @@ def train(cfg: TrainConfig, extra_stabilizers: tuple = (), claim: Claim | None =
         world.close(clean=False)  # no barrier: the other ranks may be gone or stuck in a collective
         raise
     finally:
-        signals.uninstall()
+        if own:
+            signals.uninstall()
     world.close()
     return summary
 
@@ -97,15 +104,15 @@ def build_trainer(cfg: TrainConfig, world: World | None = None, extra_stabilizer
     if problems:
         raise ConfigError(problems)
     run = RunDirectory(cfg, world)
-    resume_from = run.claim(claim).resume_from  # checked and locked before anything is written into it
+    claimed = run.claim(claim)  # checked and locked (and a resume's config compared) before anything is written
     try:
-        return _build(cfg, world, run, resume_from, extra_stabilizers, signals or SignalFlag([]))
+        return _build(cfg, world, run, claimed, extra_stabilizers, signals or SignalFlag([]))
     except BaseException:
         run.close(clean=False)
         raise
 
 
-def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path | None, extra_stabilizers: tuple,
+def _build(cfg: TrainConfig, world: World, run: RunDirectory, claimed: Claim, extra_stabilizers: tuple,
            signals: SignalFlag) -> Trainer:
     seed_everything(cfg.train.seed)
     use_deterministic_algorithms(cfg.train.deterministic)
@@ -134,7 +141,7 @@ def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path 
     for stabilizer in stabilizers:
         stabilizer.bind_optimizer(engine.base_optimizer)
     rollback = Rollback(cfg.stabilizer.spike_guard, cfg.train.global_batch_size)
-    return Trainer(cfg, engine, stabilizers, data, log, faults, run, rollback, resume_from, init_hash, sizes, signals)
+    return Trainer(cfg, engine, stabilizers, data, log, faults, run, rollback, claimed, init_hash, sizes, signals)
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -142,12 +149,12 @@ def _build(cfg: TrainConfig, world: World, run: RunDirectory, resume_from: Path 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Engine, stabilizers: list[Stabilizer], data: DataBundle, log: RunLog,
-                 faults: FaultInjector, run: RunDirectory, rollback: Rollback, resume_from: Path | None,
+                 faults: FaultInjector, run: RunDirectory, rollback: Rollback, claimed: Claim,
                  init_hash: str, sizes: dict, signals: SignalFlag):
         self.cfg, self.engine, self.stabilizers, self.data = cfg, engine, stabilizers, data
         self.model, self.world, self.device = engine.model, engine.world, engine.world.device
         self.log, self.faults, self.run, self.rollback = log, faults, run, rollback
-        self.resume_from, self.signals = resume_from, signals
+        self.resume_from, self.config_changes, self.signals = claimed.resume_from, claimed.config_changes, signals
         self.forward = compiled_forward(engine.module, cfg.train.compile, self.device, engine.can_compile)
         self.update = TrainStep(cfg, engine, stabilizers, data.train, faults, self.forward, signals)
         self.fresh_init_hash = init_hash  # of the weights as built, before any sharding
@@ -285,7 +292,10 @@ class Trainer:
         """Write a checkpoint of this step (unless one was just written), wait for it, and stop with Preempted."""
         if self.last_saved_step != self.step or self.eval_pending:
             self.save()
-        self.run.checkpointer.wait()
+        try:
+            self.run.checkpointer.wait()
+        finally:  # every rank stays until rank 0's write is on disk: a launcher tears the job down at the first exit
+            self.world.barrier()
         self.log_checkpoints()
         path = self.run.checkpoints / ckpt.checkpoint_name(self.step)
         received = self.signals.received or "a signal on another rank"
@@ -330,8 +340,7 @@ class Trainer:
             self.finish(wall_s, (self.tokens - start_tokens) / max(wall_s, 1e-9), start_step, aborted=True)
             raise SpikeAbort(self.rollback.ladder.abort_message(spike_step, loss, grad_norm, ledger.rollbacks, good))
         self.restore(good, keep_ledger=True, step=target.step)  # one code path with resume; the ledger stays
-        self.run.checkpointer.forget_after(target.step)
-        self.last_saved_step = target.step  # (the state is that checkpoint's: a stop now need not rewrite it)
+        self.run.abandon_after(target.step)
         self.rollback.carried_out(plan)
         self.data.train.skip = SkipList(ledger.skip_ranges)
         (start, end) = plan.skip
@@ -343,6 +352,7 @@ class Trainer:
         if plan.reset_moments:
             zero_moments(self.engine.base_optimizer, self.cfg.optimizer.moment_keys)
             self.log.event("moment_reset", spike_step)
+        self.save(good=True)  # the good state with the plan carried out: a resume from here skips the same data
 
     # --- run state: start, save, restore ------------------------------------------------------------------------
 
@@ -351,10 +361,11 @@ class Trainer:
         self.run.write_tokenizer(self.data.tokenizer)
         path = self.resume_from
         if path is not None:
-            changes = self.run.check_config_changes(path)
             self.restore(path)
             self.run.write_config()  # only once the resume has passed its checks
-            for change in changes:
+            for change in self.config_changes:  # (each accepted when the run directory was claimed)
+                if self.world.is_main:
+                    logger.warning("resuming %s with a changed config: %s", path, change)
                 self.log.event("config_change", 0, change=change)
             self.log.event("resume", self.step, checkpoint=str(path), tokens=self.tokens)
             self.last_saved_step = self.step

@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmstable.optimizers.compile import fallen_back  # noqa: E402
+
 # Dense bf16 peak per chip, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
@@ -137,9 +139,11 @@ def compile_probe(device: torch.device) -> dict:
             if patch and not hasattr(config.triton, "mix_order_reduction"):
                 continue
             try:
+                torch._dynamo.reset()  # each setting compiles afresh (Dynamo would reuse the first graph)
                 with config.patch(patch), warnings.catch_warnings():
                     copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in example]
-                    compiler(fn, copies)(*copies)
+                    fresh = (lambda f, _: torch.compile(f, dynamic=False)) if compiler is _dynamo else compiler
+                    fresh(fn, copies)(*copies)
                 out[f"{name} [{label}]"] = "ok"
             except Exception as err:  # noqa: BLE001  (what failed is the finding)
                 lines = [x for x in str(err).splitlines() if x.strip()]
@@ -220,7 +224,7 @@ def time_training(model, forward, name, compiled, batch, args, device, flops_per
     return {"tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops, 1),
             "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-            "warmup_s": round(first_steps_s, 1), "compile_fallbacks": fallbacks}
+            "warmup_s": round(first_steps_s, 1), "compile_fallbacks": fallbacks, "eager_kernels": fallen_back()}
 
 
 def time_optimizer_steps(model, device: torch.device, reps: int = 5) -> dict:
@@ -245,7 +249,8 @@ def time_optimizer_steps(model, device: torch.device, reps: int = 5) -> dict:
         out[name] = statistics.median(times)
         del optimizer
     base = out["adamw_fused"]
-    return {k: {"s": round(v, 4), "vs_fused_adamw": round(v / base, 2)} for k, v in out.items()}
+    return {**{k: {"s": round(v, 4), "vs_fused_adamw": round(v / base, 2)} for k, v in out.items()},
+            "eager_kernels": fallen_back()}  # (kernels that failed to compile: the "compiled" rows ran them eagerly)
 
 
 def time_checkpoint(model, device: torch.device) -> dict:
@@ -294,9 +299,12 @@ def print_table(result: dict) -> None:
         mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "-"
         print(f"{key:24s} {t['tokens_per_s']:>10,} {t['model_tflops']:>8} {mfu:>7s} {t['tokens_per_s'] / base:>9.3f} "
               f"{t['peak_memory_gib'] if t['peak_memory_gib'] is not None else '-':>9}"
-              + (f"  ({len(t['compile_fallbacks'])} compile fallback(s))" if t["compile_fallbacks"] else ""))
-    print("optimizer step alone: " + ", ".join(f"{k} {v['s']} s ({v['vs_fused_adamw']}x)"
-                                               for k, v in result["optimizer_step"].items()))
+              + (f"  ({len(t['compile_fallbacks'])} compile fallback(s))" if t["compile_fallbacks"] else "")
+              + (f"  (eager kernels: {', '.join(t['eager_kernels'])})" if t.get("eager_kernels") else ""))
+    steps = {k: v for k, v in result["optimizer_step"].items() if k != "eager_kernels"}
+    print("optimizer step alone: " + ", ".join(f"{k} {v['s']} s ({v['vs_fused_adamw']}x)" for k, v in steps.items())
+          + (f"; eager kernels: {', '.join(result['optimizer_step']['eager_kernels'])}"
+             if result["optimizer_step"].get("eager_kernels") else ""))
     print("checkpoint: " + ", ".join(f"{k} {v}" for k, v in result["checkpoint"].items()))
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,12 +62,14 @@ def main() -> int:
         subprocess.run(command(reference, args.steps), env=env, check=True, capture_output=True)
         duration = time.perf_counter() - began
         want = rows(reference)
-        trials = []
+        trials, attempts = [], 0
         while len(trials) < args.trials:
-            run = Path(tmp) / f"trial{len(trials)}"
+            attempts += 1
+            run = Path(tmp) / f"attempt{attempts}"  # a fresh directory each time (a redrawn one holds a finished run)
             trial = one_trial(run, args.steps, env, rng, duration)
             if trial is None:
                 print("  (the run finished before the signal: drawn again)")
+                shutil.rmtree(run)
                 continue
             trial["identical"] = rows(run) == want
             trials.append(trial)

@@ -11,7 +11,7 @@ import torch
 
 from llmstable.compiled import CompileFallbackWarning, CompiledForward, is_compile_error
 from llmstable.metrics import read_jsonl
-from llmstable.optimizers.compile import Kernel
+from llmstable.optimizers.compile import Kernel, fallen_back
 
 
 def scaled_add_(x, y, alpha):
@@ -43,6 +43,50 @@ def test_a_kernel_that_fails_to_compile_runs_eagerly_with_one_warning_and_change
     with _no_warning():
         kernel(x, y, 1.0)  # later calls: eager, silently
     assert torch.equal(x, 1 + 3 * torch.arange(4.0))
+
+
+def test_a_compile_error_at_the_first_real_call_falls_back_too_and_changes_nothing():
+    """A compiler that compiles again at the real call (a guard the trial's copies did not match) and fails there."""
+    from torch._inductor.exc import InductorError
+
+    def fails_at_the_second_call(fn, args):
+        calls = []
+
+        def run(*call_args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise InductorError(RuntimeError("PassManager::run failed"), None)
+            return fn(*call_args)
+        return run
+
+    kernel = Kernel(scaled_add_, fails_at_the_second_call)
+    x, y = torch.ones(4), torch.arange(4.0)
+    with pytest.warns(CompileFallbackWarning, match="scaled_add_"):
+        kernel(x, y, 2.0)
+    assert torch.equal(x, 1 + 2 * torch.arange(4.0)) and kernel.failed  # applied once, eagerly
+    assert "scaled_add_" in fallen_back()
+
+
+@pytest.mark.subprocess  # (inductor's C++ compiler)
+def test_the_trial_on_a_parameter_under_no_grad_compiles_the_graph_the_real_call_uses():
+    """Dynamo's guards check requires_grad and the Parameter type: the trial's copies keep them, or the real call
+    compiles a second graph, outside the trial and its settings."""
+    from torch._dynamo.utils import counters
+
+    from llmstable.optimizers.compile import _dynamo
+
+    def update_(p, g, lr):
+        p.add_(g * lr)
+        return g.abs().max()
+
+    kernel = Kernel(update_, _dynamo)
+    p = torch.nn.Parameter(torch.zeros(8))
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        kernel(p, torch.ones(8), 0.5)
+        kernel(p, torch.ones(8), 0.5)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert torch.equal(p.detach(), torch.full((8,), 1.0)) and p.requires_grad
 
 
 class _no_warning:

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import TINY
+from llmstable import checkpoint as ckpt
 from llmstable.compose import compose_config
 from llmstable.metrics import read_jsonl
+from llmstable.resume import problem
 from llmstable.trainer import train
 
 COMMON = ["train.max_steps=10", "train.checkpoint_interval=5", "train.eval_interval=3"]
@@ -133,6 +136,50 @@ def test_two_ranks_stop_together_when_one_gets_the_signal_and_resume_exactly(tmp
     assert preempted["step"] == 3  # both ranks: one all-reduce (training) or one eval batch (eval) after it
     run_ranks(2, [*ddp, *fault], run)
     assert rows(run) == rows(tmp_path / "reference")
+
+
+@pytest.mark.trains
+def test_a_signal_during_start_up_stops_the_command_at_its_first_step_with_exit_75(reference, tmp_path,
+                                                                                 monkeypatch):
+    """SIGTERM while the command composes its config (before the run exists): the command's flag, installed first
+    thing, holds it; the run stops at step 1's boundary with a checkpoint, and the rerun matches the reference."""
+    import llmstable.compose
+    from llmstable.cli.train import train_command
+
+    compose = llmstable.compose.compose_config
+
+    def compose_and_get_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return compose(*args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(llmstable.compose, "compose_config", compose_and_get_signalled)
+    assert train_command([*TINY, *COMMON, f"run_dir={run}"]) == 75
+    assert [e["step"] for e in events(run, "preempted")] == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handlers are gone with it
+    monkeypatch.setattr(llmstable.compose, "compose_config", compose)
+    assert train_command([*TINY, *COMMON, f"run_dir={run}"]) == 0
+    assert rows(run) == rows(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_no_rank_exits_before_rank_0_has_written_the_preemption_checkpoint(tmp_path):
+    """A launcher tears the job down at the first rank's exit (SIGTERM, then SIGKILL after a grace period: 30 s
+    under torchrun, less than a large model's write): rank 1 (signalled) must wait for rank 0's background write,
+    here 3 s slower than the grace period of 0.5 s, or the checkpoint is lost with rank 0."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from tests.parallel.launch import run_ranks
+
+    run = tmp_path / "run"
+    with pytest.raises(ProcessRaisedException, match="Preempted"):
+        run_ranks(2, [*TINY, *COMMON, "distributed=ddp", "fault.rank=1", "fault.signal_at_step=2"], run,
+                  slow_checkpoint_s=3.0, grace_s=0.5)
+    (preempted,) = events(run, "preempted")
+    assert preempted["step"] == 3 and Path(preempted["checkpoint"]).name == "step_00000003"
+    assert ckpt.list_checkpoints(run / "checkpoints")[0].name == "step_00000003"
+    assert problem(run / "checkpoints" / "step_00000003") is None
 
 
 @pytest.mark.trains

@@ -11,6 +11,7 @@ from conftest import TINY
 from llmstable import checkpoint as ckpt
 from llmstable.config import ConfigError
 from llmstable.metrics import read_jsonl
+from llmstable.resume import problem
 from llmstable.trainer import SpikeAbort, train
 
 LONG = ["train.max_steps=120", "train.eval_interval=60", "train.checkpoint_interval=10", "train.log_interval=10"]
@@ -122,6 +123,32 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run_bit_for_bit(tiny_con
     assert val[-1] == want[-1]
 
 
+@pytest.mark.slow
+@pytest.mark.trains
+def test_a_stop_right_after_a_rollback_resumes_on_the_new_branch_bit_for_bit(tiny_config, tmp_path):
+    """Step 44's checkpoint is good, 48's not yet when the spike at 50 rolls back to 44: 48 belongs to the
+    abandoned branch. A preemption then (or a crash) must resume from 44 with the data skip, not from 48."""
+    from llmstable.preemption import Preempted
+
+    common = ["train.max_steps=60", "train.eval_interval=30", "train.checkpoint_interval=4", "train.log_interval=1",
+              *GUARD, "fault.loss_scale_steps=[50]"]
+    reference = train(tiny_config(*common, run_dir=tmp_path / "reference"))
+    assert reference["rollbacks"] == 1
+    run = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        train(tiny_config(*common, "fault.signal_at_step=50", run_dir=run))
+    assert [(e["step"], e["to_step"]) for e in events(run, "rollback")] == [(50, 44)]
+    assert events(run, "preempted")[0]["step"] == 45  # (the flag is read at the next step boundary)
+    names = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names[:2] == ["step_00000045", "step_00000044"] and "step_00000048" not in names
+    target = run / "checkpoints" / "step_00000044"  # rewritten good, with the skip of the spike's data
+    assert ckpt.is_good(target) and ckpt.read_state(target)["ledger"]["skip_ranges"] == ckpt.read_state(
+        ckpt.latest_valid(tmp_path / "reference" / "checkpoints"))["ledger"]["skip_ranges"]
+    summary = train(tiny_config(*common, "fault.signal_at_step=50", run_dir=run))  # the same command again
+    assert summary["steps"] == 60 and summary["rollbacks"] == 1
+    assert last_rows(run) == last_rows(tmp_path / "reference")
+
+
 @pytest.mark.trains
 def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_config, tmp_path, caplog):
     run = tmp_path / "run"
@@ -134,6 +161,24 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_config, tmp_path,
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 8
     assert any("skipping unreadable checkpoint" in r.message and "step_00000006" in r.message
                and "optimizer.pt" in r.message for r in caplog.records)
+
+
+@pytest.mark.trains
+def test_a_skipped_newer_checkpoint_does_not_make_pruning_delete_each_new_one(tiny_config, tmp_path):
+    """keep_checkpoints=1 after resuming past a damaged newer checkpoint: the damaged one is not counted, so the
+    checkpoints written since are kept (counted, each new one was deleted as soon as it was written)."""
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=8", "train.checkpoint_interval=4", "train.keep_checkpoints=2", run_dir=run))
+    damaged = run / "checkpoints" / "step_00000008"
+    data = bytearray((damaged / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (damaged / "optimizer.pt").write_bytes(bytes(data))
+    summary = train(tiny_config("train.max_steps=6", "train.checkpoint_interval=1", "train.keep_checkpoints=1",
+                                run_dir=run))
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+    names = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names == ["step_00000008", "step_00000006"]  # the damaged one (not deleted), and the newest of this run
+    assert problem(run / "checkpoints" / "step_00000006") is None
 
 
 @pytest.mark.trains

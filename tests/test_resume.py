@@ -168,12 +168,39 @@ def test_an_explicit_resume_path_gets_a_named_error(finished, tmp_path, tiny_con
 
 
 @pytest.mark.trains
-def test_a_refused_resume_leaves_config_yaml_as_it_was(finished, tmp_path, tiny_config):
+def test_a_refused_resume_leaves_the_run_as_it_was(finished, tmp_path, tiny_config):
+    """Refused before anything is written: config.yaml, the logs (a torn last line is not repaired yet), train.log,
+    the tokenizer, the lock."""
     run = copy(finished, tmp_path)
-    before = (run / "config.yaml").read_bytes()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "tok')  # a crash mid-write: a resume would cut it, a refused one must not
+    shutil.rmtree(run / "tokenizer")
+    before = snapshot(run)
     with pytest.raises(ConfigError, match="model.dim: 128 -> 64"):
         train(tiny_config(*F, "train.max_steps=12", "model.dim=64", run_dir=run))
-    assert (run / "config.yaml").read_bytes() == before
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in finished.iterdir() if p.name != "tokenizer")
+
+
+@pytest.mark.trains
+@pytest.mark.subprocess
+def test_moving_an_old_run_aside_keeps_the_lock_held(finished, tmp_path, tiny_config):
+    """POSIX drops a process's lock at any close of the file: moving the old run aside must not open it again."""
+    from llmstable.parallel.world import World
+    from llmstable.resume import RunDirectory
+    from llmstable.rundir import LOCK
+
+    run = copy(finished, tmp_path)
+    directory = RunDirectory(tiny_config(*F, "resume=never", "run_dir_overwrite=true", run_dir=run), World())
+    assert directory.claim().resume_from is None
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / LOCK).read_bytes() == (finished / LOCK).read_bytes()  # the old run keeps its copy
+    code = ("import sys; from pathlib import Path; from llmstable.rundir import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire()")
+    other = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+    assert other.returncode != 0 and "is in use by process" in other.stderr, other.stderr[-2000:]
+    directory.close()
+    assert subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True).returncode == 0
 
 
 @pytest.mark.trains

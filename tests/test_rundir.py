@@ -4,6 +4,7 @@ folders it did not make. Real processes, real locks."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,13 +142,52 @@ def test_hidden_files_and_hydra_files_of_this_launch_do_not_make_a_run(tmp_path)
     (d / LOCK).write_text("")
     assert ownership_problem(d, overwrite=False) is None  # only the lock (written first)
     (d / ".hydra").mkdir()
-    (d / ".hydra" / "config.yaml").write_text("model: {}\n")
+    (d / ".hydra" / "config.yaml").write_text("".join(f"{k}: {{}}\n" for k in ("model", "data", "optimizer",
+                                                                              "schedule", "train")))
     assert ownership_problem(d, overwrite=False) is None  # an earlier start of a run
     (d / "notes.txt").write_text("mine")
     (d / "events.jsonl").write_text("my own events\n")  # a user's file of that name is no run
     problem = ownership_problem(d, overwrite=False, ignore={".hydra"})  # .hydra of this very launch: no earlier run
     assert "holds no llmstable run (events.jsonl, notes.txt)" in problem
     assert ownership_problem(d, overwrite=True, ignore={".hydra"}) is None
+
+
+@pytest.mark.trains
+def test_another_programs_files_of_the_same_names_make_no_run(tmp_path, tiny_config):
+    """Another trainer's metrics.jsonl and step_1000.pt, a Hydra app's .hydra, a log of other events: refused,
+    untouched; the same names as llmstable writes them make a run."""
+    other = tmp_path / "other"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "config.yaml").write_text("lr: 0.1\nmodel: resnet50\n")
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / "step_1000.pt").write_bytes(b"weights")
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    (other / "events.jsonl").write_text('{"event": "epoch", "step": 1}\n')
+    (other / "summary.json").write_text('{"theirs": true}')
+    before = snapshot(other)
+    with pytest.raises(ConfigError, match=r"holds no llmstable run \(\.hydra, checkpoints, events\.jsonl"):
+        train(tiny_config(run_dir=other))
+    assert snapshot(other) == before and not (other / LOCK).exists()
+    ours = tmp_path / "ours"
+    train(tiny_config("train.max_steps=1", run_dir=ours))
+    for marker in ("metrics.jsonl", "events.jsonl", "checkpoints"):
+        d = tmp_path / f"only-{marker}"
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
+        (shutil.copytree if marker == "checkpoints" else shutil.copy)(ours / marker, d / marker)
+        assert ownership_problem(d, overwrite=False) is None, marker
+
+
+def test_a_refused_start_leaves_no_directory_or_lock_behind(tmp_path, tiny_config):
+    new = tmp_path / "new"
+    with pytest.raises(ConfigError, match="is not a checkpoint directory"):
+        train(tiny_config(f"resume={tmp_path / 'typo'}", run_dir=new))
+    assert not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="is not a checkpoint directory"):
+        train(tiny_config(f"resume={tmp_path / 'typo'}", run_dir=empty))
+    assert list(empty.iterdir()) == []
 
 
 @pytest.mark.subprocess
@@ -165,3 +205,18 @@ def test_prepare_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path, 
     assert result.returncode == 2 and "is not empty and holds no prepared corpus" in result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(out) == before and not (out / "progress.json").exists() and not (out / ".lock").exists()
+
+
+def test_a_users_manifest_or_progress_file_does_not_make_a_prepared_corpus(tmp_path):
+    from llmstable.data.prepare import check_output_dir
+    from llmstable.data.corpus import DataError
+
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my project", "version": 1}')
+    (out / "progress.json").write_text("50%")
+    (out / ".lock").write_text("my own lock file")
+    before = snapshot(out)
+    with pytest.raises(DataError, match=r"holds no prepared corpus \(\.lock, manifest\.json, progress\.json\)"):
+        check_output_dir(out)
+    assert snapshot(out) == before

@@ -88,3 +88,20 @@ def test_the_95_percent_interval_covers_the_true_speedup_inside_and_beyond_the_b
     assert coverage(0.7, "interpolated") >= 0.9
     assert coverage(2.0, "power_law") >= 0.9
     assert coverage(2.0, "log_linear") < 0.2
+
+
+def test_each_law_continues_from_the_measured_end_so_a_better_loss_is_never_a_slowdown():
+    """The reported case: points a least-squares line misses (5.0, 4.8, 4.7); an arm at 4.69 beat the baseline's
+    best measured loss, at the same tokens, so its speedup is just above 1 under either law, never below."""
+    curve = {0: [5.0, 4.8, 4.7], 1: [5.02, 4.79, 4.71]}
+    line = fit_log_linear(BUDGETS, [5.01, 4.795, 4.705])[0]
+    assert line.budget_for(4.695) < BUDGETS[-1]  # the line alone would call a better loss a slowdown
+    for arm_loss, low, high in ((4.695, 1.0, 1.3), (4.5, 1.5, None)):
+        result = speedup(BUDGETS, curve, {0: arm_loss - 0.005, 1: arm_loss + 0.005}, BUDGETS[-1])
+        assert result["method"] == "extrapolated"
+        for family, estimate in result["families"].items():
+            if estimate["value"] is not None:
+                assert estimate["value"] > low and (high is None or estimate["value"] < high), (family, estimate)
+    # a loss above every measured one continues from the smallest budget: the arm is slower than the baseline
+    slow = speedup(BUDGETS, curve, {0: 5.05, 1: 5.06}, BUDGETS[-1])
+    assert all(f["value"] is None or f["value"] < 0.25 for f in slow["families"].values())

@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 import llmstable  # noqa: F401  (sets the offline defaults before any Hugging Face import)
-from llmstable.config import ConfigError
+from llmstable.config import ConfigError, TrainLoopConfig
 from llmstable.errors import UsageError, run_command
+from llmstable.preemption import SignalFlag
 
 SCHEMA = "llmstable_schema"
 
@@ -52,20 +53,27 @@ def _train(args: list[str]) -> int:
     show, overrides = print_flags(args)
     if show == SCHEMA:
         return print_schema()
-    from llmstable.compose import compose_config
-    from llmstable.parallel.world import launched_world_size  # here: torch loads only for a run
+    # From here to the end of a run, a preemption signal only sets a flag (the defaults until the config is known).
+    signals = SignalFlag(TrainLoopConfig().preempt_signals).install() if show is None else None
+    try:
+        from llmstable.compose import compose_config
+        from llmstable.parallel.world import launched_world_size  # here: torch loads only for a run
 
-    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
-    if run_dir is None and launched_world_size() > 1 and show is None:
-        raise ConfigError(["a distributed launch (WORLD_SIZE>1) needs run_dir=PATH, the same on every rank (a "
-                           "timestamped default could differ between ranks)"])
-    cfg = compose_config(overrides, run_dir=run_dir or default_run_dir())  # the one composition
-    if show == "job":
-        return print_config(cfg)
-    return run(cfg)
+        run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
+        if run_dir is None and launched_world_size() > 1 and show is None:
+            raise ConfigError(["a distributed launch (WORLD_SIZE>1) needs run_dir=PATH, the same on every rank (a "
+                               "timestamped default could differ between ranks)"])
+        cfg = compose_config(overrides, run_dir=run_dir or default_run_dir())  # the one composition
+        if signals is None:
+            return print_config(cfg)
+        signals = signals.narrow(cfg.train.preempt_signals)
+        return run(cfg, signals)
+    finally:
+        if signals is not None:
+            signals.uninstall()
 
 
-def run(cfg) -> int:
+def run(cfg, signals) -> int:
     """Claim the run directory (rank 0: checked, locked, the resume decided), log to it, and train."""
     from llmstable.parallel.world import World
     from llmstable.resume import RunDirectory
@@ -74,7 +82,7 @@ def run(cfg) -> int:
     rank = int(os.environ.get("RANK", "0"))
     claim = RunDirectory(cfg, World()).claim() if rank == 0 else None  # (the lock stays held until the exit)
     with logging_to(Path(cfg.run_dir) if rank == 0 else None):
-        summary = train(cfg, claim=claim)
+        summary = train(cfg, claim=claim, signals=signals)
     if rank == 0:
         print(json.dumps(summary, indent=2))
     return 0

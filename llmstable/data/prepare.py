@@ -133,12 +133,22 @@ def check_output_dir(root: Path) -> None:
     if not root.is_dir():
         return
     names = sorted(p.name for p in root.iterdir())
-    ours = (root / MANIFEST).is_file() or (root / PROGRESS).is_file()
-    foreign = [n for n in names if n != ".lock"] if not ours else []
+    ours = _is_own_record(root / MANIFEST) or _is_own_record(root / PROGRESS)
+    lock_is_ours = (root / ".lock").is_file() and (root / ".lock").stat().st_size == 0  # (prepare's is empty)
+    foreign = [n for n in names if n != ".lock" or not lock_is_ours] if not ours else []
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise DataError(f"out={str(root)!r} is not empty and holds no prepared corpus ({shown}): llmstable prepare "
                         "only writes into a new or empty directory, or one it prepared before. Choose another out=")
+
+
+def _is_own_record(path: Path) -> bool:
+    """Whether `path` is a manifest or progress record that prepare wrote (a user's file of that name is not)."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT
 
 
 def prepared_cache_dir(cfg: DataConfig) -> Path:

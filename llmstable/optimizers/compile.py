@@ -9,7 +9,9 @@ Each new call signature (tensor shapes, strides, dtypes, devices; every other ar
 first run on copies of its inputs. If that fails (Triton's `PassManager::run failed`, no C++ compiler, a torch whose
 private compile API moved), the kernel warns once (llmstable.compiled.CompileFallbackWarning, naming the kernel, the
 error's first line and `optimizer.compiled=false`) and runs its eager function from then on. The trial runs on
-copies, so a failure changes no state: the numbers are the eager function's.
+copies, so a failure changes no state: the numbers are the eager function's. The copies keep what Dynamo's guards
+check (a Parameter stays a Parameter, requires_grad stays), so the real call reuses the trial's graph; it runs under
+the same settings and, should a compiler still compile again there, a compile error there falls back the same way.
 
 Inductor's mix-order reduction (fusing reductions over different axes of one tensor into one persistent kernel) is
 off for these kernels: each reduces a whole tensor to scalars, so there is nothing for it to fuse, and it is the
@@ -24,7 +26,7 @@ import functools
 
 import torch
 
-from llmstable.compiled import warn_fallback
+from llmstable.compiled import is_compile_error, warn_fallback
 
 
 class Kernel:
@@ -36,23 +38,55 @@ class Kernel:
         self.compiled: dict[tuple, object] = {}
         self.failed = False
         functools.update_wrapper(self, fn)
+        _KERNELS.append(self)
 
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
         key = _signature(args)
         kernel = self.compiled.get(key)
-        if kernel is None:
-            try:
-                with _kernel_config():  # (compilation happens here, in the compiler or at the trial's first call)
-                    kernel = self.compiler(self.fn, args)
-                    kernel(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])  # the trial, on copies
-            except Exception as err:  # noqa: BLE001  (compilers fail in many ways; the eager function is the reference)
-                self.failed = True
-                warn_fallback(f"the optimizer kernel {self.fn.__name__}", err, "optimizer.compiled=false")
-                return self.fn(*args)
-            self.compiled[key] = kernel
-        return kernel(*args)
+        if kernel is not None:
+            return kernel(*args)
+        try:
+            with _kernel_config():  # (compilation happens here, in the compiler or at the trial's first call)
+                kernel = self.compiler(self.fn, args)
+                kernel(*[_copy(a) for a in args])  # the trial, on copies that Dynamo's guards cannot tell apart
+        except Exception as err:  # noqa: BLE001  (compilers fail in many ways; the eager function is the reference)
+            return self._fall_back(err, args)
+        self.compiled[key] = kernel
+        try:
+            with _kernel_config():  # (a compiler that compiles again at the first real call: the same settings)
+                return kernel(*args)
+        except Exception as err:
+            if not is_compile_error(err):
+                raise
+            return self._fall_back(err, args)  # (a compile error is raised before the kernel runs: nothing changed)
+
+    def _fall_back(self, err: Exception, args):
+        self.failed = True
+        warn_fallback(f"the optimizer kernel {self.fn.__name__}", err, "optimizer.compiled=false")
+        return self.fn(*args)
+
+
+def _copy(a):
+    """A copy of a call argument for the trial: a tensor's values, its type (a Parameter stays one) and its
+    requires_grad, which Dynamo's guards check (a plain clone of a parameter under no_grad would make the real call
+    compile a second graph, outside the trial)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    copy = a.detach().clone()
+    if isinstance(a, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=a.requires_grad)
+    return copy.requires_grad_(a.requires_grad) if a.is_leaf else copy
+
+
+_KERNELS: list[Kernel] = []  # every kernel of this process (one per function: every optimizer shares it)
+
+
+def fallen_back() -> list[str]:
+    """The kernels of this process that run eagerly after a failed compilation. A kernel is shared by every
+    optimizer of the process, so a later optimizer's "compiled" step runs these eagerly too (and warns no more)."""
+    return sorted({kernel.fn.__name__ for kernel in _KERNELS if kernel.failed})
 
 
 def _signature(args) -> tuple:
