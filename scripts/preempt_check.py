@@ -6,8 +6,9 @@ the same command again, must give the uninterrupted run's metrics bit for bit.
 One uninterrupted reference run, then `--trials` runs, each signalled once at a moment drawn uniformly between the
 first metrics row and the reference's duration (so it lands in training, evaluation, checkpointing or logging),
 then resumed by the same command. A trial counts as identical when every (step, kind) metrics row but the timing
-ones equals the reference's. A signal that arrives after the run finished (exit 0) is reported and redrawn. Runs
-one process at a time (one torch thread), so it measures nothing and times nothing: it is a check, not a benchmark.
+ones equals the reference's. A signal that arrives after the run finished (exit 0, or killed in the process's
+teardown after its summary was written, with no checkpoint owed) is reported and redrawn. Runs one process at a
+time (one torch thread), so it measures nothing and times nothing: it is a check, not a benchmark.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> int:
             run = Path(tmp) / f"attempt{attempts}"  # a fresh directory each time (a redrawn one holds a finished run)
             trial = one_trial(run, args.steps, env, rng, duration)
             if trial is None:
-                print("  (the run finished before the signal: drawn again)")
+                print("  (the run had finished when the signal came: drawn again)")
                 shutil.rmtree(run)
                 continue
             trial["identical"] = rows(run) == want
@@ -96,9 +97,9 @@ def one_trial(run: Path, steps: int, env: dict, rng: random.Random, duration: fl
     time.sleep(wait)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=600)
-    if process.returncode == 0:
-        return None
     events = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]
+    if process.returncode == 0 or (not events and (run / "summary.json").exists()):
+        return None  # the run had finished (the signal came after its end, or in the process's teardown)
     resumed = subprocess.run(command(run, steps), env=env, capture_output=True, text=True)
     return {"after_s": first_row + wait, "exit": process.returncode, "stopped_at": events[0]["step"] if events else None,
             "in_eval": bool(events and events[0].get("eval_pending")), "resume_exit": resumed.returncode,
