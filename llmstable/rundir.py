@@ -3,7 +3,8 @@ run per directory.
 
 - `check_place`: run_dir must be a directory llmstable may write: not a regular file, not on a read-only mount.
 - `is_run`: a directory holds an llmstable run: its event log (opening with the run's start), its metrics rows,
-  checkpoint directories with their state.json, or an llmstable config in Hydra's `.hydra/` of an earlier start.
+  checkpoint directories with their state.json, an llmstable config in Hydra's `.hydra/` of an earlier start, or a
+  lock file naming the process that started one (killed before its first log line).
   Another program's files of the same names make no run. `train` refuses a non-empty directory that is not a run
   (nothing in it is touched), unless `resume=never run_dir_overwrite=true` moves its contents aside.
 - `RunLock`: an exclusive POSIX record lock on `RUN_DIR/.llmstable.lock`, held for the process's lifetime (taken by
@@ -63,7 +64,18 @@ def _read_only(path: Path) -> bool:
 def is_run(path: Path, ignore: set[str] = frozenset()) -> bool:
     """Whether directory `path` holds an llmstable run, or an earlier start of one (`ignore`: names this process
     wrote there itself, e.g. Hydra's files of this launch, which make no earlier run)."""
-    return any(_marks_run(path / name) for name in RUN_MARKERS if name not in ignore)
+    return _started_here(path / LOCK) or any(_marks_run(path / name) for name in RUN_MARKERS if name not in ignore)
+
+
+def _started_here(lock: Path) -> bool:
+    """Whether the lock file names the llmstable process that started a run here (its holder record is written once
+    the run is accepted and emptied at a clean end): a start killed before its first log line still owns the place."""
+    try:  # (through this process's descriptor if it holds the lock: a second open and close would release it)
+        held = str(lock.parent.resolve()) in _held
+        holder = json.loads((held_lock_content(lock.parent) if held else lock.read_bytes()) or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(holder, dict) and {"pid", "host", "command"} <= set(holder)
 
 
 def _marks_run(path: Path) -> bool:

@@ -290,7 +290,7 @@ CASES = [
     Case("run_dir_is_a_file", ("train", *TINY_TRAIN, "run_dir={case}/in/run"), 2, ("in/run",),
          make=files(**{"run": "my notes"}), long=True),
     Case("run_dir_on_a_read_only_mount", read_only("{case}/in", ("train", "run_dir={case}/in/run")), 2,
-         ("in/run", "Read-only file system"), make=files(**{".keep": ""}), long=True, skip=no_unshare),
+         ("in/run", "on a read-only file system"), make=files(**{".keep": ""}), long=True, skip=no_unshare),
     # --- foreign files: pickles, payloads, remote code, other shapes ---------------------------------------------
     Case("optimizer_pt_payload", RESUME, 2, ("optimizer.pt is refused", "posix.system", "Resume from another"),
          make=payload("optimizer.pt"), watch=(*RESUMED, "in/PWNED"), needs=("run",), long=True),

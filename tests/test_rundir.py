@@ -178,6 +178,25 @@ def test_another_programs_files_of_the_same_names_make_no_run(tmp_path, tiny_con
         assert ownership_problem(d, overwrite=False) is None, marker
 
 
+@pytest.mark.trains
+def test_a_start_killed_before_its_first_log_line_is_still_a_run_and_is_resumed(tmp_path, tiny_config):
+    """What a kill -9 during start-up leaves (the lock naming the dead process, empty logs, train.log, the
+    tokenizer): the rerun takes the place over instead of calling it a folder of other files."""
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / LOCK).write_text(json.dumps({"pid": 2**22 + 1, "host": "gone", "started": "2026-12-05 00:00:00",
+                                        "command": "llmstable train"}))
+    for name in ("metrics.jsonl", "events.jsonl", "train.log"):
+        (run / name).write_text("")
+    assert ownership_problem(run, overwrite=False) is None
+    assert train(tiny_config("train.max_steps=2", run_dir=run))["steps"] == 2
+    (run / LOCK).write_text('{"my": "lock"}')  # a lock file of another program's is not one
+    (run / "events.jsonl").write_text("")
+    (run / "metrics.jsonl").write_text("")
+    shutil.rmtree(run / "checkpoints")
+    assert "holds no llmstable run" in ownership_problem(run, overwrite=False)
+
+
 def test_a_refused_start_leaves_no_directory_or_lock_behind(tmp_path, tiny_config):
     new = tmp_path / "new"
     with pytest.raises(ConfigError, match="is not a checkpoint directory"):
