@@ -16,18 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llmstable.compose import compose_config  # noqa: E402
-from llmstable.trainer import build_trainer  # noqa: E402
+from bench_trainers import build_trainers, close, rotated_rounds, trainer_flags
 
 CONTENDERS = {
     "plain": [],
@@ -43,35 +36,22 @@ GOAL = {"norm_growth_limiter": 0.05, "orthograd": 0.05, "emb_grad_shrink": 0.05,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny_10m")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--accum", type=int, default=2)
+    trainer_flags(parser, rounds=6)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    trainers = {}
-    for name, overrides in CONTENDERS.items():
-        cfg = compose_config([
-            f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
-            f"train.global_batch_size={args.micro_batch * args.accum}", "train.budget_tokens=null",
-            "train.max_steps=1000", "train.progress=false", f"train.device={args.device}", "optimizer=adamw",
-            *overrides,
-        ], run_dir=Path(tempfile.mkdtemp(prefix=f"llmstable-bench-hooks-{name}-")))
-        trainers[name] = build_trainer(cfg)
+    trainers = build_trainers(args, CONTENDERS, "hooks")
     for trainer in trainers.values():  # warm-up: allocator, optimizer state, the first measurements
         trainer.train_step(1e-4), trainer.train_step(1e-4)
-    times = {name: [] for name in trainers}
+
+    def per_step(trainer) -> float:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step(1e-4)
+        return (time.perf_counter() - t) / args.steps
+
+    times = rotated_rounds(trainers, args.rounds, per_step)
     names = list(trainers)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # a new order each round: no position bias
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                trainers[name].train_step(1e-4)
-            times[name].append((time.perf_counter() - t) / args.steps)
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
     # Each round's ratio against the plain trainer of the same round, then the median over rounds: a slow period
     # of the machine falls on both sides of a ratio.
@@ -85,8 +65,7 @@ def main() -> None:
     for name, value in overhead.items():
         goal = f"<= {GOAL[name]:.0%}" if name in GOAL else "(reported)"
         print(f"{name:<22} {step_s[name] * 1e3:>9.1f} {value:>+9.1%}  {goal}")
-    for trainer in trainers.values():
-        trainer.log.close()
+    close(trainers)
     if args.json:
         args.json.write_text(json.dumps({"step_s": step_s, "overhead": overhead, "rounds": times}, indent=2))
 

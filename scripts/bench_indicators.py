@@ -17,18 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llmstable.compose import compose_config  # noqa: E402
-from llmstable.trainer import build_trainer  # noqa: E402
+from bench_trainers import build_trainers, close, rotated_rounds, trainer_flags
 
 GOAL = 0.02
 
@@ -57,35 +50,18 @@ def timed(trainer, steps: int, logged_last: bool) -> float:
 
 
 def paired(trainers: dict, steps: int, rounds: int, logged_last: bool = True) -> tuple[float, dict]:
-    times = {name: [] for name in trainers}
-    names = list(trainers)
-    for r in range(rounds):
-        for name in names[r % 2:] + names[:r % 2]:  # alternate which goes first
-            times[name].append(timed(trainers[name], steps, logged_last))
+    times = rotated_rounds(trainers, rounds, lambda trainer: timed(trainer, steps, logged_last))
     ratio = statistics.median(w / wo for w, wo in zip(times["with"], times["without"]))
     return ratio - 1, times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny_10m")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--accum", type=int, default=2)
+    trainer_flags(parser, rounds=6)
     parser.add_argument("--log-interval", type=int, default=10, help="steps per round, the last one logged")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    trainers = {}
-    for name in ("without", "with"):
-        cfg = compose_config([
-            f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
-            f"train.global_batch_size={args.micro_batch * args.accum}", "train.budget_tokens=null",
-            "train.max_steps=100000", "train.progress=false", f"train.device={args.device}", "optimizer=adamw",
-        ], run_dir=Path(tempfile.mkdtemp(prefix=f"llmstable-bench-indicators-{name}-")))
-        trainers[name] = build_trainer(cfg)
+    trainers = build_trainers(args, {"without": [], "with": []}, "indicators")
     trainers["without"].update.logits = NoLogitIndicators()
     for trainer in trainers.values():  # warm-up: allocator, optimizer state, a first logged step
         timed(trainer, 2, logged_last=True)
@@ -98,8 +74,7 @@ def main() -> None:
     print(f"one logged step: {step_cost:+.2%} (with the attention-logit max, log Z and logit max against without)")
     print(f"every {args.log_interval} steps (the default log interval): {cost:+.2%} of the step time "
           f"(goal <= {GOAL:.0%}): {'met' if cost <= GOAL else 'NOT met'}")
-    for trainer in trainers.values():
-        trainer.log.close()
+    close(trainers)
     if args.json:
         args.json.write_text(json.dumps({"cost": cost, "logged_step_cost": step_cost, "rounds": times,
                                          "logged_step_rounds": step_times, "step_s": step_s}, indent=2))
